@@ -1,0 +1,94 @@
+"""Typed records of what the Cekura API tells us about an organization.
+
+Money is always ``decimal.Decimal`` parsed from the API's decimal strings, never float.
+Parsing from API JSON lives in ``poller.parsing``; these are plain values.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from decimal import Decimal
+
+DEFAULT_THRESHOLD = Decimal("1000")
+
+
+@dataclass(frozen=True)
+class Member:
+    membership_id: int
+    user_id: int
+    name: str
+    email: str
+    role: str
+    # None when the API left the field out: only an explicit False opts a member out.
+    email_notify_enabled: bool | None
+
+
+@dataclass(frozen=True)
+class Recipient:
+    name: str
+    email: str
+
+
+@dataclass(frozen=True)
+class Organization:
+    id: int
+    name: str
+    notify_low_credits: bool
+    low_credits_threshold: Decimal
+    # Org-level email switch; undocumented default, we treat a missing field as True.
+    send_emails_enabled: bool
+    auto_refill: bool
+    members: tuple[Member, ...]
+
+    def alert_recipients(self) -> tuple[Recipient, ...]:
+        """Admins with a non-empty email who have not opted out of email, in API order."""
+        seen: set[str] = set()
+        recipients = []
+        for member in self.members:
+            email = member.email.strip()
+            if member.role != "admin" or not email or member.email_notify_enabled is False:
+                continue
+            if email.lower() in seen:
+                continue
+            seen.add(email.lower())
+            recipients.append(Recipient(name=member.name, email=email))
+        return tuple(recipients)
+
+
+@dataclass(frozen=True)
+class Billing:
+    organization_id: int
+    credits_remaining: Decimal
+    credits_used: Decimal | None
+
+
+@dataclass(frozen=True)
+class OrgSnapshot:
+    """Everything one cycle needs about one organization, read successfully."""
+
+    org: Organization
+    balance: Decimal
+
+    @property
+    def id(self) -> int:
+        return self.org.id
+
+    @property
+    def name(self) -> str:
+        return self.org.name
+
+    @property
+    def enabled(self) -> bool:
+        return self.org.notify_low_credits
+
+    @property
+    def threshold(self) -> Decimal:
+        return self.org.low_credits_threshold
+
+
+@dataclass(frozen=True)
+class OrgError:
+    """An organization whose data could not be read this cycle; its state stays untouched."""
+
+    org_id: int | None
+    message: str
