@@ -1,0 +1,180 @@
+"""Turn decoded API JSON into the typed records of ``poller.records``.
+
+Pure functions, no I/O. Whatever JSON value comes in, the result is a record or a
+``ParseError`` whose message names the offending field; nothing else may escape, because
+one odd organization must become an error for that organization, never a crashed cycle.
+Money is parsed into ``Decimal`` straight from the text, never through binary floats.
+"""
+
+from __future__ import annotations
+
+import re
+from decimal import Decimal, InvalidOperation
+
+from poller.records import DEFAULT_THRESHOLD, Billing, Member, Organization
+
+# Plain decimal notation with an optional exponent. Decimal() alone would also accept
+# "NaN", "Infinity" and digit separators such as "1_000", none of which is money.
+_DECIMAL_TEXT = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?")
+# Amounts of 10**18 or more are nonsense for credits and would let a hostile value such as
+# "1e999999999" make later formatting build a billion-digit string.
+_MAX_ADJUSTED_EXPONENT = 17
+_SHOWN_VALUE_LIMIT = 60
+
+
+class ParseError(ValueError):
+    """An API value of the wrong type or shape; ``field`` is its path, e.g. ``members[2].role``."""
+
+    def __init__(self, field: str, problem: str) -> None:
+        super().__init__(f"{field}: {problem}")
+        self.field = field
+        self.problem = problem
+
+
+def parse_decimal(value: object, field: str) -> Decimal:
+    """A finite Decimal from a decimal string, a JSON integer or a JSON float (via its repr)."""
+    if isinstance(value, bool):
+        raise ParseError(field, f"{_show(value)} is not a decimal number")
+    if isinstance(value, int):
+        text = str(value) if abs(value) < 10**40 else "1e40"  # sidesteps int->str digit limits
+    elif isinstance(value, float):
+        # repr() is the shortest text that round-trips, so 0.1 becomes Decimal("0.1"),
+        # not the binary approximation Decimal(0.1) would give.
+        text = repr(value)
+    elif isinstance(value, str):
+        text = value.strip()
+    else:
+        raise ParseError(field, f"{_show(value)} is not a decimal number")
+    if not _DECIMAL_TEXT.fullmatch(text):
+        raise ParseError(field, f"{_show(value)} is not a decimal number")
+    try:
+        number = Decimal(text)
+    except InvalidOperation:  # pragma: no cover - the pattern admits only valid text
+        raise ParseError(field, f"{_show(value)} is not a decimal number") from None
+    if number and number.adjusted() > _MAX_ADJUSTED_EXPONENT:
+        raise ParseError(field, f"{_show(value)} is out of range")
+    return number
+
+
+def parse_organization(data: object) -> Organization:
+    """An Organization from one element of the list/retrieve responses."""
+    obj = _object(data, "organization")
+    threshold = obj.get("low_credits_threshold")
+    return Organization(
+        id=_required_int(obj, "id"),
+        name=_required_str(obj, "name"),
+        notify_low_credits=_optional_bool(obj, "notify_low_credits", default=False),
+        low_credits_threshold=(
+            DEFAULT_THRESHOLD
+            if threshold is None
+            else parse_decimal(threshold, "low_credits_threshold")
+        ),
+        send_emails_enabled=_optional_bool(obj, "is_send_emails_enabled", default=True),
+        auto_refill=_optional_bool(obj, "auto_refill", default=False),
+        members=_members(obj.get("members")),
+    )
+
+
+def parse_billing(data: object) -> Billing:
+    """A Billing from the body of GET /test_framework/billing/info/."""
+    obj = _object(data, "billing")
+    credits_used = obj.get("credits_used")
+    return Billing(
+        organization_id=_required_int(obj, "organization"),
+        credits_remaining=parse_decimal(
+            _required(obj, "credits_remaining"), "credits_remaining"
+        ),
+        credits_used=None if credits_used is None else parse_decimal(credits_used, "credits_used"),
+    )
+
+
+def _members(value: object) -> tuple[Member, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        raise ParseError("members", f"{_show(value)} is not a list")
+    return tuple(_member(item, f"members[{index}]") for index, item in enumerate(value))
+
+
+def _member(data: object, path: str) -> Member:
+    obj = _object(data, path)
+    user = _object(_required(obj, "user", path), f"{path}.user")
+    notify = obj.get("is_email_notify_enabled")
+    if notify is not None and not isinstance(notify, bool):
+        raise ParseError(f"{path}.is_email_notify_enabled", f"{_show(notify)} is not a boolean")
+    return Member(
+        membership_id=_required_int(obj, "id", path),
+        user_id=_required_int(user, "id", f"{path}.user"),
+        # A member without a name or email is still a member: alert_recipients() skips
+        # empty emails, so a null here must not cost the whole organization its alerts.
+        name=_optional_str(user, "name", f"{path}.user"),
+        email=_optional_str(user, "email", f"{path}.user"),
+        role=_required_str(obj, "role", path),
+        email_notify_enabled=notify,
+    )
+
+
+def _object(value: object, path: str) -> dict[str, object]:
+    if not isinstance(value, dict):
+        raise ParseError(path, f"{_show(value)} is not a JSON object")
+    return value
+
+
+def _field_path(parent: str, key: str) -> str:
+    return f"{parent}.{key}" if parent else key
+
+
+def _required(obj: dict[str, object], key: str, parent: str = "") -> object:
+    if key not in obj:
+        raise ParseError(_field_path(parent, key), "is missing")
+    return obj[key]
+
+
+def _required_int(obj: dict[str, object], key: str, parent: str = "") -> int:
+    value = _required(obj, key, parent)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ParseError(_field_path(parent, key), f"{_show(value)} is not an integer")
+    return value
+
+
+def _required_str(obj: dict[str, object], key: str, parent: str = "") -> str:
+    value = _required(obj, key, parent)
+    if not isinstance(value, str):
+        raise ParseError(_field_path(parent, key), f"{_show(value)} is not a string")
+    return value
+
+
+def _optional_str(obj: dict[str, object], key: str, parent: str) -> str:
+    value = obj.get(key)
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise ParseError(_field_path(parent, key), f"{_show(value)} is not a string")
+    return value
+
+
+def _optional_bool(obj: dict[str, object], key: str, *, default: bool) -> bool:
+    value = obj.get(key)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise ParseError(key, f"{_show(value)} is not a boolean")
+    return value
+
+
+def _show(value: object) -> str:
+    """A short, JSON-flavoured rendering of a bad value for an error message."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, dict):
+        return "an object"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, int) and abs(value) >= 10**40:
+        return "a very large integer"
+    shown = repr(value)
+    if len(shown) > _SHOWN_VALUE_LIMIT:
+        shown = shown[: _SHOWN_VALUE_LIMIT - 3] + "..."
+    return shown

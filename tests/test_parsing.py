@@ -1,0 +1,295 @@
+"""Table tests and a property test for turning API JSON into typed records."""
+
+from __future__ import annotations
+
+import copy
+from decimal import Decimal
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from poller.parsing import ParseError, parse_billing, parse_decimal, parse_organization
+from poller.records import DEFAULT_THRESHOLD, Billing, Member, Organization
+
+FULL_ORG = {
+    "id": 37,
+    "name": "Acme Voice",
+    "notify_low_credits": True,
+    "low_credits_threshold": "500.00",
+    "cronjob_low_balance_mute_days": "0",
+    "is_send_emails_enabled": False,
+    "auto_refill": True,
+    "auto_refill_max_cap": None,
+    "members": [
+        {
+            "id": 901,
+            "user": {"id": 55, "name": "Dana Ops", "email": "dana@acme.example"},
+            "role": "admin",
+            "is_email_notify_enabled": True,
+            "created_at": "2025-03-02T10:00:00Z",
+        },
+        {
+            "id": 902,
+            "user": {"id": 56, "name": "Lee Dev", "email": "lee@acme.example"},
+            "role": "member",
+        },
+    ],
+}
+
+BILLING = {
+    "organization": 37,
+    "credits_remaining": "412.50",
+    "credits_used": "9587.50",
+    "initial_balance": "10000.00",
+    "balance_expiry": None,
+    "subscription_status": {"status": "active", "is_active": True},
+}
+
+
+def org_with(**changes: object) -> dict[str, object]:
+    data = copy.deepcopy(FULL_ORG)
+    data.update(changes)
+    return data
+
+
+def org_without(*keys: str) -> dict[str, object]:
+    data = copy.deepcopy(FULL_ORG)
+    for key in keys:
+        del data[key]
+    return data
+
+
+def test_it_reads_every_alert_field_of_a_full_organization() -> None:
+    assert parse_organization(FULL_ORG) == Organization(
+        id=37,
+        name="Acme Voice",
+        notify_low_credits=True,
+        low_credits_threshold=Decimal("500.00"),
+        send_emails_enabled=False,
+        auto_refill=True,
+        members=(
+            Member(901, 55, "Dana Ops", "dana@acme.example", "admin", True),
+            Member(902, 56, "Lee Dev", "lee@acme.example", "member", None),
+        ),
+    )
+
+
+@pytest.mark.parametrize(
+    ("data", "attribute", "expected"),
+    [
+        (org_without("low_credits_threshold"), "low_credits_threshold", DEFAULT_THRESHOLD),
+        (org_with(low_credits_threshold=None), "low_credits_threshold", Decimal("1000")),
+        (org_without("notify_low_credits"), "notify_low_credits", False),
+        (org_without("is_send_emails_enabled"), "send_emails_enabled", True),
+        (org_without("auto_refill"), "auto_refill", False),
+        (org_without("members"), "members", ()),
+        (org_with(members=None), "members", ()),
+    ],
+)
+def test_it_fills_documented_defaults_for_missing_fields(
+    data: dict[str, object], attribute: str, expected: object
+) -> None:
+    assert getattr(parse_organization(data), attribute) == expected
+
+
+def test_it_ignores_fields_it_does_not_know() -> None:
+    data = org_with(webhook_secret="whatever", projects=[{"id": 1}], team_size="<10")
+    assert parse_organization(data) == parse_organization(FULL_ORG)
+
+
+def test_a_member_without_notify_flag_or_name_is_still_read() -> None:
+    member = {"id": 1, "user": {"id": 2, "email": "a@b.example", "name": None}, "role": "admin"}
+    org = parse_organization(org_with(members=[member]))
+    assert org.members == (Member(1, 2, "", "a@b.example", "admin", None),)
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("500.00", Decimal("500.00")),
+        ("0", Decimal("0")),
+        ("-12.5", Decimal("-12.5")),
+        (" 7436.08 ", Decimal("7436.08")),
+        (500, Decimal("500")),
+        (0.1, Decimal("0.1")),
+        (1e15, Decimal("1000000000000000")),
+        (2.5e-3, Decimal("0.0025")),
+        ("1E+3", Decimal("1000")),
+    ],
+)
+def test_it_parses_decimal_strings_integers_and_floats_exactly(
+    value: object, expected: Decimal
+) -> None:
+    parsed = parse_decimal(value, "amount")
+    assert isinstance(parsed, Decimal)
+    assert parsed == expected
+
+
+def test_decimal_arithmetic_on_parsed_values_is_exact() -> None:
+    assert parse_decimal("0.1", "a") + parse_decimal("0.2", "b") == Decimal("0.3")
+    assert parse_decimal(0.1, "a") + parse_decimal(0.2, "b") == Decimal("0.3")
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("abc", "amount: 'abc' is not a decimal number"),
+        ("NaN", "amount: 'NaN' is not a decimal number"),
+        ("Infinity", "amount: 'Infinity' is not a decimal number"),
+        ("1_000", "amount: '1_000' is not a decimal number"),
+        ("", "amount: '' is not a decimal number"),
+        (float("nan"), "amount: nan is not a decimal number"),
+        (float("inf"), "amount: inf is not a decimal number"),
+        (True, "amount: true is not a decimal number"),
+        (None, "amount: null is not a decimal number"),
+        ([1], "amount: a list is not a decimal number"),
+        ("1e999999999", "amount: '1e999999999' is out of range"),
+        (10**5000, "amount: a very large integer is out of range"),
+    ],
+    ids=lambda value: f"{type(value).__name__}:{str(value)[:20]}" if value != 10**5000 else "huge",
+)
+def test_it_rejects_values_that_are_not_finite_decimals(value: object, message: str) -> None:
+    with pytest.raises(ParseError) as caught:
+        parse_decimal(value, "amount")
+    assert str(caught.value) == message
+    assert caught.value.field == "amount"
+
+
+def test_it_reads_billing_with_a_negative_balance() -> None:
+    data = dict(BILLING, credits_remaining="-25.75")
+    assert parse_billing(data) == Billing(37, Decimal("-25.75"), Decimal("9587.50"))
+
+
+def test_billing_without_credits_used_has_none() -> None:
+    data = {"organization": 3, "credits_remaining": 12}
+    assert parse_billing(data) == Billing(3, Decimal("12"), None)
+
+
+@pytest.mark.parametrize(
+    ("data", "field", "message"),
+    [
+        (org_with(low_credits_threshold="abc"), "low_credits_threshold",
+         "low_credits_threshold: 'abc' is not a decimal number"),
+        (org_with(id="x"), "id", "id: 'x' is not an integer"),
+        (org_with(id=True), "id", "id: true is not an integer"),
+        (org_without("id"), "id", "id: is missing"),
+        (org_with(name=None), "name", "name: null is not a string"),
+        (org_with(notify_low_credits="yes"), "notify_low_credits",
+         "notify_low_credits: 'yes' is not a boolean"),
+        (org_with(members={"id": 1}), "members", "members: an object is not a list"),
+        (org_with(members=["x"]), "members[0]", "members[0]: 'x' is not a JSON object"),
+        (org_with(members=[FULL_ORG["members"][0], {"id": 5, "role": "admin"}]),
+         "members[1].user", "members[1].user: is missing"),
+        (org_with(members=[{"id": 5, "role": "admin", "user": {"id": "u", "email": "e"}}]),
+         "members[0].user.id", "members[0].user.id: 'u' is not an integer"),
+        (org_with(members=[{"id": 5, "role": 3, "user": {"id": 1}}]),
+         "members[0].role", "members[0].role: 3 is not a string"),
+        (org_with(members=[{"id": 5, "role": "admin", "user": {"id": 1, "email": 7}}]),
+         "members[0].user.email", "members[0].user.email: 7 is not a string"),
+        (org_with(members=[dict(FULL_ORG["members"][0], is_email_notify_enabled="no")]),
+         "members[0].is_email_notify_enabled",
+         "members[0].is_email_notify_enabled: 'no' is not a boolean"),
+        ([FULL_ORG], "organization", "organization: a list is not a JSON object"),
+    ],
+)
+def test_a_bad_organization_value_names_its_field(
+    data: object, field: str, message: str
+) -> None:
+    with pytest.raises(ParseError) as caught:
+        parse_organization(data)
+    assert caught.value.field == field
+    assert str(caught.value) == message
+
+
+@pytest.mark.parametrize(
+    ("data", "field"),
+    [
+        (dict(BILLING, credits_remaining=None), "credits_remaining"),
+        ({"organization": 37}, "credits_remaining"),
+        (dict(BILLING, credits_used="lots"), "credits_used"),
+        (dict(BILLING, organization="37"), "organization"),
+        ("not an object", "billing"),
+    ],
+)
+def test_a_bad_billing_value_names_its_field(data: object, field: str) -> None:
+    with pytest.raises(ParseError) as caught:
+        parse_billing(data)
+    assert caught.value.field == field
+    assert str(caught.value).startswith(f"{field}: ")
+
+
+# --- property: any JSON yields a record or a ParseError, nothing else -------------------
+
+json_scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats(allow_nan=True, allow_infinity=True)
+    | st.text(max_size=12)
+    | st.sampled_from(["500.00", "-1", "NaN", "1e999999", "0.1", "admin", ""])
+)
+ORG_KEYS = [
+    "id", "name", "notify_low_credits", "low_credits_threshold", "is_send_emails_enabled",
+    "auto_refill", "members", "user", "email", "role", "is_email_notify_enabled",
+    "organization", "credits_remaining", "credits_used",
+]
+json_values = st.recursive(
+    json_scalars,
+    lambda children: st.lists(children, max_size=4)
+    | st.dictionaries(st.sampled_from(ORG_KEYS) | st.text(max_size=6), children, max_size=8),
+    max_leaves=25,
+)
+member_like = st.fixed_dictionaries(
+    {},
+    optional={
+        "id": json_values,
+        "role": json_values,
+        "is_email_notify_enabled": json_values,
+        "user": st.fixed_dictionaries(
+            {}, optional={"id": json_values, "name": json_values, "email": json_values}
+        )
+        | json_values,
+    },
+)
+org_like = st.fixed_dictionaries(
+    {},
+    optional={
+        "id": st.integers() | json_values,
+        "name": st.text(max_size=8) | json_values,
+        "notify_low_credits": st.booleans() | json_values,
+        "low_credits_threshold": json_values,
+        "is_send_emails_enabled": json_values,
+        "auto_refill": json_values,
+        "members": st.lists(member_like, max_size=3) | json_values,
+    },
+)
+billing_like = st.fixed_dictionaries(
+    {},
+    optional={
+        "organization": st.integers() | json_values,
+        "credits_remaining": json_values,
+        "credits_used": json_values,
+    },
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(json_values, org_like))
+def test_any_json_becomes_an_organization_or_a_parse_error(data: object) -> None:
+    try:
+        assert isinstance(parse_organization(data), Organization)
+    except ParseError as error:
+        assert str(error).startswith(f"{error.field}: ")
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(json_values, billing_like))
+def test_any_json_becomes_billing_or_a_parse_error(data: object) -> None:
+    try:
+        billing = parse_billing(data)
+    except ParseError as error:
+        assert str(error).startswith(f"{error.field}: ")
+    else:
+        assert isinstance(billing.credits_remaining, Decimal)
+        assert billing.credits_remaining.is_finite()
