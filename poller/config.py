@@ -7,8 +7,20 @@ wrapped in Secret so they never show up in a repr, a log line or an error messag
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from decimal import Decimal
+import difflib
+import ipaddress
+import math
+import os
+import re
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
+from decimal import Decimal, InvalidOperation
+from typing import Any
+from urllib.parse import urlsplit
+
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
 
 
 class ConfigError(Exception):
@@ -64,3 +76,418 @@ class Settings:
     delivery_lease: float = 300.0
     log_format: str | None = None  # json | console; None = console on a terminal, json otherwise
     config_path: str | None = field(default=None, compare=False)
+    # Problems worth telling the operator that do not stop the poller (e.g. file permissions).
+    warnings: tuple[str, ...] = field(default=(), compare=False)
+
+    def require_credentials(self) -> None:
+        """Commands that talk to the Cekura API call this; simulate and db upgrade need none."""
+        if not self.api_keys and self.api_token is None:
+            raise ConfigError(
+                "no API credential: set POLLER_API_KEYS (or POLLER_API_KEY) or POLLER_API_TOKEN"
+            )
+
+    def require_mail_from(self) -> None:
+        if not self.mail_from:
+            raise ConfigError("POLLER_MAIL_FROM is required to send email")
+
+    def __repr__(self) -> str:
+        # The generated repr would print a PostgreSQL password embedded in database_url.
+        shown = (
+            f"{f.name}={_database_url_for_display(self.database_url)!r}"
+            if f.name == "database_url"
+            else f"{f.name}={getattr(self, f.name)!r}"
+            for f in fields(self)
+        )
+        return f"Settings({', '.join(shown)})"
+
+
+class _BadValue(Exception):
+    """A parser's or validator's complaint; load_settings prefixes it with the setting's name."""
+
+
+# --- parsers: raw value (str from env/flags, TOML types, or already typed) -> typed value ---
+
+
+def _show(raw: object) -> str:
+    """A non-secret value quoted for an error message: one line, bounded length."""
+    text = repr(raw) if isinstance(raw, str) else str(raw)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _text(raw: object) -> str:
+    if not isinstance(raw, str):
+        raise _BadValue(f"{_show(raw)} is not a string")
+    if "\r" in raw or "\n" in raw:
+        raise _BadValue("must be a single line")
+    return raw.strip()
+
+
+def _required_text(raw: object) -> str:
+    text = _text(raw)
+    if not text:
+        raise _BadValue("must not be empty")
+    return text
+
+
+def _optional_text(raw: object) -> str | None:
+    return _text(raw) or None
+
+
+def _choice(*options: str) -> Callable[[object], str]:
+    def parse(raw: object) -> str:
+        text = _text(raw).lower()
+        if text not in options:
+            raise _BadValue(f"{_show(raw)} is not one of {', '.join(options)}")
+        return text
+
+    return parse
+
+
+def _optional_choice(*options: str) -> Callable[[object], str | None]:
+    parse_choice = _choice(*options)
+    return lambda raw: parse_choice(raw) if _text(raw) else None
+
+
+_TRUE_WORDS = {"true", "1", "yes"}
+_FALSE_WORDS = {"false", "0", "no"}
+
+
+def _boolean(raw: object) -> bool:
+    if isinstance(raw, bool):
+        return raw
+    if isinstance(raw, str) and raw.strip().lower() in _TRUE_WORDS | _FALSE_WORDS:
+        return raw.strip().lower() in _TRUE_WORDS
+    raise _BadValue(f"{_show(raw)} is not a boolean (use true/false, yes/no or 1/0)")
+
+
+_WHOLE_NUMBER = re.compile(r"[+-]?[0-9]+")
+
+
+def _whole_number(raw: object) -> int:
+    if isinstance(raw, int) and not isinstance(raw, bool):
+        return raw
+    if isinstance(raw, str) and _WHOLE_NUMBER.fullmatch(raw.strip()):
+        return int(raw.strip())
+    # TOML floats arrive as Decimal (parse_float=Decimal); 8.0 is still a whole number.
+    if isinstance(raw, Decimal | float) and math.isfinite(raw) and raw == int(raw):
+        return int(raw)
+    raise _BadValue(f"{_show(raw)} is not a whole number")
+
+
+def _number(raw: object) -> float:
+    """Durations in seconds: binary floats are fine here, unlike money."""
+    if isinstance(raw, int | float | Decimal) and not isinstance(raw, bool):
+        value = float(raw)
+    elif isinstance(raw, str):
+        try:
+            value = float(raw.strip())
+        except ValueError:
+            raise _BadValue(f"{_show(raw)} is not a number") from None
+    else:
+        raise _BadValue(f"{_show(raw)} is not a number")
+    if not math.isfinite(value):
+        raise _BadValue(f"{_show(raw)} is not a finite number")
+    return value
+
+
+def _decimal(raw: object) -> Decimal:
+    """Money: parsed from the text the user wrote, never through a binary float."""
+    if isinstance(raw, Decimal):
+        value = raw
+    elif isinstance(raw, int) and not isinstance(raw, bool):
+        value = Decimal(raw)
+    elif isinstance(raw, str):
+        try:
+            value = Decimal(raw.strip())
+        except InvalidOperation:
+            raise _BadValue(f"{_show(raw)} is not a decimal number") from None
+    else:
+        raise _BadValue(f"{_show(raw)} is not a decimal number (write it as a string, e.g. '50')")
+    if not value.is_finite():
+        raise _BadValue(f"{_show(raw)} is not a finite decimal number")
+    return value
+
+
+def _one_secret(raw: object) -> Secret | None:
+    """Never echoes the value: whatever the user typed here may be a real credential."""
+    if isinstance(raw, Secret):
+        raw = raw.reveal()
+    if not isinstance(raw, str):
+        raise _BadValue("must be a string")
+    if "\r" in raw or "\n" in raw:
+        raise _BadValue("must be a single line")
+    return Secret(raw.strip()) if raw.strip() else None
+
+
+def _secret_list(raw: object) -> tuple[Secret, ...]:
+    """A list, or a comma-separated string; blanks dropped, duplicates removed, order kept."""
+    if isinstance(raw, str):
+        items: list[object] = list(raw.split(","))
+    elif isinstance(raw, list | tuple):
+        items = list(raw)
+    else:
+        items = [raw]
+    secrets = (_one_secret(item) for item in items)
+    return tuple(dict.fromkeys(secret for secret in secrets if secret is not None))
+
+
+# --- validators: typed value -> complaint or None ---
+
+
+def _at_least(minimum: int | float | Decimal) -> Callable[[Any], str | None]:
+    return lambda value: None if value >= minimum else f"must be at least {minimum} (got {value})"
+
+
+def _greater_than_zero(value: float) -> str | None:
+    return None if value > 0 else f"must be greater than 0 (got {value})"
+
+
+def _port(value: int) -> str | None:
+    return None if 1 <= value <= 65535 else f"{value} is not a port number (1..65535)"
+
+
+def _http_url(value: str) -> str | None:
+    # Echo only scheme and host: userinfo, path and query may carry a credential.
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 - raises ValueError on a malformed port
+    except ValueError:
+        return "not a valid URL (malformed host or port)"
+    if parts.scheme not in ("http", "https"):
+        scheme = f" (scheme {parts.scheme!r})" if parts.scheme.isalnum() else ""
+        return f"must be an http:// or https:// URL{scheme}"
+    if not parts.hostname:
+        return "must be an http(s) URL with a host, e.g. https://example.com"
+    return None
+
+
+def _database_url(value: str) -> str | None:
+    # SQLAlchemy's own messages may quote the URL, password included, so they are not passed on.
+    try:
+        url = make_url(value)
+    except (ArgumentError, ValueError):
+        return "not a database URL (e.g. sqlite:///poller.db or postgresql+psycopg2://...)"
+    try:
+        url.get_dialect()
+    except ArgumentError:
+        return f"unknown database kind {url.drivername!r} (use sqlite:// or postgresql+psycopg2://)"
+    return None
+
+
+def _plausible_address(value: str | None) -> str | None:
+    if value is None:
+        return None
+    local, _, domain = value.partition("@")
+    one_line = "\r" not in value and "\n" not in value
+    if value.count("@") != 1 or not local.strip() or not domain.strip() or not one_line:
+        return f"{_show(value)} is not an email address"
+    return None
+
+
+def _database_url_for_display(value: str) -> str:
+    try:
+        return make_url(value).render_as_string(hide_password=True)
+    except (ArgumentError, ValueError):
+        return "***"
+
+
+# --- the table of settings ---
+
+
+@dataclass(frozen=True)
+class _Spec:
+    name: str
+    parse: Callable[[object], Any]
+    check: Callable[[Any], str | None] = lambda value: None
+    secret: bool = False
+
+
+_SPECS: dict[str, _Spec] = {
+    spec.name: spec
+    for spec in (
+        _Spec("api_url", _required_text, _http_url),
+        _Spec("api_keys", _secret_list, secret=True),
+        _Spec("api_token", _one_secret, secret=True),
+        _Spec("allow_insecure_http", _boolean),
+        _Spec("api_connect_timeout", _number, _greater_than_zero),
+        _Spec("api_read_timeout", _number, _greater_than_zero),
+        _Spec("api_retries", _whole_number, _at_least(0)),
+        _Spec("concurrency", _whole_number, _at_least(1)),
+        _Spec("database_url", _required_text, _database_url),
+        _Spec("smtp_host", _required_text),
+        _Spec("smtp_port", _whole_number, _port),
+        _Spec("smtp_security", _choice("none", "starttls", "ssl")),
+        _Spec("smtp_username", _optional_text),
+        _Spec("smtp_password", _one_secret, secret=True),
+        _Spec("smtp_timeout", _number, _greater_than_zero),
+        _Spec("mail_from", _optional_text, _plausible_address),
+        _Spec("billing_url", _required_text, _http_url),
+        _Spec("interval", _number, _greater_than_zero),
+        _Spec("jitter", _number, _at_least(0)),
+        _Spec("rearm_margin", _decimal, _at_least(0)),
+        _Spec("delivery_lease", _number, _greater_than_zero),
+        _Spec("log_format", _optional_choice("json", "console")),
+    )
+}
+# A single key, accepted next to api_keys in every source and merged into it.
+_SINGLE_KEY = "api_key"
+_SECRET_KEYS = frozenset({_SINGLE_KEY} | {spec.name for spec in _SPECS.values() if spec.secret})
+_KNOWN_NAMES = (*_SPECS, _SINGLE_KEY)
+
+_ENV_PREFIX = "POLLER_"
+# POLLER_* variables that are read elsewhere and are not settings.
+_ENV_NOT_SETTINGS = frozenset({"POLLER_CONFIG", "POLLER_TEST_DATABASE_URL"})
+
+# name -> (raw value, how the user wrote the setting, for messages)
+_Layer = dict[str, tuple[object, str]]
+
+
+def load_settings(
+    *,
+    flags: Mapping[str, object] | None = None,
+    env: Mapping[str, str] | None = None,
+    config_path: str | None = None,
+) -> Settings:
+    """Build validated Settings; `flags` maps field names to values (None = flag not given)."""
+    env = os.environ if env is None else env
+    path_source = "--config"
+    if config_path is None and env.get("POLLER_CONFIG", "").strip():
+        config_path, path_source = env["POLLER_CONFIG"].strip(), "POLLER_CONFIG"
+    file_layer: _Layer = {}
+    warnings: tuple[str, ...] = ()
+    if config_path is not None:
+        file_layer, warnings = _file_layer(config_path, path_source)
+    layers = [
+        _merge_single_key(layer) for layer in (file_layer, _env_layer(env), _flag_layer(flags))
+    ]
+
+    values: dict[str, Any] = {}
+    labels: dict[str, str] = {}
+    for spec in _SPECS.values():
+        # Later layers win: flags > env > file.
+        given = [layer[spec.name] for layer in layers if spec.name in layer]
+        if not given:
+            continue
+        raw, label = given[-1]
+        values[spec.name] = _parse(spec, raw, label)
+        labels[spec.name] = label
+
+    settings = Settings(**values, config_path=config_path, warnings=warnings)
+    _refuse_credentials_over_plain_http(settings, labels.get("api_url", "api_url"))
+    return settings
+
+
+def _parse(spec: _Spec, raw: object, label: str) -> Any:
+    try:
+        value = spec.parse(raw)
+    except _BadValue as problem:
+        raise ConfigError(f"{label}: {problem}") from None
+    problem_text = spec.check(value)
+    if problem_text is not None:
+        raise ConfigError(f"{label}: {problem_text}")
+    return value
+
+
+def _refuse_credentials_over_plain_http(settings: Settings, api_url_label: str) -> None:
+    parts = urlsplit(settings.api_url)
+    if parts.scheme == "https" or settings.allow_insecure_http or _is_loopback(parts.hostname):
+        return
+    raise ConfigError(
+        f"{api_url_label}: refusing to send the API credential over plain http to "
+        f"{parts.hostname}; use https, or set allow_insecure_http = true "
+        "(POLLER_ALLOW_INSECURE_HTTP=true) if you really mean it"
+    )
+
+
+def _is_loopback(host: str | None) -> bool:
+    if host is None:
+        return False
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _unknown(name: str, candidates: tuple[str, ...]) -> str:
+    close = difflib.get_close_matches(name, candidates, n=1)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
+def _file_layer(path: str, path_source: str) -> tuple[_Layer, tuple[str, ...]]:
+    where = f"config file {path}" + (f" (from {path_source})" if path_source != "--config" else "")
+    try:
+        with open(path, "rb") as file:
+            data = tomllib.load(file, parse_float=Decimal)
+            mode = os.fstat(file.fileno()).st_mode
+    except FileNotFoundError:
+        raise ConfigError(f"{where}: not found") from None
+    except OSError as error:
+        raise ConfigError(f"{where}: cannot read it ({error.strerror})") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{where}: not UTF-8 text") from None
+    except tomllib.TOMLDecodeError as error:
+        reason = " ".join(str(error).split())
+        raise ConfigError(f"{where}: invalid TOML: {reason}") from None
+
+    for key, value in data.items():
+        if key not in _KNOWN_NAMES:
+            is_table = isinstance(value, dict)
+            hint = " (settings are flat keys; tables are not used)" if is_table else ""
+            raise ConfigError(
+                f"{where}: unknown key {key!r}{_unknown(key, _KNOWN_NAMES) or hint}"
+            )
+    warnings: tuple[str, ...] = ()
+    holds_secret = any(data.get(key) not in (None, "", []) for key in _SECRET_KEYS)
+    if holds_secret and mode & 0o077:
+        warnings = (
+            f"config file {path} contains secrets and is readable by other users; chmod 600 it",
+        )
+    return {key: (value, f"{path}: {key}") for key, value in data.items()}, warnings
+
+
+def _env_layer(env: Mapping[str, str]) -> _Layer:
+    env_names = tuple(_ENV_PREFIX + name.upper() for name in _KNOWN_NAMES)
+    layer: _Layer = {}
+    for variable, value in env.items():
+        if not variable.startswith(_ENV_PREFIX) or variable in _ENV_NOT_SETTINGS:
+            continue
+        name = variable.removeprefix(_ENV_PREFIX).lower()
+        if name not in _KNOWN_NAMES or variable != _ENV_PREFIX + name.upper():
+            # A typo here would otherwise silently leave the setting at its default.
+            raise ConfigError(f"{variable} is not a poller setting{_unknown(variable, env_names)}")
+        if value.strip():  # empty counts as unset
+            layer[name] = (value, variable)
+    return layer
+
+
+def _flag_layer(flags: Mapping[str, object] | None) -> _Layer:
+    layer: _Layer = {}
+    for name, value in (flags or {}).items():
+        flag = "--" + name.replace("_", "-")
+        if name not in _KNOWN_NAMES:
+            raise ConfigError(f"{flag} is not a poller setting")
+        # click reports an unused `multiple=True` option as an empty tuple.
+        if value is None or value == () or value == []:
+            continue
+        layer[name] = (value, flag)
+    return layer
+
+
+def _merge_single_key(layer: _Layer) -> _Layer:
+    """api_key joins api_keys from the same source; a source with no key at all sets nothing."""
+    if _SINGLE_KEY not in layer and "api_keys" not in layer:
+        return layer
+    merged = {name: entry for name, entry in layer.items() if name not in ("api_keys", _SINGLE_KEY)}
+    keys: tuple[Secret, ...] = ()
+    label = ""
+    for name in ("api_keys", _SINGLE_KEY):
+        if name in layer:
+            raw, label_here = layer[name]
+            keys += _parse(_SPECS["api_keys"], raw, label_here)
+            label = label or label_here
+    keys = tuple(dict.fromkeys(keys))
+    if keys:
+        merged["api_keys"] = (keys, label)
+    return merged
