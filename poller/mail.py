@@ -1,0 +1,488 @@
+"""The low-credits email: rendering it from templates and handing it to an SMTP server.
+
+Rendering is pure (plain values in, strings out). ``SmtpTransport`` is the only part that does
+I/O; it turns every way a send can go wrong into ``DeliveryError(permanent=...)`` so the caller
+only has to decide between "retry later" and "give up".
+"""
+
+from __future__ import annotations
+
+import email.policy
+import re
+import smtplib
+import ssl
+import unicodedata
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from decimal import ROUND_HALF_EVEN, Decimal, localcontext
+from email.message import EmailMessage
+from email.utils import format_datetime, parseaddr
+from functools import lru_cache
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+from urllib.parse import urlsplit
+
+import jinja2
+import structlog
+
+from poller.config import Secret
+
+log = structlog.get_logger(__name__)
+
+SUBJECT_TEMPLATE = "low_credits_subject.txt.j2"
+TEXT_TEMPLATE = "low_credits.txt.j2"
+HTML_TEMPLATE = "low_credits.html.j2"
+
+# Long names must not push the balance and threshold out of the visible part of a subject line.
+SUBJECT_ORG_NAME_MAX = 60
+SUBJECT_MAX = 200
+
+_MONTHS = (
+    "January", "February", "March", "April", "May", "June",
+    "July", "August", "September", "October", "November", "December",
+)  # fmt: skip
+# Bidirectional overrides can make a name display as something else (a spoofing trick).
+_BIDI_CONTROLS = dict.fromkeys(
+    [*range(0x202A, 0x202F), *range(0x2066, 0x206A), 0x200E, 0x200F, 0x061C]
+)
+_MESSAGE_ID_KIND = re.compile(r"[a-z0-9][a-z0-9-]*")
+_DOMAIN = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?")
+
+
+@dataclass(frozen=True)
+class AlertContent:
+    """Everything the email says, as plain values."""
+
+    org_id: int
+    org_name: str
+    breach_number: int
+    balance: Decimal
+    threshold: Decimal
+    detected_at: datetime  # timezone-aware
+    billing_url: str
+    auto_refill: bool
+    reminder: bool = False
+
+
+@dataclass(frozen=True)
+class RenderedEmail:
+    subject: str
+    text: str
+    html: str
+
+
+def templates_dir() -> Path:
+    """The directory holding the email templates, in a checkout or in an installed wheel."""
+    return find_templates_dir(Path(__file__).resolve().parent)
+
+
+def find_templates_dir(package_dir: Path) -> Path:
+    # A wheel installs them as the package poller/templates (setup.cfg package_dir); in a
+    # checkout they sit at the top of the repository, beside the poller/ package.
+    for candidate in (package_dir / "templates", package_dir.parent / "templates"):
+        if (candidate / TEXT_TEMPLATE).is_file():
+            return candidate
+    raise FileNotFoundError(
+        f"email templates not found in {package_dir / 'templates'} "
+        f"or {package_dir.parent / 'templates'}; the poller installation is incomplete"
+    )
+
+
+def format_credits(amount: Decimal) -> str:
+    """``Decimal("1234.5")`` → ``"1,234.50 credits"``: two decimals, thousands separators."""
+    if not isinstance(amount, Decimal):
+        # A float here would already have lost cents; refuse it instead of printing it.
+        raise TypeError(f"credit amounts must be Decimal, not {type(amount).__name__}")
+    if not amount.is_finite():
+        raise ValueError(f"cannot format a non-finite credit amount: {amount}")
+    with localcontext() as context:
+        context.rounding = ROUND_HALF_EVEN
+        text = format(amount, ",.2f")
+    if text == "-0.00":  # a tiny negative rounds to zero; "-0.00" would only confuse
+        text = "0.00"
+    return f"{text} credits"
+
+
+def format_detected_at(moment: datetime) -> str:
+    """``"1 May 2024, 14:03 UTC"``; spelled out so no reader mixes up day and month."""
+    if moment.tzinfo is None or moment.utcoffset() is None:
+        raise ValueError("detected_at must be timezone-aware")
+    utc = moment.astimezone(UTC)
+    return f"{utc.day} {_MONTHS[utc.month - 1]} {utc.year}, {utc:%H:%M} UTC"
+
+
+def one_line(text: str) -> str:
+    """Control characters and line breaks become spaces; runs of whitespace collapse."""
+    cleaned = []
+    for char in text.translate(_BIDI_CONTROLS):
+        category = unicodedata.category(char)
+        cleaned.append(" " if category in ("Cc", "Zl", "Zp") else char)
+    return " ".join("".join(cleaned).split())
+
+
+def shorten(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 1].rstrip() + "…"
+
+
+def render_subject(content: AlertContent) -> str:
+    """One header-safe line: no CR/LF or control characters, at most SUBJECT_MAX characters."""
+    context = _template_context(content)
+    context["org_name"] = shorten(context["org_name"], SUBJECT_ORG_NAME_MAX)
+    subject = _environment().get_template(SUBJECT_TEMPLATE).render(context)
+    return shorten(one_line(subject), SUBJECT_MAX)
+
+
+def render_email(content: AlertContent) -> RenderedEmail:
+    context = _template_context(content)
+    environment = _environment()
+    return RenderedEmail(
+        subject=render_subject(content),
+        text=environment.get_template(TEXT_TEMPLATE).render(context),
+        html=environment.get_template(HTML_TEMPLATE).render(context),
+    )
+
+
+def _template_context(content: AlertContent) -> dict[str, Any]:
+    return {
+        "org_id": content.org_id,
+        "org_name": one_line(content.org_name) or f"Organization {content.org_id}",
+        "breach_number": content.breach_number,
+        "balance": format_credits(content.balance),
+        "threshold": format_credits(content.threshold),
+        "detected_at": format_detected_at(content.detected_at),
+        "billing_url": _checked_billing_url(content.billing_url),
+        "auto_refill": content.auto_refill,
+        "reminder": content.reminder,
+    }
+
+
+def _checked_billing_url(url: str) -> str:
+    # It lands in an href: anything but a plain http(s) URL (javascript:, data:) is refused.
+    parts = urlsplit(url)
+    has_space = any(char.isspace() for char in url) or one_line(url) != url
+    if parts.scheme not in ("http", "https") or not parts.netloc or has_space:
+        raise ValueError(f"billing_url must be an http(s) URL without spaces, got {url!r}")
+    return url
+
+
+@lru_cache(maxsize=1)
+def _environment() -> jinja2.Environment:
+    return jinja2.Environment(
+        loader=jinja2.FileSystemLoader(templates_dir()),
+        autoescape=jinja2.select_autoescape(
+            enabled_extensions=("html.j2",), default_for_string=False, default=False
+        ),
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
+    )
+
+
+def message_id_for(
+    org_id: int, breach_number: int, mail_from: str, kind: str = "low-credits"
+) -> str:
+    """The same breach always gets the same Message-ID, so a resend can be recognised."""
+    if not _MESSAGE_ID_KIND.fullmatch(kind):
+        raise ValueError(f"message kind must be lowercase letters, digits and '-', got {kind!r}")
+    domain = parseaddr(mail_from)[1].rpartition("@")[2]
+    try:
+        domain = domain.encode("idna").decode("ascii")
+    except UnicodeError:
+        domain = ""
+    if not _DOMAIN.fullmatch(domain):
+        domain = "poller.invalid"
+    return f"<{kind}.{int(org_id)}.{int(breach_number)}@{domain.lower()}>"
+
+
+def build_message(
+    rendered: RenderedEmail,
+    *,
+    mail_from: str,
+    recipients: Sequence[str],
+    message_id: str,
+    date: datetime,
+) -> EmailMessage:
+    """A multipart/alternative message (text first, HTML preferred) addressed to recipients."""
+    if not recipients:
+        raise ValueError("an email needs at least one recipient")
+    if date.tzinfo is None or date.utcoffset() is None:
+        raise ValueError("the Date of an email must be timezone-aware")
+    message = EmailMessage(policy=email.policy.SMTP)
+    # The policy refuses CR/LF in header values, so nothing can add a header of its own;
+    # the subject is flattened again in case a caller built RenderedEmail by hand.
+    message["Subject"] = one_line(rendered.subject)
+    message["From"] = _checked_address_header(mail_from, "mail_from")
+    message["To"] = ", ".join(_checked_recipient(address) for address in recipients)
+    message["Date"] = format_datetime(date.astimezone(UTC))
+    message["Message-ID"] = message_id
+    # RFC 3834: tells autoresponders (vacation replies) not to answer an automatic alert.
+    message["Auto-Submitted"] = "auto-generated"
+    # Exchange ignores Auto-Submitted; this is its equivalent.
+    message["X-Auto-Response-Suppress"] = "All"
+    message.set_content(rendered.text)
+    message.add_alternative(rendered.html, subtype="html")
+    return message
+
+
+def _checked_address_header(value: str, what: str) -> str:
+    address = parseaddr(value)[1]
+    if one_line(value) != value.strip() or "@" not in address:
+        raise ValueError(f"{what} is not a valid email address: {value!r}")
+    return value.strip()
+
+
+def _checked_recipient(address: str) -> str:
+    if parseaddr(address)[1] != address or address.count("@") != 1 or one_line(address) != address:
+        raise ValueError(f"not a plain email address: {address!r}")
+    return address
+
+
+class DeliveryError(Exception):
+    """Sending failed. ``permanent``: retrying this message cannot help.
+
+    The message is the server's own answer where there is one ("550 5.1.1 no such user"),
+    otherwise what went wrong with the connection. It never contains the SMTP password.
+    """
+
+    def __init__(self, message: str, *, permanent: bool, smtp_code: int | None = None) -> None:
+        super().__init__(message)
+        self.permanent = permanent
+        self.smtp_code = smtp_code
+
+
+SECURITY_MODES = ("none", "starttls", "ssl")
+
+
+class SmtpTransport:
+    """One SMTP connection reused for a batch of messages; not for use by several threads.
+
+    Use as a context manager. The connection is opened on the first ``send``; after any error it
+    is dropped and the next ``send`` opens a new one.
+
+    Only the server refusing the message itself is permanent: a 5xx answer to MAIL FROM or DATA,
+    or to RCPT TO for every recipient. Connection, TLS and login problems are temporary, because
+    they are fixed on our side or the server's and the alert should go out once they are.
+    """
+
+    def __init__(
+        self,
+        *,
+        host: str,
+        port: int,
+        security: str,
+        username: str | None,
+        password: Secret | None,
+        timeout: float,
+        local_hostname: str | None = None,
+    ) -> None:
+        if security not in SECURITY_MODES:
+            raise ValueError(f"smtp security must be one of {', '.join(SECURITY_MODES)}")
+        if (username is None) != (password is None):
+            raise ValueError("smtp username and password must be given together")
+        self._host = host
+        self._port = port
+        self._security = security
+        self._username = username
+        self._password = password
+        self._timeout = timeout
+        self._local_hostname = local_hostname
+        self._connection: smtplib.SMTP | None = None
+
+    def __repr__(self) -> str:
+        return (
+            f"SmtpTransport(host={self._host!r}, port={self._port}, "
+            f"security={self._security!r}, username={self._username!r})"
+        )
+
+    def __enter__(self) -> SmtpTransport:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        connection, self._connection = self._connection, None
+        if connection is None:
+            return
+        try:
+            connection.quit()
+        except (smtplib.SMTPException, OSError):
+            pass  # saying goodbye is a courtesy; the messages are already handed over
+        finally:
+            connection.close()
+
+    def send(
+        self, message: EmailMessage, recipients: Sequence[str]
+    ) -> dict[str, tuple[int, bytes]]:
+        """Hand the message over for ``recipients``; returns the refused ones (if some were).
+
+        Raises DeliveryError when the server did not accept it for anyone.
+        """
+        if not recipients:
+            raise ValueError("send needs at least one recipient")
+        try:
+            connection = self._ready_connection()
+            return connection.send_message(message, to_addrs=list(recipients))
+        except DeliveryError:
+            self._discard()
+            raise
+        except smtplib.SMTPRecipientsRefused as error:
+            self._discard()
+            raise self._all_recipients_refused(error.recipients) from error
+        except (smtplib.SMTPSenderRefused, smtplib.SMTPDataError) as error:
+            self._discard()
+            # 5xx to MAIL FROM or DATA: the server will not take this message, ever.
+            raise self._error(
+                _reply_text(error.smtp_code, error.smtp_error),
+                permanent=_is_permanent(error.smtp_code),
+                smtp_code=error.smtp_code,
+            ) from error
+        except smtplib.SMTPResponseException as error:
+            self._discard()
+            raise self._error(
+                f"SMTP server {self._address} answered "
+                f"{_reply_text(error.smtp_code, error.smtp_error)}",
+                permanent=False,
+                smtp_code=error.smtp_code,
+            ) from error
+        except smtplib.SMTPServerDisconnected as error:
+            self._discard()
+            raise self._error(
+                f"SMTP server {self._address} closed the connection ({error}); "
+                "the message may or may not have been delivered",
+                permanent=False,
+            ) from error
+        except smtplib.SMTPException as error:
+            self._discard()
+            raise self._error(
+                f"SMTP error with {self._address}: {error}", permanent=False
+            ) from error
+        except ssl.SSLError as error:
+            self._discard()
+            raise self._error(
+                f"TLS with SMTP server {self._address} failed: {error}", permanent=False
+            ) from error
+        except TimeoutError as error:
+            self._discard()
+            raise self._error(
+                f"SMTP server {self._address} did not answer within {self._timeout:g}s",
+                permanent=False,
+            ) from error
+        except OSError as error:
+            self._discard()
+            raise self._error(
+                f"cannot talk to SMTP server {self._address}: {error}", permanent=False
+            ) from error
+
+    @property
+    def _address(self) -> str:
+        return f"{self._host}:{self._port}"
+
+    def _ready_connection(self) -> smtplib.SMTP:
+        if self._connection is not None:
+            # The server may have dropped an idle connection; a NOOP finds out before the
+            # message is half sent, so a dead connection never looks like a failed delivery.
+            try:
+                code, _ = self._connection.noop()
+            except (smtplib.SMTPException, OSError):
+                code = -1
+            if code == 250:
+                return self._connection
+            self._discard()
+        self._connection = self._connect()
+        return self._connection
+
+    def _connect(self) -> smtplib.SMTP:
+        connection: smtplib.SMTP
+        if self._security == "ssl":
+            connection = smtplib.SMTP_SSL(
+                self._host,
+                self._port,
+                local_hostname=self._local_hostname,
+                timeout=self._timeout,
+                context=ssl.create_default_context(),
+            )
+        else:
+            connection = smtplib.SMTP(
+                self._host, self._port, local_hostname=self._local_hostname, timeout=self._timeout
+            )
+        try:
+            connection.ehlo_or_helo_if_needed()
+            if self._security == "starttls":
+                if not connection.has_extn("starttls"):
+                    raise DeliveryError(
+                        f"SMTP server {self._address} does not offer STARTTLS and smtp security "
+                        "is 'starttls'; not sending anything unencrypted",
+                        permanent=False,
+                    )
+                connection.starttls(context=ssl.create_default_context())
+                connection.ehlo()
+            if self._username is not None and self._password is not None:
+                self._login(connection, self._username, self._password)
+        except BaseException:
+            connection.close()
+            raise
+        log.debug("smtp.connected", host=self._host, port=self._port, security=self._security)
+        return connection
+
+    def _login(self, connection: smtplib.SMTP, username: str, password: Secret) -> None:
+        # Belt and braces: whatever happened above, credentials only travel in clear when the
+        # operator explicitly chose security "none".
+        if self._security != "none" and not isinstance(connection.sock, ssl.SSLSocket):
+            raise DeliveryError(
+                f"refusing to log in to SMTP server {self._address} without TLS",
+                permanent=False,
+            )
+        if not connection.has_extn("auth"):
+            raise DeliveryError(
+                f"SMTP server {self._address} does not offer AUTH, but an SMTP username is set",
+                permanent=False,
+            )
+        connection.login(username, password.reveal())
+
+    def _all_recipients_refused(self, refused: dict[str, tuple[int, bytes]]) -> DeliveryError:
+        answers = "; ".join(
+            f"{address}: {_reply_text(code, text)}" for address, (code, text) in refused.items()
+        )
+        codes = [code for code, _ in refused.values()]
+        # If any refusal is temporary, a retry may still reach that recipient.
+        temporary = [code for code in codes if not _is_permanent(code)]
+        return self._error(
+            f"all recipients refused: {answers}",
+            permanent=not temporary,
+            smtp_code=(temporary or codes or [None])[0],
+        )
+
+    def _error(
+        self, message: str, *, permanent: bool, smtp_code: int | None = None
+    ) -> DeliveryError:
+        return DeliveryError(self._redacted(message), permanent=permanent, smtp_code=smtp_code)
+
+    def _redacted(self, text: str) -> str:
+        # Servers are not supposed to echo credentials back, but an error message is logged.
+        if self._password is not None and self._password.reveal():
+            text = text.replace(self._password.reveal(), "***")
+        return text
+
+    def _discard(self) -> None:
+        connection, self._connection = self._connection, None
+        if connection is not None:
+            connection.close()
+
+
+def _is_permanent(code: int) -> bool:
+    return 500 <= code <= 599
+
+
+def _reply_text(code: int, text: bytes | str) -> str:
+    if isinstance(text, bytes):
+        text = text.decode("utf-8", errors="replace")
+    return f"{code} {one_line(text)}"
