@@ -487,7 +487,6 @@ def _merge_single_key(layer: _Layer) -> _Layer:
             raw, label_here = layer[name]
             keys += _parse(_SPECS["api_keys"], raw, label_here)
             label = label or label_here
-    keys = tuple(dict.fromkeys(keys))
-    if keys:
+    if keys:  # duplicates go when load_settings parses the merged tuple as api_keys
         merged["api_keys"] = (keys, label)
     return merged
