@@ -1,0 +1,690 @@
+"""Client for the parts of the Cekura API the poller needs.
+
+It reads every organization the configured credentials can see (list + billing info per
+org) and returns typed snapshots, with one ``OrgError`` per organization that could not be
+read, so one bad org never aborts the others. Only a failure to learn *which* orgs exist
+(the listing, or every API key) raises, because then nothing this cycle can be trusted.
+
+Credentials are never part of a message, a log line or a URL: a key is named by its
+position in POLLER_API_KEYS. As defence in depth (config.py already checks api_url) the
+client refuses to send a credential over plain http to a non-loopback host, never follows
+redirects (requests would forward our X-CEKURA-API-KEY header to any host), and follows
+pagination links only on the api_url's own scheme, host and port.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import random
+import threading
+import time
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from decimal import Decimal
+from email.utils import parsedate_to_datetime
+from typing import TypeVar
+from urllib.parse import urljoin, urlsplit
+
+import requests
+import structlog
+
+from poller import __version__
+from poller.config import ConfigError, Secret, Settings
+from poller.parsing import ParseError, parse_billing, parse_organization
+from poller.records import Billing, Organization, OrgError, OrgSnapshot
+
+log = structlog.get_logger(__name__)
+
+LIST_V2_PATH = "/user/v2/organizations/"
+LIST_V1_PATH = "/user/organizations/"
+ORGANIZATION_PATH = "/user/organizations/{id}/"
+BILLING_PATH = "/test_framework/billing/info/"
+# Cekura's own tooling uses "up to 200"; the real maximum is undocumented.
+DEFAULT_PAGE_SIZE = 200
+DEFAULT_MAX_WAIT = 60.0
+DEFAULT_BACKOFF_BASE = 0.5
+_DETAIL_LIMIT = 300
+_KEYS_SETTING = "POLLER_API_KEYS"
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+class ApiError(Exception):
+    """The API could not be used as intended. The message is safe to print: no credentials."""
+
+    def __init__(self, message: str, *, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class AuthError(ApiError):
+    """401/403: a credential was rejected or lacks permission. Never retried."""
+
+
+class ApiNotFound(ApiError):
+    """404 from an endpoint; not retried."""
+
+
+class ApiUnavailable(ApiError):
+    """The organizations could not be listed at all, even after retries."""
+
+
+@dataclass
+class FetchResult:
+    snapshots: list[OrgSnapshot]
+    errors: list[OrgError]
+    requests: int  # HTTP requests made, retries included (for metrics)
+
+
+@dataclass(frozen=True)
+class _Credential:
+    secret: Secret = field(repr=False)
+    position: int | None  # 1-based position in POLLER_API_KEYS; None for the bearer token
+
+    @property
+    def label(self) -> str:
+        return "the API token" if self.position is None else f"API key #{self.position}"
+
+    def headers(self) -> dict[str, str]:
+        if self.position is None:
+            return {"Authorization": f"Bearer {self.secret.reveal()}"}
+        return {"X-CEKURA-API-KEY": self.secret.reveal()}
+
+    def rejected(self, status: int, detail: str) -> str:
+        reason = f" {detail}" if detail else ""
+        if self.position is None:
+            return f"the Cekura API rejected the API token ({status}):{reason}"
+        return f"API key #{self.position} of {_KEYS_SETTING} was rejected ({status}):{reason}"
+
+
+class _RequestCounter:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.value = 0
+
+    def add(self) -> None:
+        with self._lock:
+            self.value += 1
+
+
+@dataclass
+class _KeyOutcome:
+    """What one API key yielded: a snapshot, an error, or an org someone else already read."""
+
+    snapshot: OrgSnapshot | None = None
+    error: OrgError | None = None
+    failure: str | None = None  # "auth" | "api" | "data" when error is set
+    auth_error: AuthError | None = None
+
+
+class CekuraClient:
+    """Thread-safe client; one requests.Session per worker thread for keep-alive."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        sleep: Callable[[float], None] = time.sleep,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        jitter: Callable[[], float] = random.random,
+        backoff_base: float = DEFAULT_BACKOFF_BASE,
+        max_wait: float = DEFAULT_MAX_WAIT,
+        page_size: int = DEFAULT_PAGE_SIZE,
+    ) -> None:
+        settings.require_credentials()
+        self._base_url = settings.api_url.rstrip("/")
+        self._origin = _checked_origin(self._base_url, settings.allow_insecure_http)
+        self._token = (
+            _Credential(settings.api_token, None) if settings.api_token is not None else None
+        )
+        self._keys = tuple(
+            _Credential(key, position) for position, key in enumerate(settings.api_keys, 1)
+        )
+        self._secrets = tuple(
+            value for value in (c.secret.reveal() for c in self._credentials()) if value
+        )
+        self._timeout = (settings.api_connect_timeout, settings.api_read_timeout)
+        self._attempts = 1 + max(0, settings.api_retries)
+        self._concurrency = max(1, settings.concurrency)
+        self._sleep = sleep
+        self._clock = clock
+        self._jitter = jitter
+        self._backoff_base = backoff_base
+        self._max_wait = max_wait
+        self._page_size = page_size
+        self._local = threading.local()
+        self._sessions: list[requests.Session] = []
+        self._lock = threading.Lock()
+        self._executor: ThreadPoolExecutor | None = None
+        self._key_for_org: dict[int, _Credential] = {}
+
+    # --- lifecycle -------------------------------------------------------------------------
+
+    def __enter__(self) -> CekuraClient:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        with self._lock:
+            executor, self._executor = self._executor, None
+            sessions, self._sessions = self._sessions, []
+        if executor is not None:
+            executor.shutdown(wait=True, cancel_futures=True)
+        for session in sessions:
+            session.close()
+
+    # --- public operations -----------------------------------------------------------------
+
+    def fetch_snapshots(self, only_org: int | None = None) -> FetchResult:
+        """Every visible organization (or just ``only_org``) with its balance, or its error."""
+        counter = _RequestCounter()
+        snapshots: dict[int, OrgSnapshot] = {}
+        errors: list[OrgError] = []
+        if self._token is not None:
+            for item in self._fetch_with_token(self._token, only_org, counter):
+                if isinstance(item, OrgSnapshot):
+                    snapshots.setdefault(item.id, item)
+                else:
+                    errors.append(item)
+        if self._keys:
+            key_snapshots, key_errors = self._fetch_with_keys(only_org, set(snapshots), counter)
+            for snapshot in key_snapshots:
+                snapshots.setdefault(snapshot.id, snapshot)
+            errors.extend(key_errors)
+        # An org read through one credential needs no error about another credential.
+        errors = [e for e in errors if e.org_id is None or e.org_id not in snapshots]
+        for error in errors:
+            log.warning("api.error", org_id=error.org_id, error=error.message)
+        return FetchResult(
+            snapshots=sorted(snapshots.values(), key=lambda s: s.id),
+            errors=errors,
+            requests=counter.value,
+        )
+
+    def get_organization(self, org_id: int) -> Organization:
+        path = ORGANIZATION_PATH.format(id=org_id)
+        data = self._with_org_credential(
+            org_id,
+            lambda credential, counter: self._request(
+                "GET", self._url(path), credential, counter, endpoint=path, org_id=org_id
+            ),
+        )
+        return _organization_from_response(data, f"GET {path}")
+
+    def patch_organization(self, org_id: int, changes: dict[str, object]) -> Organization:
+        """PATCH the given fields; a 400 becomes an ApiError carrying DRF's field messages."""
+        path = ORGANIZATION_PATH.format(id=org_id)
+        body = json.dumps(changes, default=_json_value)
+        data = self._with_org_credential(
+            org_id,
+            lambda credential, counter: self._request(
+                "PATCH", self._url(path), credential, counter,
+                endpoint=path, org_id=org_id, body=body,
+            ),
+        )
+        return _organization_from_response(data, f"PATCH {path}")
+
+    # --- bearer token ----------------------------------------------------------------------
+
+    def _fetch_with_token(
+        self, token: _Credential, only_org: int | None, counter: _RequestCounter
+    ) -> list[OrgSnapshot | OrgError]:
+        if only_org is None:
+            raw_orgs = self._list_organizations(token, counter)
+        else:
+            path = ORGANIZATION_PATH.format(id=only_org)
+            try:
+                raw_orgs = [
+                    self._request(
+                        "GET", self._url(path), token, counter, endpoint=path, org_id=only_org
+                    )
+                ]
+            except ApiNotFound as exc:
+                return [OrgError(only_org, f"organization {only_org}: {exc}")]
+            except AuthError:
+                raise
+            except ApiError as exc:
+                raise ApiUnavailable(str(exc), status=exc.status) from exc
+
+        organizations: dict[int, Organization] = {}
+        results: list[OrgSnapshot | OrgError] = []
+        for index, raw in enumerate(raw_orgs):
+            try:
+                org = parse_organization(raw)
+            except ParseError as exc:
+                org_id = _raw_id(raw)
+                where = f"organization {org_id}" if org_id is not None else f"organization #{index}"
+                results.append(OrgError(org_id, f"{where} in the list: {exc}"))
+                continue
+            # Pages can shift while we read them; the same org may be listed twice.
+            organizations.setdefault(org.id, org)
+        results.extend(
+            self._map(
+                lambda org: self._snapshot_with_token(token, org, counter),
+                organizations.values(),
+            )
+        )
+        return results
+
+    def _list_organizations(self, token: _Credential, counter: _RequestCounter) -> list[object]:
+        """Raw organization objects from the v2 (paginated) listing, or v1 if v2 is absent."""
+        url = self._url(LIST_V2_PATH)
+        params: dict[str, object] | None = {"page_size": self._page_size}
+        followed: set[str] = set()
+        organizations: list[object] = []
+        while True:
+            try:
+                page = self._request(
+                    "GET", url, token, counter, endpoint=LIST_V2_PATH, params=params
+                )
+            except ApiNotFound:
+                if followed:
+                    raise ApiUnavailable(
+                        f"GET {LIST_V2_PATH}: a later page answered 404", status=404
+                    ) from None
+                log.info("api.list_v2_missing", endpoint=LIST_V2_PATH)
+                return self._list_organizations_v1(token, counter)
+            except AuthError:
+                raise
+            except ApiError as exc:
+                raise ApiUnavailable(str(exc), status=exc.status) from exc
+            if not isinstance(page, dict) or not isinstance(page.get("results"), list):
+                raise ApiUnavailable(
+                    f"GET {LIST_V2_PATH}: expected a page with a results list"
+                )
+            organizations.extend(page["results"])
+            next_url = page.get("next")
+            if next_url is None:
+                return organizations
+            if not isinstance(next_url, str):
+                raise ApiUnavailable(f"GET {LIST_V2_PATH}: the next link is not a string")
+            url, params = urljoin(url, next_url), None
+            if not self._same_origin(url):
+                raise ApiUnavailable(
+                    f"GET {LIST_V2_PATH}: refusing to follow a pagination link to "
+                    f"{_describe_origin(url)}, which is not {_describe_origin(self._base_url)}"
+                )
+            if url in followed:
+                raise ApiUnavailable(f"GET {LIST_V2_PATH}: the pagination links loop")
+            followed.add(url)
+
+    def _list_organizations_v1(
+        self, token: _Credential, counter: _RequestCounter
+    ) -> list[object]:
+        try:
+            data = self._request(
+                "GET", self._url(LIST_V1_PATH), token, counter, endpoint=LIST_V1_PATH
+            )
+        except AuthError:
+            raise
+        except ApiError as exc:
+            raise ApiUnavailable(str(exc), status=exc.status) from exc
+        if not isinstance(data, list):
+            raise ApiUnavailable(f"GET {LIST_V1_PATH}: expected a JSON array of organizations")
+        return data
+
+    def _snapshot_with_token(
+        self, token: _Credential, org: Organization, counter: _RequestCounter
+    ) -> OrgSnapshot | OrgError:
+        where = f"organization {org.id}: billing info"
+        try:
+            data = self._request(
+                "GET", self._url(BILLING_PATH), token, counter,
+                endpoint=BILLING_PATH, org_id=org.id, params={"organization_id": org.id},
+            )
+            billing = parse_billing(data)
+        except (ApiError, ParseError) as exc:
+            return OrgError(org.id, f"{where}: {exc}")
+        if billing.organization_id != org.id:
+            return OrgError(
+                org.id, f"{where}: answered for organization {billing.organization_id}"
+            )
+        return OrgSnapshot(org=org, balance=billing.credits_remaining)
+
+    # --- org-scoped API keys ---------------------------------------------------------------
+
+    def _fetch_with_keys(
+        self, only_org: int | None, covered: set[int], counter: _RequestCounter
+    ) -> tuple[list[OrgSnapshot], list[OrgError]]:
+        def wanted(org_id: int) -> bool:
+            return org_id not in covered and (only_org is None or org_id == only_org)
+
+        outcomes = self._map(lambda key: self._fetch_with_key(key, wanted, counter), self._keys)
+        snapshots = [o.snapshot for o in outcomes if o.snapshot is not None]
+        failed = [o for o in outcomes if o.error is not None]
+        errors = [o.error for o in failed if o.error is not None]
+        if only_org is not None:
+            if any(s.id == only_org for s in snapshots) or only_org in covered:
+                return snapshots, [e for e in errors if e.org_id is not None]
+            if not any(e.org_id == only_org for e in errors):
+                errors.append(
+                    OrgError(
+                        only_org,
+                        f"organization {only_org}: no API key of {_KEYS_SETTING} "
+                        "belongs to it",
+                    )
+                )
+        # Without a token the keys are the listing: if none worked, nothing can be trusted.
+        if self._token is None and len(failed) == len(outcomes):
+            if all(o.failure == "auth" for o in failed):
+                first = failed[0].auth_error
+                if len(failed) == 1 and first is not None:
+                    raise first
+                raise AuthError(
+                    f"every API key of {_KEYS_SETTING} was rejected; "
+                    + "; ".join(e.message for e in errors)
+                )
+            if all(o.failure in ("auth", "api") for o in failed):
+                raise ApiUnavailable(
+                    "no API key could be used: " + "; ".join(e.message for e in errors)
+                )
+        return snapshots, errors
+
+    def _fetch_with_key(
+        self, key: _Credential, wanted: Callable[[int], bool], counter: _RequestCounter
+    ) -> _KeyOutcome:
+        try:
+            billing = self._billing_for_key(key, counter)
+        except AuthError as exc:
+            return _KeyOutcome(error=OrgError(None, str(exc)), failure="auth", auth_error=exc)
+        except ApiError as exc:
+            return _KeyOutcome(error=OrgError(None, f"{key.label}: {exc}"), failure="api")
+        except ParseError as exc:
+            message = f"{key.label}: billing info: {exc}"
+            return _KeyOutcome(error=OrgError(None, message), failure="data")
+        org_id = billing.organization_id
+        if not wanted(org_id):
+            return _KeyOutcome()
+        path = ORGANIZATION_PATH.format(id=org_id)
+        where = f"{key.label}: organization {org_id}"
+        try:
+            data = self._request(
+                "GET", self._url(path), key, counter, endpoint=path, org_id=org_id
+            )
+            org = parse_organization(data)
+        except AuthError as exc:
+            return _KeyOutcome(error=OrgError(org_id, f"organization {org_id}: {exc}"),
+                               failure="auth", auth_error=exc)
+        except ApiError as exc:
+            return _KeyOutcome(error=OrgError(org_id, f"{where}: {exc}"), failure="api")
+        except ParseError as exc:
+            return _KeyOutcome(error=OrgError(org_id, f"{where}: {exc}"), failure="data")
+        if org.id != org_id:
+            message = f"{where}: the API answered with organization {org.id}"
+            return _KeyOutcome(error=OrgError(org_id, message), failure="data")
+        return _KeyOutcome(snapshot=OrgSnapshot(org=org, balance=billing.credits_remaining))
+
+    def _billing_for_key(self, key: _Credential, counter: _RequestCounter) -> Billing:
+        # No organization_id: an org-scoped key's organization comes from the key itself.
+        data = self._request("GET", self._url(BILLING_PATH), key, counter, endpoint=BILLING_PATH)
+        billing = parse_billing(data)
+        with self._lock:
+            self._key_for_org.setdefault(billing.organization_id, key)
+        return billing
+
+    def _key_belonging_to(self, org_id: int, counter: _RequestCounter) -> _Credential | None:
+        with self._lock:
+            known = self._key_for_org.get(org_id)
+            mapped = set(self._key_for_org.values())
+        if known is not None:
+            return known
+        for key in self._keys:
+            if key in mapped:
+                continue
+            try:
+                if self._billing_for_key(key, counter).organization_id == org_id:
+                    return key
+            except (ApiError, ParseError):
+                continue
+        return None
+
+    def _with_org_credential(
+        self, org_id: int, call: Callable[[_Credential, _RequestCounter], object]
+    ) -> object:
+        """Use the token, or if it cannot reach the org, the API key belonging to the org."""
+        counter = _RequestCounter()
+        if self._token is not None:
+            try:
+                return call(self._token, counter)
+            except (AuthError, ApiNotFound):
+                if not self._keys:
+                    raise
+        key = self._key_belonging_to(org_id, counter)
+        if key is None:
+            raise ApiError(f"organization {org_id}: no API key of {_KEYS_SETTING} belongs to it")
+        return call(key, counter)
+
+    # --- HTTP ------------------------------------------------------------------------------
+
+    def _request(
+        self,
+        method: str,
+        url: str,
+        credential: _Credential,
+        counter: _RequestCounter,
+        *,
+        endpoint: str,
+        org_id: int | None = None,
+        params: dict[str, object] | None = None,
+        body: str | None = None,
+    ) -> object:
+        """Decoded JSON of a 2xx answer; retries transient failures, raises ApiError otherwise."""
+        if not self._same_origin(url):
+            raise ApiError(f"{method} {endpoint}: refusing to send a credential to another host")
+        headers = {"Accept": "application/json", **credential.headers()}
+        if body is not None:
+            headers["Content-Type"] = "application/json"
+        context = {"endpoint": endpoint, "method": method, "org_id": org_id,
+                   "credential": credential.label}
+        failure = ""
+        status: int | None = None
+        for attempt in range(1, self._attempts + 1):
+            counter.add()
+            retry_after: float | None = None
+            try:
+                response = self._session().request(
+                    method, url, params=params, data=body, headers=headers,
+                    timeout=self._timeout, allow_redirects=False,
+                )
+            except requests.Timeout:
+                status, failure = None, "timed out"
+            except requests.ConnectionError:
+                status, failure = None, "connection failed"
+            except requests.RequestException as exc:
+                status, failure = None, f"request failed ({type(exc).__name__})"
+            else:
+                status = response.status_code
+                if 200 <= status < 300:
+                    try:
+                        return json.loads(response.content)
+                    except (ValueError, RecursionError):
+                        failure = "the response was not valid JSON"
+                elif status in (401, 403):
+                    detail = self._detail(response.content)
+                    log.warning("api.request_failed", status=status, attempt=attempt, **context)
+                    raise AuthError(credential.rejected(status, detail), status=status)
+                elif status == 404:
+                    raise ApiNotFound(f"{method} {endpoint}: not found (404)", status=404)
+                elif status == 429 or status >= 500:
+                    failure = f"HTTP {status}"
+                    retry_after = _retry_after_seconds(
+                        response.headers.get("Retry-After"), self._clock()
+                    )
+                else:
+                    detail = self._detail(response.content)
+                    log.warning("api.request_failed", status=status, attempt=attempt, **context)
+                    message = f"{method} {endpoint} was refused ({status})"
+                    raise ApiError(f"{message}: {detail}" if detail else message, status=status)
+            if attempt == self._attempts:
+                break
+            delay = self._delay(attempt, retry_after)
+            log.info("api.retry", status=status, reason=failure, attempt=attempt,
+                     delay=round(delay, 3), **context)
+            self._sleep(delay)
+        log.warning("api.request_failed", status=status, reason=failure,
+                    attempt=self._attempts, **context)
+        raise ApiError(
+            f"{method} {endpoint} failed after {self._attempts} attempts: {failure}",
+            status=status,
+        )
+
+    def _delay(self, attempt: int, retry_after: float | None) -> float:
+        if retry_after is not None:
+            return min(self._max_wait, retry_after)
+        # Full jitter: spreads the retries of many workers instead of synchronising them.
+        return self._jitter() * min(self._max_wait, self._backoff_base * 2 ** (attempt - 1))
+
+    def _detail(self, content: bytes) -> str:
+        return self._redact(_error_detail(content))
+
+    def _redact(self, text: str) -> str:
+        # A hostile or buggy server might echo the credential back in its error message.
+        for secret in self._secrets:
+            text = text.replace(secret, "***")
+        return text
+
+    def _session(self) -> requests.Session:
+        session: requests.Session | None = getattr(self._local, "session", None)
+        if session is None:
+            session = requests.Session()
+            session.headers["User-Agent"] = f"poller/{__version__}"
+            self._local.session = session
+            with self._lock:
+                self._sessions.append(session)
+        return session
+
+    def _map(self, function: Callable[[T], R], items: Iterable[T]) -> list[R]:
+        with self._lock:
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(
+                    max_workers=self._concurrency, thread_name_prefix="cekura"
+                )
+            executor = self._executor
+        return list(executor.map(function, items))
+
+    def _url(self, path: str) -> str:
+        return self._base_url + path
+
+    def _same_origin(self, url: str) -> bool:
+        try:
+            return _origin(url) == self._origin
+        except ValueError:
+            return False
+
+    def _credentials(self) -> tuple[_Credential, ...]:
+        return ((self._token,) if self._token is not None else ()) + self._keys
+
+
+def _checked_origin(api_url: str, allow_insecure_http: bool) -> tuple[str, str, int]:
+    parts = urlsplit(api_url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError("api_url: must be an http(s) URL with a host")
+    if parts.username is not None or parts.password is not None:
+        raise ConfigError("api_url: must not contain a user name or password")
+    if parts.scheme == "http" and not allow_insecure_http and not _is_loopback(parts.hostname):
+        raise ConfigError(
+            f"api_url: refusing to send the API credential over plain http to {parts.hostname}; "
+            "use https, or set allow_insecure_http"
+        )
+    try:
+        return _origin(api_url)
+    except ValueError:
+        raise ConfigError("api_url: the port is not valid") from None
+
+
+def _origin(url: str) -> tuple[str, str, int]:
+    parts = urlsplit(url)
+    port = parts.port  # raises ValueError for a non-numeric or out-of-range port
+    default = {"http": 80, "https": 443}.get(parts.scheme.lower())
+    if default is None or not parts.hostname:
+        raise ValueError("not an http(s) URL")
+    return parts.scheme.lower(), parts.hostname.lower(), port or default
+
+
+def _describe_origin(url: str) -> str:
+    try:
+        scheme, host, port = _origin(url)
+    except ValueError:
+        return "an invalid URL"
+    return f"{scheme}://{host}:{port}"
+
+
+def _is_loopback(host: str) -> bool:
+    if host.lower().rstrip(".") == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _retry_after_seconds(value: str | None, now: datetime) -> float | None:
+    """Seconds from a Retry-After header (delta-seconds or HTTP-date); None if absent/bad."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isascii() and value.isdigit():
+        return float(value)
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, (when - now).total_seconds())
+
+
+def _error_detail(content: bytes) -> str:
+    """DRF's error body as one line: 'detail', or 'field: message' pairs."""
+    try:
+        data = json.loads(content)
+        text = _joined_messages(data)
+    except (ValueError, RecursionError):
+        return ""
+    text = " ".join(text.split())
+    return text if len(text) <= _DETAIL_LIMIT else text[: _DETAIL_LIMIT - 3] + "..."
+
+
+def _joined_messages(data: object) -> str:
+    if not isinstance(data, dict):
+        return _messages(data)
+    detail = data.get("detail")
+    if isinstance(detail, str):
+        return detail
+    return "; ".join(
+        _messages(value) if name == "non_field_errors" else f"{name}: {_messages(value)}"
+        for name, value in data.items()
+    )
+
+
+def _messages(value: object) -> str:
+    if isinstance(value, list):
+        return " ".join(_messages(item) for item in value)
+    if isinstance(value, dict):
+        return "; ".join(f"{name}: {_messages(item)}" for name, item in value.items())
+    return str(value)
+
+
+def _organization_from_response(data: object, endpoint: str) -> Organization:
+    try:
+        return parse_organization(data)
+    except ParseError as exc:
+        raise ApiError(f"{endpoint}: unexpected organization in the response: {exc}") from exc
+
+
+def _raw_id(raw: object) -> int | None:
+    value = raw.get("id") if isinstance(raw, dict) else None
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _json_value(value: object) -> object:
+    # The API accepts decimal strings; sending a float would lose money precision.
+    if isinstance(value, Decimal):
+        return str(value)
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
