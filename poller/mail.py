@@ -130,13 +130,13 @@ def render_subject(content: AlertContent) -> str:
     """One header-safe line: no CR/LF or control characters, at most SUBJECT_MAX characters."""
     context = _template_context(content)
     context["org_name"] = shorten(context["org_name"], SUBJECT_ORG_NAME_MAX)
-    subject = _environment().get_template(SUBJECT_TEMPLATE).render(context)
+    subject = template_environment().get_template(SUBJECT_TEMPLATE).render(context)
     return shorten(one_line(subject), SUBJECT_MAX)
 
 
 def render_email(content: AlertContent) -> RenderedEmail:
     context = _template_context(content)
-    environment = _environment()
+    environment = template_environment()
     return RenderedEmail(
         subject=render_subject(content),
         text=environment.get_template(TEXT_TEMPLATE).render(context),
@@ -168,7 +168,8 @@ def _checked_billing_url(url: str) -> str:
 
 
 @lru_cache(maxsize=1)
-def _environment() -> jinja2.Environment:
+def template_environment() -> jinja2.Environment:
+    """The Jinja2 environment for the email templates: strict about undefined variables."""
     return jinja2.Environment(
         loader=jinja2.FileSystemLoader(templates_dir()),
         autoescape=jinja2.select_autoescape(
@@ -187,7 +188,9 @@ def message_id_for(
     """The same breach always gets the same Message-ID, so a resend can be recognised."""
     if not _MESSAGE_ID_KIND.fullmatch(kind):
         raise ValueError(f"message kind must be lowercase letters, digits and '-', got {kind!r}")
-    domain = parseaddr(mail_from)[1].rpartition("@")[2]
+    _, at, domain = parseaddr(mail_from)[1].rpartition("@")
+    if not at:
+        domain = ""
     try:
         domain = domain.encode("idna").decode("ascii")
     except UnicodeError:

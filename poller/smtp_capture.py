@@ -1,0 +1,142 @@
+"""A local SMTP server that keeps every message it receives, for `make demo` and the tests.
+
+Only the demo and the tests import this module: it needs aiosmtpd, a test dependency.
+"""
+
+from __future__ import annotations
+
+import email
+import email.policy
+import socket
+import threading
+from dataclasses import dataclass
+from email.message import EmailMessage
+from types import TracebackType
+from typing import Any
+
+from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import SMTP, Envelope, Session
+
+
+@dataclass(frozen=True)
+class CapturedMessage:
+    mail_from: str
+    rcpt_tos: tuple[str, ...]
+    message: EmailMessage
+    raw: bytes
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port nothing listens on (right now): for a server to bind, or to be refused on."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind((host, 0))
+        return int(probe.getsockname()[1])
+
+
+class CaptureHandler:
+    """aiosmtpd handler that accepts everything and keeps it in ``messages``."""
+
+    def __init__(self) -> None:
+        self.messages: list[CapturedMessage] = []
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        self.capture(envelope)
+        return "250 2.0.0 OK: queued"
+
+    def capture(self, envelope: Envelope) -> None:
+        raw = envelope.original_content or b""
+        message = email.message_from_bytes(raw, policy=email.policy.default)
+        assert isinstance(message, EmailMessage)
+        self.messages.append(
+            CapturedMessage(
+                mail_from=envelope.mail_from or "",
+                rcpt_tos=tuple(envelope.rcpt_tos),
+                message=message,
+                raw=raw,
+            )
+        )
+
+
+class _CountingController(Controller):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.connections = 0
+
+    def factory(self) -> SMTP:
+        # aiosmtpd builds one SMTP protocol object per client connection.
+        self.connections += 1
+        return super().factory()
+
+
+class CaptureServer:
+    """An aiosmtpd server on its own thread; ``with CaptureServer() as server: ...``.
+
+    ``smtp_options`` go to aiosmtpd's SMTP class (tls_context, authenticator, ...);
+    ``ssl_context`` makes it an implicit-TLS (SMTPS) server.
+    """
+
+    def __init__(
+        self,
+        handler: CaptureHandler | None = None,
+        *,
+        host: str = "127.0.0.1",
+        port: int | None = None,
+        ssl_context: Any = None,
+        **smtp_options: Any,
+    ) -> None:
+        self.handler = handler or CaptureHandler()
+        self.host = host
+        self.port = port if port is not None else free_port(host)
+        self._controller = _CountingController(
+            self.handler,
+            hostname=host,
+            port=self.port,
+            ssl_context=ssl_context,
+            server_hostname="poller-capture.localhost",
+            **smtp_options,
+        )
+        self._started = threading.Event()
+
+    @property
+    def messages(self) -> list[CapturedMessage]:
+        return self.handler.messages
+
+    @property
+    def connections(self) -> int:
+        """Client connections accepted since start()."""
+        return self._controller.connections
+
+    def start(self) -> CaptureServer:
+        self._controller.start()
+        # start() opens one connection of its own to check the server is up; not a client's.
+        self._controller.connections = 0
+        self._started.set()
+        return self
+
+    def stop(self) -> None:
+        if self._started.is_set():
+            self._controller.stop()
+            self._started.clear()
+
+    def __enter__(self) -> CaptureServer:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+def describe(captured: CapturedMessage) -> str:
+    """A message as a person reads it in a terminal: headers, then the plain-text part."""
+    message = captured.message
+    lines = [f"Envelope: {captured.mail_from} -> {', '.join(captured.rcpt_tos)}"]
+    # Unfolded: a long header arrives folded over several lines (or starting on the next one).
+    lines += [f"{name}: {' '.join(str(value).split())}" for name, value in message.items()]
+    body = message.get_body(preferencelist=("plain",))
+    text = body.get_content() if body is not None else "(no text/plain part)"
+    lines += ["", text.replace("\r\n", "\n")]
+    return "\n".join(lines)

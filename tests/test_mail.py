@@ -1,0 +1,649 @@
+"""The low-credits email (rendering, building) and the SMTP transport against a real server."""
+
+from __future__ import annotations
+
+import email
+import email.policy
+import time
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta, timezone
+from decimal import Decimal
+from html.parser import HTMLParser
+from pathlib import Path
+
+import jinja2
+import pytest
+
+from poller.config import Secret
+from poller.mail import (
+    HTML_TEMPLATE,
+    SUBJECT_TEMPLATE,
+    TEXT_TEMPLATE,
+    AlertContent,
+    DeliveryError,
+    RenderedEmail,
+    SmtpTransport,
+    build_message,
+    find_templates_dir,
+    format_credits,
+    message_id_for,
+    render_email,
+    render_subject,
+    template_environment,
+    templates_dir,
+)
+from poller.smtp_capture import describe
+from tests.fixtures.smtp import TEST_LOGIN, TEST_PASSWORD, SmtpTestServer
+
+MAIL_FROM = "Cekura alerts <alerts@poller.example.com>"
+DETECTED_AT = datetime(2024, 5, 1, 14, 3, 27, tzinfo=UTC)
+BILLING_URL = "https://dashboard.cekura.ai/settings/org/billing"
+HOSTILE_NAME = '<script>alert(1)</script>"onmouseover=alert(2) x="'
+
+
+def alert(**changes: object) -> AlertContent:
+    content = AlertContent(
+        org_id=37,
+        org_name="Acme Voice",
+        breach_number=2,
+        balance=Decimal("412.50"),
+        threshold=Decimal("500.00"),
+        detected_at=DETECTED_AT,
+        billing_url=BILLING_URL,
+        auto_refill=False,
+    )
+    return replace(content, **changes)  # type: ignore[arg-type]
+
+
+def message_for(content: AlertContent, recipients: list[str]) -> email.message.EmailMessage:
+    return build_message(
+        render_email(content),
+        mail_from=MAIL_FROM,
+        recipients=recipients,
+        message_id=message_id_for(content.org_id, content.breach_number, MAIL_FROM),
+        date=content.detected_at,
+    )
+
+
+class HtmlOutline(HTMLParser):
+    """Tags, attributes and link texts of an HTML document, as a browser would read them."""
+
+    def __init__(self, html: str) -> None:
+        super().__init__()
+        self.tags: list[str] = []
+        self.attributes: list[tuple[str, str | None]] = []
+        self.links: dict[str, str] = {}  # link text -> href
+        self.text: list[str] = []
+        self._href: str | None = None
+        self.feed(html)
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.tags.append(tag)
+        self.attributes.extend(attrs)
+        if tag == "a":
+            self._href = dict(attrs).get("href")
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag == "a":
+            self._href = None
+
+    def handle_data(self, data: str) -> None:
+        self.text.append(data)
+        if self._href is not None and data.strip():
+            self.links[data.strip()] = self._href
+
+
+# --- formatting -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("amount", "expected"),
+    [
+        ("1234.5", "1,234.50 credits"),
+        ("412.50", "412.50 credits"),
+        ("-12", "-12.00 credits"),
+        ("1", "1.00 credits"),
+        ("0", "0.00 credits"),
+        ("-0.001", "0.00 credits"),
+        ("0.015", "0.02 credits"),
+        ("0.025", "0.02 credits"),
+        ("99999999.99", "99,999,999.99 credits"),
+        ("1E+3", "1,000.00 credits"),
+    ],
+)
+def test_credit_amounts_read_with_two_decimals_and_thousands_separators(
+    amount: str, expected: str
+) -> None:
+    assert format_credits(Decimal(amount)) == expected
+
+
+def test_it_refuses_to_format_a_float_amount() -> None:
+    with pytest.raises(TypeError, match="Decimal"):
+        format_credits(412.5)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("amount", ["NaN", "Infinity", "-Infinity"])
+def test_it_refuses_to_format_a_non_finite_amount(amount: str) -> None:
+    with pytest.raises(ValueError, match="non-finite"):
+        format_credits(Decimal(amount))
+
+
+# --- the subject ----------------------------------------------------------------------------
+
+
+def test_the_subject_names_the_org_the_balance_and_the_threshold() -> None:
+    assert render_subject(alert()) == (
+        "Low credits: Acme Voice has 412.50 credits left (threshold 500.00 credits)"
+    )
+
+
+def test_a_reminder_says_so_in_the_subject() -> None:
+    assert render_subject(alert(reminder=True)).startswith("Reminder: Low credits: Acme Voice")
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["Acme\r\nBcc: evil@x", "Acme\nBcc: evil@x", "Acme\x00\x1b[31m\u2028Bcc: evil@x", "Acme\u202e"],
+)
+def test_the_subject_is_one_line_without_control_characters(name: str) -> None:
+    subject = render_subject(alert(org_name=name))
+    assert subject.startswith("Low credits: Acme")
+    assert all(char.isprintable() for char in subject)
+
+
+def test_a_long_org_name_is_shortened_so_the_numbers_stay_in_the_subject() -> None:
+    subject = render_subject(alert(org_name="Very Long Organization Name " * 20))
+    assert len(subject) <= 200
+    assert "…" in subject
+    assert subject.endswith("has 412.50 credits left (threshold 500.00 credits)")
+
+
+# --- the body ---------------------------------------------------------------------------------
+
+
+def test_the_email_names_the_org_the_amounts_and_when_it_was_detected() -> None:
+    rendered = render_email(alert(balance=Decimal("1234.5"), threshold=Decimal("2000")))
+    html_text = " ".join(" ".join(HtmlOutline(rendered.html).text).split())
+    for body in (rendered.text, html_text):
+        assert "Acme Voice" in body
+        assert "organization 37" in body
+        assert "1,234.50 credits" in body
+        assert "2,000.00 credits" in body
+        assert "1 May 2024, 14:03 UTC" in body
+
+
+def test_the_detection_time_is_shown_in_utc() -> None:
+    cest = timezone(timedelta(hours=2))
+    rendered = render_email(alert(detected_at=datetime(2024, 5, 1, 16, 3, tzinfo=cest)))
+    assert "1 May 2024, 14:03 UTC" in rendered.text
+
+
+def test_a_naive_detection_time_is_refused() -> None:
+    with pytest.raises(ValueError, match="timezone-aware"):
+        render_email(alert(detected_at=datetime(2024, 5, 1, 14, 3)))
+
+
+def test_the_add_credits_button_links_to_the_billing_url() -> None:
+    url = "https://billing.example.com/org?id=37&tab=credits"
+    rendered = render_email(alert(billing_url=url))
+    assert HtmlOutline(rendered.html).links["Add credits"] == url
+    assert 'href="https://billing.example.com/org?id=37&amp;tab=credits"' in rendered.html
+    assert url in rendered.text
+
+
+def test_a_quote_in_the_billing_url_cannot_break_out_of_the_href() -> None:
+    url = 'https://billing.example.com/"onclick="alert(1)'
+    outline = HtmlOutline(render_email(alert(billing_url=url)).html)
+    assert outline.links["Add credits"] == url
+    assert "onclick" not in [name for name, _ in outline.attributes]
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["javascript:alert(1)", "data:text/html,hi", "billing", "https://x.example/a b", "https://"],
+)
+def test_a_billing_url_that_is_not_plain_http_is_refused(url: str) -> None:
+    with pytest.raises(ValueError, match="billing_url"):
+        render_email(alert(billing_url=url))
+
+
+def test_it_explains_how_to_change_the_threshold_or_turn_alerts_off() -> None:
+    rendered = render_email(alert())
+    html_text = " ".join(" ".join(HtmlOutline(rendered.html).text).split())
+    for body in (" ".join(rendered.text.split()), html_text):
+        assert "Settings > Organization > General" in body
+        assert "Low Credits Notifications" in body
+        assert "poller configure --org 37 --threshold AMOUNT" in body
+        assert "poller configure --org 37 --disable" in body
+
+
+@pytest.mark.parametrize(
+    ("auto_refill", "expected", "unexpected"),
+    [
+        (False, "turn on auto-refill", "Auto-refill is on"),
+        (True, "Auto-refill is on, but the balance is still below", "turn on auto-refill"),
+    ],
+)
+def test_the_auto_refill_tip_depends_on_whether_auto_refill_is_on(
+    auto_refill: bool, expected: str, unexpected: str
+) -> None:
+    rendered = render_email(alert(auto_refill=auto_refill))
+    html_text = " ".join(" ".join(HtmlOutline(rendered.html).text).split())
+    for body in (" ".join(rendered.text.split()), html_text):
+        assert expected in body
+        assert unexpected not in body
+        assert "Add Credits > Auto-refill" in body
+    if auto_refill:
+        assert "payment method" in rendered.text
+
+
+def test_a_hostile_org_name_is_escaped_in_the_html() -> None:
+    rendered = render_email(alert(org_name=HOSTILE_NAME))
+    outline = HtmlOutline(rendered.html)
+    assert "script" not in outline.tags
+    assert "onmouseover" not in [name for name, _ in outline.attributes]
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;&#34;onmouseover=" in rendered.html
+    # Escaped, not removed: the reader still sees the name as the organization wrote it.
+    assert HOSTILE_NAME in "".join(outline.text)
+    # The text part is not HTML, so it shows the name as is.
+    assert HOSTILE_NAME in rendered.text
+
+
+def test_the_html_works_in_mail_clients_without_scripts_stylesheets_or_remote_images() -> None:
+    outline = HtmlOutline(render_email(alert()).html)
+    assert {"script", "style", "img", "link", "iframe", "form"}.isdisjoint(outline.tags)
+    assert "table" in outline.tags
+    assert all(name != "class" for name, _ in outline.attributes)
+
+
+def test_the_text_body_has_no_template_leftovers() -> None:
+    for reminder in (False, True):
+        rendered = render_email(alert(reminder=reminder))
+        for body in (rendered.text, rendered.html):
+            assert "{{" not in body and "{%" not in body and "&amp;gt;" not in body
+
+
+def test_a_missing_template_variable_is_an_error_not_a_blank() -> None:
+    with pytest.raises(jinja2.UndefinedError):
+        template_environment().from_string("{{ org_nmae }}").render(org_name="Acme")
+
+
+# --- templates on disk -------------------------------------------------------------------------
+
+
+def test_templates_dir_holds_the_three_templates() -> None:
+    directory = templates_dir()
+    for name in (SUBJECT_TEMPLATE, TEXT_TEMPLATE, HTML_TEMPLATE):
+        assert (directory / name).is_file()
+
+
+def test_templates_are_found_inside_an_installed_package(tmp_path: Path) -> None:
+    package = tmp_path / "site-packages" / "poller"
+    (package / "templates").mkdir(parents=True)
+    (package / "templates" / TEXT_TEMPLATE).write_text("x")
+    assert find_templates_dir(package) == package / "templates"
+
+
+def test_templates_are_found_beside_the_package_in_a_checkout(tmp_path: Path) -> None:
+    (tmp_path / "poller").mkdir()
+    (tmp_path / "templates").mkdir()
+    (tmp_path / "templates" / TEXT_TEMPLATE).write_text("x")
+    assert find_templates_dir(tmp_path / "poller") == tmp_path / "templates"
+
+
+def test_missing_templates_are_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="email templates not found"):
+        find_templates_dir(tmp_path / "poller")
+
+
+# --- Message-ID and the built message ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("mail_from", "expected"),
+    [
+        ("alerts@poller.example.com", "<low-credits.37.2@poller.example.com>"),
+        ("Cekura alerts <alerts@Example.COM>", "<low-credits.37.2@example.com>"),
+        ("alerts@bücher.example", "<low-credits.37.2@xn--bcher-kva.example>"),
+        ("no-domain", "<low-credits.37.2@poller.invalid>"),
+        ("alerts@under_score.example", "<low-credits.37.2@poller.invalid>"),
+    ],
+)
+def test_the_message_id_is_built_from_org_breach_and_sender_domain(
+    mail_from: str, expected: str
+) -> None:
+    assert message_id_for(37, 2, mail_from) == expected
+
+
+def test_the_same_breach_always_gets_the_same_message_id() -> None:
+    assert message_id_for(37, 2, MAIL_FROM) == message_id_for(37, 2, MAIL_FROM)
+    assert message_id_for(37, 2, MAIL_FROM) != message_id_for(37, 3, MAIL_FROM)
+    assert message_id_for(37, 2, MAIL_FROM) != message_id_for(38, 2, MAIL_FROM)
+    assert message_id_for(37, 2, MAIL_FROM, kind="test") == "<test.37.2@poller.example.com>"
+
+
+def test_a_message_id_kind_with_odd_characters_is_refused() -> None:
+    with pytest.raises(ValueError, match="kind"):
+        message_id_for(37, 2, MAIL_FROM, kind="a>b")
+
+
+def test_the_message_is_multipart_alternative_with_text_then_html() -> None:
+    message = message_for(alert(), ["ops@acme.example"])
+    parsed = email.message_from_bytes(message.as_bytes(), policy=email.policy.default)
+    assert parsed.get_content_type() == "multipart/alternative"
+    parts = [part.get_content_type() for part in parsed.iter_parts()]
+    assert parts == ["text/plain", "text/html"]
+    assert parsed["Message-ID"] == "<low-credits.37.2@poller.example.com>"
+    assert parsed["Auto-Submitted"] == "auto-generated"
+    assert parsed["Date"] == "Wed, 01 May 2024 14:03:27 +0000"
+    assert parsed["From"] == MAIL_FROM
+    # The generator may fold the whole value onto the next line; readers drop that space.
+    assert parsed["Subject"].strip() == render_subject(alert())
+    html = parsed.get_body(preferencelist=("html",))
+    assert html is not None and "Add credits" in html.get_content()
+
+
+def test_a_header_injection_in_the_org_name_stays_inside_the_subject() -> None:
+    recipients = ["ops@acme.example", "cto@acme.example"]
+    message = message_for(alert(org_name="Acme\r\nBcc: evil@x"), recipients)
+    parsed = email.message_from_bytes(message.as_bytes(), policy=email.policy.default)
+    assert "Bcc" not in parsed
+    assert parsed.get_all("Subject") == [
+        "Low credits: Acme Bcc: evil@x has 412.50 credits left (threshold 500.00 credits)"
+    ]
+    assert [address.addr_spec for address in parsed["To"].addresses] == recipients
+    assert "evil@x" not in str(parsed["To"])
+
+
+def test_a_hand_built_subject_with_a_line_break_is_flattened() -> None:
+    rendered = RenderedEmail(subject="Hi\r\nBcc: evil@x", text="t", html="<p>h</p>")
+    message = build_message(
+        rendered,
+        mail_from=MAIL_FROM,
+        recipients=["ops@acme.example"],
+        message_id="<x@y>",
+        date=DETECTED_AT,
+    )
+    assert "Bcc" not in message
+    assert message["Subject"] == "Hi Bcc: evil@x"
+
+
+@pytest.mark.parametrize(
+    "recipient",
+    ["ops@acme.example\r\nBcc: evil@x", "Evil <ops@acme.example>", "ops", "a@b@c", ""],
+)
+def test_a_recipient_that_is_not_a_plain_address_is_refused(recipient: str) -> None:
+    with pytest.raises(ValueError, match="address"):
+        message_for(alert(), ["ok@acme.example", recipient])
+
+
+def test_a_message_needs_a_recipient() -> None:
+    with pytest.raises(ValueError, match="recipient"):
+        message_for(alert(), [])
+
+
+def test_a_sender_with_a_line_break_is_refused() -> None:
+    with pytest.raises(ValueError, match="mail_from"):
+        build_message(
+            render_email(alert()),
+            mail_from="alerts@poller.example.com\r\nBcc: evil@x",
+            recipients=["ops@acme.example"],
+            message_id="<x@y>",
+            date=DETECTED_AT,
+        )
+
+
+# --- SMTP transport against a real server ------------------------------------------------------
+
+OPS, CTO = "ops@acme.example", "cto@acme.example"
+
+
+def transport(
+    server: SmtpTestServer | None = None,
+    *,
+    host: str | None = None,
+    port: int | None = None,
+    security: str = "none",
+    username: str | None = None,
+    password: str | None = None,
+    timeout: float = 5.0,
+) -> SmtpTransport:
+    return SmtpTransport(
+        host=host or (server.host if server else "127.0.0.1"),
+        port=port or (server.port if server else 25),
+        security=security,
+        username=username,
+        password=Secret(password) if password is not None else None,
+        timeout=timeout,
+        local_hostname="poller.test",
+    )
+
+
+def send(smtp: SmtpTransport, recipients: list[str] = [OPS, CTO]) -> dict[str, tuple[int, bytes]]:  # noqa: B006
+    return smtp.send(message_for(alert(), recipients), recipients)
+
+
+def test_it_delivers_the_message_to_every_recipient(smtp_server: SmtpTestServer) -> None:
+    with transport(smtp_server) as smtp:
+        refused = send(smtp)
+    assert refused == {}
+    [received] = smtp_server.messages
+    assert received.rcpt_tos == (OPS, CTO)
+    assert received.mail_from == "alerts@poller.example.com"
+    assert received.message["Subject"].strip() == render_subject(alert())
+    assert received.message["Message-ID"] == "<low-credits.37.2@poller.example.com>"
+    assert "Bcc" not in received.message
+
+
+def test_one_refused_recipient_does_not_stop_the_others(smtp_server: SmtpTestServer) -> None:
+    smtp_server.reject_recipient(CTO, "550 5.1.1 no such user")
+    with transport(smtp_server) as smtp:
+        refused = send(smtp)
+    assert refused == {CTO: (550, b"5.1.1 no such user")}
+    assert [m.rcpt_tos for m in smtp_server.messages] == [(OPS,)]
+
+
+def test_every_recipient_refused_permanently_is_a_permanent_error(
+    smtp_server: SmtpTestServer,
+) -> None:
+    smtp_server.reject_recipient(OPS, "550 5.1.1 no such user")
+    smtp_server.reject_recipient(CTO, "550 5.1.1 no such user")
+    with transport(smtp_server) as smtp, pytest.raises(DeliveryError) as caught:
+        send(smtp)
+    assert caught.value.permanent is True
+    assert caught.value.smtp_code == 550
+    assert "550 5.1.1 no such user" in str(caught.value)
+    assert smtp_server.messages == []
+
+
+def test_every_recipient_refused_but_one_only_for_now_is_a_temporary_error(
+    smtp_server: SmtpTestServer,
+) -> None:
+    smtp_server.reject_recipient(OPS, "550 5.1.1 no such user")
+    smtp_server.reject_recipient(CTO, "450 4.2.1 mailbox busy")
+    with transport(smtp_server) as smtp, pytest.raises(DeliveryError) as caught:
+        send(smtp)
+    assert caught.value.permanent is False
+    assert caught.value.smtp_code == 450
+
+
+@pytest.mark.parametrize(
+    ("stage", "reply", "permanent"),
+    [
+        ("mail", "421 4.3.2 service shutting down", False),
+        ("mail", "451 4.3.0 local error", False),
+        ("mail", "554 5.7.1 sender rejected", True),
+        ("data", "421 4.3.2 service shutting down", False),
+        ("data", "451 4.3.0 try again later", False),
+        ("data", "554 5.6.0 message rejected as spam", True),
+    ],
+)
+def test_the_server_answer_to_mail_or_data_decides_if_the_error_is_permanent(
+    smtp_server: SmtpTestServer, stage: str, reply: str, permanent: bool
+) -> None:
+    if stage == "mail":
+        smtp_server.answer_mail(reply)
+    else:
+        smtp_server.answer_data(reply)
+    with transport(smtp_server) as smtp, pytest.raises(DeliveryError) as caught:
+        send(smtp)
+    assert str(caught.value) == reply
+    assert caught.value.permanent is permanent
+    assert caught.value.smtp_code == int(reply[:3])
+    assert smtp_server.messages == []
+
+
+def test_a_refused_connection_is_a_temporary_error(refusing_port: int) -> None:
+    with transport(port=refusing_port) as smtp, pytest.raises(DeliveryError) as caught:
+        send(smtp)
+    assert caught.value.permanent is False
+    assert f"127.0.0.1:{refusing_port}" in str(caught.value)
+    assert "refused" in str(caught.value).lower()
+
+
+def test_a_connection_dropped_during_data_is_a_temporary_error(
+    smtp_server: SmtpTestServer,
+) -> None:
+    smtp_server.drop_connection_during_data()
+    with transport(smtp_server) as smtp, pytest.raises(DeliveryError) as caught:
+        send(smtp)
+    assert caught.value.permanent is False
+    assert "closed the connection" in str(caught.value)
+
+
+def test_a_server_slower_than_the_timeout_is_a_temporary_error_after_about_the_timeout(
+    smtp_server: SmtpTestServer,
+) -> None:
+    smtp_server.delay_data(4)
+    started = time.monotonic()
+    with transport(smtp_server, timeout=1) as smtp, pytest.raises(DeliveryError) as caught:
+        send(smtp)
+    assert time.monotonic() - started < 2.5
+    assert caught.value.permanent is False
+
+
+def test_one_connection_carries_several_messages(smtp_server: SmtpTestServer) -> None:
+    with transport(smtp_server) as smtp:
+        send(smtp, [OPS])
+        send(smtp, [CTO])
+    assert [m.rcpt_tos for m in smtp_server.messages] == [(OPS,), (CTO,)]
+    assert smtp_server.connections == 1
+
+
+def test_a_connection_the_server_closed_between_messages_is_replaced_quietly(
+    smtp_server: SmtpTestServer,
+) -> None:
+    smtp_server.hang_up_after_each_message()
+    with transport(smtp_server) as smtp:
+        assert send(smtp, [OPS]) == {}
+        assert send(smtp, [CTO]) == {}
+    assert [m.rcpt_tos for m in smtp_server.messages] == [(OPS,), (CTO,)]
+    assert smtp_server.connections == 2
+
+
+def test_after_an_error_the_next_send_reconnects(smtp_server: SmtpTestServer) -> None:
+    with transport(smtp_server) as smtp:
+        smtp_server.drop_connection_during_data()
+        with pytest.raises(DeliveryError):
+            send(smtp)
+        smtp_server.accept_again()
+        assert send(smtp) == {}
+    assert len(smtp_server.messages) == 1
+    assert smtp_server.connections == 2
+
+
+def test_starttls_not_offered_is_a_clear_error_and_nothing_is_sent(
+    smtp_server: SmtpTestServer,
+) -> None:
+    smtp = transport(smtp_server, security="starttls", username=TEST_LOGIN, password=TEST_PASSWORD)
+    with smtp, pytest.raises(DeliveryError) as caught:
+        send(smtp)
+    assert "does not offer STARTTLS" in str(caught.value)
+    assert caught.value.permanent is False
+    assert smtp_server.auth_attempts == []
+    assert smtp_server.messages == []
+
+
+def test_credentials_travel_in_clear_only_when_security_is_none(
+    smtp_server: SmtpTestServer,
+) -> None:
+    smtp = transport(smtp_server, security="none", username=TEST_LOGIN, password=TEST_PASSWORD)
+    with smtp:
+        send(smtp)
+    [attempt] = smtp_server.auth_attempts
+    assert (attempt.login, attempt.password, attempt.over_tls) == (
+        TEST_LOGIN,
+        TEST_PASSWORD,
+        False,
+    )
+    assert len(smtp_server.messages) == 1
+
+
+def test_a_rejected_login_is_a_temporary_error_that_does_not_reveal_the_password(
+    smtp_server: SmtpTestServer,
+) -> None:
+    wrong = "wrong-password-1234"
+    smtp = transport(smtp_server, security="none", username=TEST_LOGIN, password=wrong)
+    with smtp, pytest.raises(DeliveryError) as caught:
+        send(smtp)
+    assert "535" in str(caught.value)
+    assert caught.value.permanent is False
+    assert wrong not in str(caught.value) and wrong not in repr(smtp)
+    assert smtp_server.messages == []
+
+
+def test_starttls_checks_the_server_certificate(smtp_starttls_server: SmtpTestServer) -> None:
+    smtp = transport(
+        smtp_starttls_server,
+        host="localhost",
+        security="starttls",
+        username=TEST_LOGIN,
+        password=TEST_PASSWORD,
+    )
+    with smtp, pytest.raises(DeliveryError) as caught:
+        send(smtp)
+    assert "certificate verify failed" in str(caught.value)
+    assert smtp_starttls_server.auth_attempts == []
+    assert smtp_starttls_server.messages == []
+
+
+@pytest.mark.usefixtures("trust_test_certificate")
+def test_starttls_logs_in_over_tls_and_delivers(smtp_starttls_server: SmtpTestServer) -> None:
+    smtp = transport(
+        smtp_starttls_server,
+        host="localhost",
+        security="starttls",
+        username=TEST_LOGIN,
+        password=TEST_PASSWORD,
+    )
+    with smtp:
+        assert send(smtp) == {}
+    assert [attempt.over_tls for attempt in smtp_starttls_server.auth_attempts] == [True]
+    assert len(smtp_starttls_server.messages) == 1
+
+
+@pytest.mark.usefixtures("trust_test_certificate")
+def test_ssl_mode_delivers_over_implicit_tls(smtps_server: SmtpTestServer) -> None:
+    smtp = transport(
+        smtps_server, host="localhost", security="ssl", username=TEST_LOGIN, password=TEST_PASSWORD
+    )
+    with smtp:
+        assert send(smtp) == {}
+    assert [attempt.over_tls for attempt in smtps_server.auth_attempts] == [True]
+    assert len(smtps_server.messages) == 1
+
+
+def test_the_capture_server_describes_a_message_for_a_terminal(
+    smtp_server: SmtpTestServer,
+) -> None:
+    with transport(smtp_server) as smtp:
+        send(smtp)
+    text = describe(smtp_server.messages[0])
+    assert text.startswith(f"Envelope: alerts@poller.example.com -> {OPS}, {CTO}\n")
+    assert "Subject: Low credits: Acme Voice has 412.50 credits left" in text
+    assert "Add credits:\n  https://dashboard.cekura.ai/settings/org/billing" in text
+
+
+def test_an_unknown_security_mode_is_refused() -> None:
+    with pytest.raises(ValueError, match="security"):
+        transport(security="tls")
