@@ -34,10 +34,10 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 class CaptureHandler:
-    """aiosmtpd handler that accepts everything and keeps it in ``messages``."""
+    """aiosmtpd handler that accepts everything and keeps it in ``received``."""
 
     def __init__(self) -> None:
-        self.messages: list[CapturedMessage] = []
+        self.received: list[CapturedMessage] = []
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         self.capture(envelope)
@@ -47,7 +47,7 @@ class CaptureHandler:
         raw = envelope.original_content or b""
         message = email.message_from_bytes(raw, policy=email.policy.default)
         assert isinstance(message, EmailMessage)
-        self.messages.append(
+        self.received.append(
             CapturedMessage(
                 mail_from=envelope.mail_from or "",
                 rcpt_tos=tuple(envelope.rcpt_tos),
@@ -68,8 +68,8 @@ class _CountingController(Controller):
         return super().factory()
 
 
-class CaptureServer:
-    """An aiosmtpd server on its own thread; ``with CaptureServer() as server: ...``.
+class SmtpCapture:
+    """An aiosmtpd server on its own thread; ``with SmtpCapture() as server: ...``.
 
     ``smtp_options`` go to aiosmtpd's SMTP class (tls_context, authenticator, ...);
     ``ssl_context`` makes it an implicit-TLS (SMTPS) server.
@@ -98,15 +98,21 @@ class CaptureServer:
         self._started = threading.Event()
 
     @property
-    def messages(self) -> list[CapturedMessage]:
-        return self.handler.messages
+    def received(self) -> list[CapturedMessage]:
+        """Every accepted message with its envelope, oldest first."""
+        return self.handler.received
+
+    @property
+    def messages(self) -> list[EmailMessage]:
+        """Every accepted message as a mail client would read it, oldest first."""
+        return [captured.message for captured in self.handler.received]
 
     @property
     def connections(self) -> int:
         """Client connections accepted since start()."""
         return self._controller.connections
 
-    def start(self) -> CaptureServer:
+    def start(self) -> SmtpCapture:
         self._controller.start()
         # start() opens one connection of its own to check the server is up; not a client's.
         self._controller.connections = 0
@@ -118,7 +124,7 @@ class CaptureServer:
             self._controller.stop()
             self._started.clear()
 
-    def __enter__(self) -> CaptureServer:
+    def __enter__(self) -> SmtpCapture:
         return self.start()
 
     def __exit__(

@@ -427,7 +427,7 @@ def test_it_delivers_the_message_to_every_recipient(smtp_server: SmtpTestServer)
     with transport(smtp_server) as smtp:
         refused = send(smtp)
     assert refused == {}
-    [received] = smtp_server.messages
+    [received] = smtp_server.received
     assert received.rcpt_tos == (OPS, CTO)
     assert received.mail_from == "alerts@poller.example.com"
     assert received.message["Subject"].strip() == render_subject(alert())
@@ -440,7 +440,7 @@ def test_one_refused_recipient_does_not_stop_the_others(smtp_server: SmtpTestSer
     with transport(smtp_server) as smtp:
         refused = send(smtp)
     assert refused == {CTO: (550, b"5.1.1 no such user")}
-    assert [m.rcpt_tos for m in smtp_server.messages] == [(OPS,)]
+    assert [m.rcpt_tos for m in smtp_server.received] == [(OPS,)]
 
 
 def test_every_recipient_refused_permanently_is_a_permanent_error(
@@ -526,7 +526,7 @@ def test_one_connection_carries_several_messages(smtp_server: SmtpTestServer) ->
     with transport(smtp_server) as smtp:
         send(smtp, [OPS])
         send(smtp, [CTO])
-    assert [m.rcpt_tos for m in smtp_server.messages] == [(OPS,), (CTO,)]
+    assert [m.rcpt_tos for m in smtp_server.received] == [(OPS,), (CTO,)]
     assert smtp_server.connections == 1
 
 
@@ -537,7 +537,7 @@ def test_a_connection_the_server_closed_between_messages_is_replaced_quietly(
     with transport(smtp_server) as smtp:
         assert send(smtp, [OPS]) == {}
         assert send(smtp, [CTO]) == {}
-    assert [m.rcpt_tos for m in smtp_server.messages] == [(OPS,), (CTO,)]
+    assert [m.rcpt_tos for m in smtp_server.received] == [(OPS,), (CTO,)]
     assert smtp_server.connections == 2
 
 
@@ -638,7 +638,7 @@ def test_the_capture_server_describes_a_message_for_a_terminal(
 ) -> None:
     with transport(smtp_server) as smtp:
         send(smtp)
-    text = describe(smtp_server.messages[0])
+    text = describe(smtp_server.received[0])
     assert text.startswith(f"Envelope: alerts@poller.example.com -> {OPS}, {CTO}\n")
     assert "Subject: Low credits: Acme Voice has 412.50 credits left" in text
     assert "Add credits:\n  https://dashboard.cekura.ai/settings/org/billing" in text
