@@ -192,7 +192,7 @@ class CekuraClient:
                     snapshots.setdefault(item.id, item)
                 else:
                     errors.append(item)
-        if self._keys:
+        if self._keys and (only_org is None or only_org not in snapshots):
             key_snapshots, key_errors = self._fetch_with_keys(only_org, set(snapshots), counter)
             for snapshot in key_snapshots:
                 snapshots.setdefault(snapshot.id, snapshot)
