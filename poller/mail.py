@@ -47,6 +47,10 @@ _MONTHS = (
 _BIDI_CONTROLS = dict.fromkeys(
     [*range(0x202A, 0x202F), *range(0x2066, 0x206A), 0x200E, 0x200F, 0x061C]
 )
+# SMTP line endings. Lines up to RFC 5322's hard limit of 998: with the default 78, Python folds a
+# 70-odd character Subject as "Subject:" + newline + value, which parsers (Python's included)
+# read back with a leading space.
+_MESSAGE_POLICY = email.policy.SMTP.clone(max_line_length=998)
 _MESSAGE_ID_KIND = re.compile(r"[a-z0-9][a-z0-9-]*")
 _DOMAIN = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?")
 
@@ -213,7 +217,7 @@ def build_message(
         raise ValueError("an email needs at least one recipient")
     if date.tzinfo is None or date.utcoffset() is None:
         raise ValueError("the Date of an email must be timezone-aware")
-    message = EmailMessage(policy=email.policy.SMTP)
+    message = EmailMessage(policy=_MESSAGE_POLICY)
     # The policy refuses CR/LF in header values, so nothing can add a header of its own;
     # the subject is flattened again in case a caller built RenderedEmail by hand.
     message["Subject"] = one_line(rendered.subject)

@@ -45,7 +45,9 @@ class CaptureHandler:
 
     def capture(self, envelope: Envelope) -> None:
         raw = envelope.original_content or b""
-        message = email.message_from_bytes(raw, policy=email.policy.default)
+        # Stored with local line endings, as a mail client keeps it, so text reads cleanly.
+        local = raw.replace(b"\r\n", b"\n")
+        message = email.message_from_bytes(local, policy=email.policy.default)
         assert isinstance(message, EmailMessage)
         self.received.append(
             CapturedMessage(
@@ -144,5 +146,5 @@ def describe(captured: CapturedMessage) -> str:
     lines += [f"{name}: {' '.join(str(value).split())}" for name, value in message.items()]
     body = message.get_body(preferencelist=("plain",))
     text = body.get_content() if body is not None else "(no text/plain part)"
-    lines += ["", text.replace("\r\n", "\n")]
+    lines += ["", text]
     return "\n".join(lines)
