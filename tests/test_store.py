@@ -1,0 +1,523 @@
+"""The alert-state store against real SQLite files and real PostgreSQL databases."""
+
+from __future__ import annotations
+
+import multiprocessing
+import random
+import shutil
+import threading
+from collections import Counter
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+from sqlalchemy import Column, Integer, MetaData, Table, create_engine, event, inspect, update
+from sqlalchemy.pool import NullPool
+
+import poller.store as store_module
+from poller.rules import AlertState, StoredState
+from poller.store import (
+    DatabaseError,
+    NewNotification,
+    ObservedOrg,
+    SchemaOutdated,
+    StateChange,
+    Store,
+    open_database,
+    upgrade_database,
+)
+
+NOW = datetime(2024, 11, 24, 12, 0, tzinfo=UTC)
+ARMED = StoredState(AlertState.ARMED, 0)
+HEAD = "0001"
+
+
+def observed(org_id: int, balance: str = "50.00", threshold: str = "100.00") -> ObservedOrg:
+    return ObservedOrg(
+        org_id=org_id,
+        name=f"Org {org_id}",
+        enabled=True,
+        threshold=Decimal(threshold),
+        balance=Decimal(balance),
+    )
+
+
+def first_sight(org: ObservedOrg) -> StateChange:
+    return StateChange(observed=org, expected=None, new=ARMED, notification=None)
+
+
+def breach(
+    org: ObservedOrg, expected: StoredState | None, *, status: str = "pending"
+) -> StateChange:
+    number = (expected or ARMED).breach_count + 1
+    return StateChange(
+        observed=org,
+        expected=expected,
+        new=StoredState(AlertState.ALERTED, number),
+        notification=NewNotification(
+            kind="low_credits",
+            breach_number=number,
+            org_name=org.name,
+            recipients=("admin@example.com", "ops@example.com"),
+            subject=f"{org.name}: credits below {org.threshold}",
+            balance=org.balance,
+            threshold=org.threshold,
+            detected_at=NOW,
+            status=status,
+        ),
+    )
+
+
+def seed_pending(store: Store, count: int) -> list[int]:
+    """``count`` orgs seen armed, then each breached once: ``count`` pending notifications."""
+    orgs = [observed(org_id) for org_id in range(1, count + 1)]
+    store.apply_changes([first_sight(org) for org in orgs], NOW)
+    return store.apply_changes([breach(org, ARMED) for org in orgs], NOW).notifications
+
+
+def count_writes(store: Store) -> Counter[str]:
+    """Counts INSERT/UPDATE/DELETE statements the store's engine sends from now on."""
+    writes: Counter[str] = Counter()
+
+    @event.listens_for(store.engine, "before_cursor_execute")
+    def _count(_conn, _cursor, statement: str, *_args: object) -> None:
+        verb = statement.lstrip().split(None, 1)[0].upper()
+        if verb in {"INSERT", "UPDATE", "DELETE"}:
+            writes[verb] += 1
+
+    return writes
+
+
+# --- schema ---------------------------------------------------------------------------------
+
+
+def test_a_new_empty_database_gets_the_schema_automatically(database_url: str) -> None:
+    store = open_database(database_url)
+    try:
+        tables = set(inspect(store.engine).get_table_names())
+        assert {"org_state", "notification", "cycle_run", "alembic_version"} <= tables
+        assert store.load_states() == {}
+    finally:
+        store.close()
+    assert upgrade_database(database_url) == (HEAD, HEAD)
+
+
+def test_upgrade_database_creates_the_schema_from_empty(database_url: str) -> None:
+    assert upgrade_database(database_url) == (None, HEAD)
+    assert upgrade_database(database_url) == (HEAD, HEAD)
+    open_database(database_url).close()
+
+
+def test_it_refuses_an_outdated_schema_until_db_upgrade(
+    database_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    open_database(database_url).close()  # at 0001
+    # A later poller: the shipped migrations plus one more revision.
+    migrations = tmp_path / "migrations"
+    shutil.copytree(
+        Path(store_module.__file__).parent / "migrations",
+        migrations,
+        ignore=shutil.ignore_patterns("__pycache__"),
+    )
+    (migrations / "versions" / "0002_cycle_note.py").write_text(
+        'import sqlalchemy as sa\nfrom alembic import op\n\nrevision = "0002"\n'
+        'down_revision = "0001"\nbranch_labels = None\ndepends_on = None\n\n\n'
+        "def upgrade():\n"
+        '    op.add_column("cycle_run", sa.Column("note", sa.Text()))\n\n\n'
+        "def downgrade():\n"
+        '    op.drop_column("cycle_run", "note")\n'
+    )
+    monkeypatch.setattr(store_module, "MIGRATIONS_LOCATION", str(migrations))
+
+    with pytest.raises(SchemaOutdated) as refused:
+        open_database(database_url)
+    assert str(refused.value) == (
+        "database schema is at revision 0001, this poller needs 0002: run `poller db upgrade`"
+    )
+
+    assert upgrade_database(database_url) == ("0001", "0002")
+    upgraded = open_database(database_url)
+    try:
+        columns = {column["name"] for column in inspect(upgraded.engine).get_columns("cycle_run")}
+        assert "note" in columns
+    finally:
+        upgraded.close()
+
+
+def test_it_refuses_a_schema_from_a_newer_poller(database_url: str) -> None:
+    store = open_database(database_url)
+    version = Table("alembic_version", MetaData(), autoload_with=store.engine)
+    with store.engine.begin() as connection:
+        connection.execute(update(version).values(version_num="9999"))
+    store.close()
+
+    for attempt in (open_database, upgrade_database):
+        with pytest.raises(SchemaOutdated, match=r"revision 9999, which this poller does not"):
+            attempt(database_url)
+
+
+def test_a_non_empty_database_without_poller_schema_is_not_taken_over(database_url: str) -> None:
+    engine = create_engine(database_url, poolclass=NullPool)
+    foreign = Table("someone_elses", MetaData(), Column("id", Integer, primary_key=True))
+    foreign.create(engine)
+    engine.dispose()
+
+    with pytest.raises(SchemaOutdated, match=r"revision none, this poller needs 0001: run `poller"):
+        open_database(database_url)
+
+
+def test_a_sqlite_file_in_a_missing_directory_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(DatabaseError) as error:
+        open_database(f"sqlite:///{tmp_path}/missing/poller.db")
+    assert str(error.value) == (
+        f"cannot open SQLite database {tmp_path}/missing/poller.db: "
+        f"directory {tmp_path}/missing does not exist"
+    )
+
+
+def test_database_errors_are_one_line_and_hide_the_password() -> None:
+    with pytest.raises(DatabaseError) as error:
+        open_database("postgresql+psycopg2://poller:s3cret-pw@127.0.0.1:1/poller")
+    message = str(error.value)
+    assert "s3cret-pw" not in message
+    assert "\n" not in message
+    assert message.startswith("opening the database failed on postgresql+psycopg2://poller:***@")
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("mysql://root:hunter2@db/poller", "unsupported database mysql://root:***@db/poller"),
+        ("not a url", "database URL is not valid"),
+    ],
+)
+def test_unusable_urls_are_refused_with_a_clear_message(url: str, expected: str) -> None:
+    with pytest.raises(DatabaseError) as error:
+        open_database(url)
+    assert str(error.value).startswith(expected)
+    assert "hunter2" not in str(error.value)
+
+
+# --- alert states and the outbox -----------------------------------------------------------
+
+
+def test_money_and_timestamps_round_trip_exactly(store: Store) -> None:
+    amounts = ["-12.34", "99999999.99", "0.00", "0.1", "12345678901234.567891"]
+    orgs = [
+        observed(index, balance=amount, threshold=amount)
+        for index, amount in enumerate(amounts, start=1)
+    ]
+    store.apply_changes([first_sight(org) for org in orgs], NOW)
+
+    loaded = store.load_states()
+    for org, amount in zip(orgs, amounts, strict=True):
+        assert str(loaded[org.org_id].balance) == amount
+        assert str(loaded[org.org_id].threshold) == amount
+        assert isinstance(loaded[org.org_id].balance, Decimal)
+    row = next(row for row in store.status_rows() if row.org_id == 1)
+    assert row.changed_at == NOW
+    assert row.changed_at.tzinfo is not None
+
+
+def test_apply_writes_the_state_and_its_notification_together(store: Store) -> None:
+    org = observed(7, balance="-12.34")
+    result = store.apply_changes([breach(org, None)], NOW)
+
+    assert (result.written, result.conflicts, len(result.notifications)) == (1, 0, 1)
+    assert store.load_states()[7].stored == StoredState(AlertState.ALERTED, 1)
+    [record] = store.notifications_for(7)
+    assert record.id == result.notifications[0]
+    assert (record.kind, record.breach_number, record.status) == ("low_credits", 1, "pending")
+    assert record.recipients == ("admin@example.com", "ops@example.com")
+    assert (record.balance, record.threshold) == (Decimal("-12.34"), Decimal("100.00"))
+    assert (record.attempts, record.next_attempt_at, record.detected_at) == (0, NOW, NOW)
+
+
+def test_a_failing_notification_insert_rolls_back_the_state_write(store: Store) -> None:
+    org = observed(1)
+    store.apply_changes([first_sight(org)], NOW)
+
+    with pytest.raises(ValueError, match="cannot have status 'sent'"):
+        store.apply_changes([breach(org, ARMED, status="sent")], NOW)
+
+    assert store.load_states()[1].stored == ARMED
+    assert store.notifications_for(1) == []
+
+
+def test_the_same_breach_applied_twice_yields_one_notification_and_one_conflict(
+    store: Store,
+) -> None:
+    org = observed(1)
+    store.apply_changes([first_sight(org)], NOW)
+    # Two pollers loaded the same armed state and both decided the org breached.
+    first = store.apply_changes([breach(org, ARMED)], NOW)
+    second = store.apply_changes([breach(org, ARMED)], NOW + timedelta(seconds=1))
+
+    assert (len(first.notifications), first.conflicts) == (1, 0)
+    assert (second.written, second.notifications, second.conflicts) == (0, [], 1)
+    assert len(store.notifications_for(1)) == 1
+
+
+def test_a_new_org_inserted_twice_is_one_row_and_one_conflict(store: Store) -> None:
+    org = observed(1)
+    first = store.apply_changes([breach(org, None)], NOW)
+    second = store.apply_changes([breach(org, None)], NOW)
+
+    assert (first.written, len(first.notifications), first.conflicts) == (1, 1, 0)
+    assert (second.written, second.notifications, second.conflicts) == (0, [], 1)
+    assert len(store.notifications_for(1)) == 1
+
+
+def test_a_value_refresh_leaves_the_state_another_poller_wrote(store: Store) -> None:
+    org = observed(1, balance="500.00")
+    store.apply_changes([first_sight(org)], NOW)
+    store.apply_changes([breach(observed(1, balance="50.00"), ARMED)], NOW)  # poller B
+    # Poller A still believes the org is armed and only saw the balance move.
+    refresh = StateChange(observed(1, balance="450.00"), ARMED, ARMED, None)
+    result = store.apply_changes([refresh], NOW + timedelta(minutes=1))
+
+    assert (result.written, result.conflicts) == (1, 0)
+    stored = store.load_states()[1]
+    assert stored.stored == StoredState(AlertState.ALERTED, 1)
+    assert stored.balance == Decimal("450.00")
+
+
+def test_a_rearm_is_guarded_like_a_breach(store: Store) -> None:
+    org = observed(1)
+    store.apply_changes([breach(org, None)], NOW)
+    alerted = StoredState(AlertState.ALERTED, 1)
+    rearm = StateChange(
+        observed(1, balance="500.00"), alerted, StoredState(AlertState.ARMED, 1), None
+    )
+
+    assert store.apply_changes([rearm], NOW).conflicts == 0
+    assert store.apply_changes([rearm], NOW).conflicts == 1
+    assert store.load_states()[1].stored == StoredState(AlertState.ARMED, 1)
+
+
+def _apply_breaches_in_own_process(
+    url: str, org_ids: list[int], barrier: threading.Barrier, results: multiprocessing.Queue
+) -> None:
+    store = open_database(url)
+    loaded = store.load_states()
+    changes = [breach(observed(org_id), loaded[org_id].stored) for org_id in org_ids]
+    random.shuffle(changes)
+    barrier.wait()
+    result = store.apply_changes(changes, NOW)
+    results.put((result.notifications, result.conflicts))
+    store.close()
+
+
+def test_concurrent_pollers_in_separate_processes_notify_each_breach_once(
+    store: Store, database_url: str
+) -> None:
+    org_ids = list(range(1, 31))
+    store.apply_changes([first_sight(observed(org_id)) for org_id in org_ids], NOW)
+    pollers = 4
+    context = multiprocessing.get_context("spawn")
+    barrier = context.Barrier(pollers)
+    results = context.Queue()
+    processes = [
+        context.Process(
+            target=_apply_breaches_in_own_process, args=(database_url, org_ids, barrier, results)
+        )
+        for _ in range(pollers)
+    ]
+    for process in processes:
+        process.start()
+    outcomes = [results.get(timeout=60) for _ in processes]
+    for process in processes:
+        process.join(timeout=30)
+        assert process.exitcode == 0
+
+    notification_ids = [nid for ids, _ in outcomes for nid in ids]
+    assert len(notification_ids) == len(set(notification_ids)) == len(org_ids)
+    assert sum(conflicts for _, conflicts in outcomes) == (pollers - 1) * len(org_ids)
+    for org_id in org_ids:
+        assert [n.breach_number for n in store.notifications_for(org_id)] == [1]
+
+
+def test_an_unchanged_cycle_writes_nothing_but_its_cycle_run(store: Store) -> None:
+    orgs = [observed(org_id, balance="500.00") for org_id in range(1, 51)]
+    store.apply_changes([first_sight(org) for org in orgs], NOW)
+    writes = count_writes(store)
+
+    later = NOW + timedelta(minutes=5)
+    cycle_id = store.start_cycle(later, shard=None)
+    loaded = store.load_states()
+    changes = [
+        StateChange(org, loaded[org.org_id].stored, loaded[org.org_id].stored, None)
+        for org in orgs
+        if loaded[org.org_id].differs_from(org, loaded[org.org_id].stored)
+    ]
+    result = store.apply_changes(changes, later)
+    store.record_errors([], later)
+    store.finish_cycle(cycle_id, later, orgs_read=50, orgs_failed=0, outcome="ok")
+
+    assert changes == []
+    assert result.written == 0
+    assert writes == Counter({"INSERT": 1, "UPDATE": 1})  # the cycle_run row, nothing else
+    assert {row.changed_at for row in store.status_rows()} == {NOW}
+
+
+def test_only_changed_orgs_are_rewritten(store: Store) -> None:
+    orgs = [observed(org_id, balance="500.00") for org_id in range(1, 11)]
+    store.apply_changes([first_sight(org) for org in orgs], NOW)
+    loaded = store.load_states()
+    moved = observed(3, balance="480.00")
+
+    assert not loaded[2].differs_from(observed(2, balance="500.0"), ARMED)
+    assert loaded[3].differs_from(moved, ARMED)
+    later = NOW + timedelta(minutes=5)
+    store.apply_changes([StateChange(moved, ARMED, ARMED, None)], later)
+
+    changed = {row.org_id for row in store.status_rows() if row.changed_at == later}
+    assert changed == {3}
+
+
+def test_errors_are_recorded_and_cleared_by_the_next_write(store: Store) -> None:
+    store.apply_changes([first_sight(observed(1)), first_sight(observed(2))], NOW)
+    failed_at = NOW + timedelta(minutes=5)
+    store.record_errors(
+        [(1, "HTTP 503 from\n/organizations/1/billing"), (99, "never seen")], failed_at
+    )
+
+    loaded = store.load_states()
+    assert loaded[1].last_error == "HTTP 503 from /organizations/1/billing"
+    assert loaded[2].last_error is None
+    assert loaded[1].differs_from(observed(1), ARMED)  # so the cycle rewrites it on success
+    row = next(row for row in store.status_rows() if row.org_id == 1)
+    assert (row.last_error_at, row.last_checked_at) == (failed_at, failed_at)
+
+    store.apply_changes([StateChange(observed(1), ARMED, ARMED, None)], NOW + timedelta(minutes=10))
+    assert store.load_states()[1].last_error is None
+
+
+# --- delivery claims -----------------------------------------------------------------------
+
+
+def test_concurrent_claimers_get_each_notification_exactly_once(
+    store: Store, database_url: str
+) -> None:
+    notification_ids = seed_pending(store, 40)
+    claimed: list[int] = []
+    lock = threading.Lock()
+
+    def claimer(worker: str) -> None:
+        own = open_database(database_url)
+        try:
+            while batch := own.claim_due(worker=worker, now=NOW, lease_seconds=300, limit=3):
+                with lock:
+                    claimed.extend(record.id for record in batch)
+        finally:
+            own.close()
+
+    threads = [threading.Thread(target=claimer, args=(f"worker-{n}",)) for n in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+
+    assert sorted(claimed) == sorted(notification_ids)
+    assert store.claim_due(worker="late", now=NOW, lease_seconds=300) == []
+
+
+def test_an_expired_lease_can_be_taken_over(store: Store) -> None:
+    [notification_id] = seed_pending(store, 1)
+    [first] = store.claim_due(worker="a", now=NOW, lease_seconds=60)
+    assert (first.id, first.claimed_by, first.attempts) == (notification_id, "a", 1)
+    assert first.claim_expires_at == NOW + timedelta(seconds=60)
+
+    assert store.claim_due(worker="b", now=NOW + timedelta(seconds=30), lease_seconds=60) == []
+    [taken] = store.claim_due(worker="b", now=NOW + timedelta(seconds=61), lease_seconds=60)
+    assert (taken.id, taken.claimed_by, taken.attempts) == (notification_id, "b", 2)
+
+
+def test_mark_sent_counts_only_for_the_worker_holding_the_claim(store: Store) -> None:
+    [notification_id] = seed_pending(store, 1)
+    store.claim_due(worker="a", now=NOW, lease_seconds=60)
+    store.claim_due(worker="b", now=NOW + timedelta(seconds=61), lease_seconds=60)
+    sent_at = NOW + timedelta(seconds=62)
+
+    assert not store.mark_sent(notification_id, worker="a", message_id="<a@x>", now=sent_at)
+    assert store.mark_sent(notification_id, worker="b", message_id="<b@x>", now=sent_at)
+    assert not store.mark_sent(notification_id, worker="b", message_id="<b@x>", now=sent_at)
+
+    [record] = store.notifications_for(1)
+    assert (record.status, record.message_id, record.sent_at) == ("sent", "<b@x>", sent_at)
+    assert (record.claimed_by, record.claim_expires_at) == (None, None)
+    assert store.claim_due(worker="c", now=NOW + timedelta(days=1), lease_seconds=60) == []
+
+
+def test_mark_retry_releases_the_claim_until_the_next_attempt(store: Store) -> None:
+    [notification_id] = seed_pending(store, 1)
+    store.claim_due(worker="a", now=NOW, lease_seconds=60)
+    retry_at = NOW + timedelta(minutes=2)
+
+    assert store.mark_retry(
+        notification_id, worker="a", error="421 try later", next_attempt_at=retry_at, now=NOW
+    )
+    assert store.pending_count(NOW) == 0
+    assert store.pending_count(retry_at) == 1
+    assert store.claim_due(worker="b", now=retry_at - timedelta(seconds=1), lease_seconds=60) == []
+    [again] = store.claim_due(worker="b", now=retry_at, lease_seconds=60)
+    assert (again.attempts, again.last_error, again.status) == (2, "421 try later", "pending")
+
+
+def test_mark_failed_ends_delivery(store: Store) -> None:
+    [notification_id] = seed_pending(store, 1)
+    store.claim_due(worker="a", now=NOW, lease_seconds=60)
+
+    assert not store.mark_failed(notification_id, worker="b", error="550 no such user", now=NOW)
+    assert store.mark_failed(notification_id, worker="a", error="550 no such user", now=NOW)
+    [record] = store.notifications_for(1)
+    assert (record.status, record.last_error) == ("failed", "550 no such user")
+    assert store.claim_due(worker="a", now=NOW + timedelta(days=1), lease_seconds=60) == []
+
+
+def test_only_pending_notifications_are_claimable(store: Store) -> None:
+    orgs = [observed(org_id) for org_id in (1, 2, 3)]
+    statuses = ["suppressed", "no_recipients", "baseline"]
+    store.apply_changes(
+        [breach(org, None, status=status) for org, status in zip(orgs, statuses, strict=True)],
+        NOW,
+    )
+
+    assert store.claim_due(worker="a", now=NOW, lease_seconds=60) == []
+    assert store.pending_count(NOW) == 0
+    assert [store.notifications_for(org.org_id)[0].status for org in orgs] == statuses
+
+
+# --- status ----------------------------------------------------------------------------------
+
+
+def test_status_rows_show_state_last_check_and_latest_notification(store: Store) -> None:
+    store.apply_changes(
+        [first_sight(observed(1, balance="500.00")), breach(observed(2), None)], NOW
+    )
+    store.apply_changes([breach(observed(3), None, status="baseline")], NOW)
+    [notification_id] = store.claim_due(worker="a", now=NOW, lease_seconds=60)
+    store.mark_failed(notification_id.id, worker="a", error="550 rejected", now=NOW)
+    finished = NOW + timedelta(minutes=1)
+    cycle_id = store.start_cycle(NOW, shard="0/1")
+    store.finish_cycle(cycle_id, finished, orgs_read=3, orgs_failed=0, outcome="ok")
+
+    rows = {row.org_id: row for row in store.status_rows()}
+
+    assert list(rows) == [1, 2, 3]
+    assert (rows[1].state, rows[1].breach_count, rows[1].balance) == (
+        AlertState.ARMED,
+        0,
+        Decimal("500.00"),
+    )
+    assert (rows[1].notification_status, rows[1].last_alert_at) == (None, None)
+    assert (rows[2].state, rows[2].breach_count, rows[2].last_alert_at) == (
+        AlertState.ALERTED,
+        1,
+        NOW,
+    )
+    assert (rows[2].notification_status, rows[2].notification_error) == ("failed", "550 rejected")
+    assert (rows[3].notification_status, rows[3].last_alert_at) == ("baseline", None)
+    assert {row.last_checked_at for row in rows.values()} == {finished}
+    assert rows[2].threshold == Decimal("100.00") and rows[2].enabled is True
