@@ -346,7 +346,7 @@ class SmtpTransport:
             raise self._all_recipients_refused(error.recipients) from error
         except (smtplib.SMTPSenderRefused, smtplib.SMTPDataError) as error:
             self._discard()
-            # 5xx to MAIL FROM or DATA: the server will not take this message, ever.
+            # The server judged this message: a 5xx means it will never take it.
             raise self._error(
                 _reply_text(error.smtp_code, error.smtp_error),
                 permanent=_is_permanent(error.smtp_code),
@@ -362,6 +362,9 @@ class SmtpTransport:
             ) from error
         except smtplib.SMTPServerDisconnected as error:
             self._discard()
+            if isinstance(error.__context__, TimeoutError):
+                # smtplib reports a read timeout as a disconnect; say what really happened.
+                raise self._timed_out() from error
             raise self._error(
                 f"SMTP server {self._address} closed the connection ({error}); "
                 "the message may or may not have been delivered",
@@ -379,10 +382,7 @@ class SmtpTransport:
             ) from error
         except TimeoutError as error:
             self._discard()
-            raise self._error(
-                f"SMTP server {self._address} did not answer within {self._timeout:g}s",
-                permanent=False,
-            ) from error
+            raise self._timed_out() from error
         except OSError as error:
             self._discard()
             raise self._error(
@@ -466,6 +466,13 @@ class SmtpTransport:
             f"all recipients refused: {answers}",
             permanent=not temporary,
             smtp_code=(temporary or codes or [None])[0],
+        )
+
+    def _timed_out(self) -> DeliveryError:
+        return self._error(
+            f"SMTP server {self._address} did not answer within {self._timeout:g}s; "
+            "the message may or may not have been delivered",
+            permanent=False,
         )
 
     def _error(
