@@ -187,9 +187,19 @@ def template_environment() -> jinja2.Environment:
 
 
 def message_id_for(
-    org_id: int, breach_number: int, mail_from: str, kind: str = "low-credits"
+    org_id: int,
+    breach_number: int,
+    mail_from: str,
+    *,
+    detected_at: datetime,
+    kind: str = "low-credits",
 ) -> str:
-    """The same breach always gets the same Message-ID, so a resend can be recognised."""
+    """The same breach always gets the same Message-ID, so a resend can be recognised.
+
+    The detection time is part of it because breach numbers start again at 1 when the
+    database is replaced: without it a new alert could carry an old alert's Message-ID, and
+    mail services (Gmail) silently drop a message whose ID they have already seen.
+    """
     if not _MESSAGE_ID_KIND.fullmatch(kind):
         raise ValueError(f"message kind must be lowercase letters, digits and '-', got {kind!r}")
     _, at, domain = parseaddr(mail_from)[1].rpartition("@")
@@ -201,7 +211,8 @@ def message_id_for(
         domain = ""
     if not _DOMAIN.fullmatch(domain):
         domain = "poller.invalid"
-    return f"<{kind}.{int(org_id)}.{int(breach_number)}@{domain.lower()}>"
+    stamp = detected_at.astimezone(UTC).strftime("%Y%m%dT%H%M%SZ")
+    return f"<{kind}.{int(org_id)}.{int(breach_number)}.{stamp}@{domain.lower()}>"
 
 
 def build_message(

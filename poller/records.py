@@ -6,10 +6,12 @@ Parsing from API JSON lives in ``poller.parsing``; these are plain values.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from decimal import Decimal
 
 DEFAULT_THRESHOLD = Decimal("1000")
+_PLAIN_ADDRESS = re.compile(r"[^@\s<>,;\"]+@[^@\s<>,;\"]+")
 
 
 @dataclass(frozen=True)
@@ -46,7 +48,10 @@ class Organization:
         recipients = []
         for member in self.members:
             email = member.email.strip()
-            if member.role != "admin" or not email or member.email_notify_enabled is False:
+            if member.role != "admin" or member.email_notify_enabled is False:
+                continue
+            if not _PLAIN_ADDRESS.fullmatch(email):
+                # Empty or malformed (spaces, no '@', CR/LF): nothing can be delivered there.
                 continue
             if email.lower() in seen:
                 continue

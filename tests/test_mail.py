@@ -60,7 +60,9 @@ def message_for(content: AlertContent, recipients: list[str]) -> email.message.E
         render_email(content),
         mail_from=MAIL_FROM,
         recipients=recipients,
-        message_id=message_id_for(content.org_id, content.breach_number, MAIL_FROM),
+        message_id=message_id_for(
+            content.org_id, content.breach_number, MAIL_FROM, detected_at=content.detected_at
+        ),
         date=content.detected_at,
     )
 
@@ -302,29 +304,39 @@ def test_missing_templates_are_a_clear_error(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("mail_from", "expected"),
     [
-        ("alerts@poller.example.com", "<low-credits.37.2@poller.example.com>"),
-        ("Cekura alerts <alerts@Example.COM>", "<low-credits.37.2@example.com>"),
-        ("alerts@bücher.example", "<low-credits.37.2@xn--bcher-kva.example>"),
-        ("no-domain", "<low-credits.37.2@poller.invalid>"),
-        ("alerts@under_score.example", "<low-credits.37.2@poller.invalid>"),
+        ("alerts@poller.example.com", "<low-credits.37.2.20240501T140327Z@poller.example.com>"),
+        ("Cekura alerts <alerts@Example.COM>", "<low-credits.37.2.20240501T140327Z@example.com>"),
+        ("alerts@bücher.example", "<low-credits.37.2.20240501T140327Z@xn--bcher-kva.example>"),
+        ("no-domain", "<low-credits.37.2.20240501T140327Z@poller.invalid>"),
+        ("alerts@under_score.example", "<low-credits.37.2.20240501T140327Z@poller.invalid>"),
     ],
 )
 def test_the_message_id_is_built_from_org_breach_and_sender_domain(
     mail_from: str, expected: str
 ) -> None:
-    assert message_id_for(37, 2, mail_from) == expected
+    assert message_id_for(37, 2, mail_from, detected_at=DETECTED_AT) == expected
 
 
 def test_the_same_breach_always_gets_the_same_message_id() -> None:
-    assert message_id_for(37, 2, MAIL_FROM) == message_id_for(37, 2, MAIL_FROM)
-    assert message_id_for(37, 2, MAIL_FROM) != message_id_for(37, 3, MAIL_FROM)
-    assert message_id_for(37, 2, MAIL_FROM) != message_id_for(38, 2, MAIL_FROM)
-    assert message_id_for(37, 2, MAIL_FROM, kind="test") == "<test.37.2@poller.example.com>"
+    def message_id(org_id: int, breach: int, **extra: str) -> str:
+        return message_id_for(org_id, breach, MAIL_FROM, detected_at=DETECTED_AT, **extra)
+
+    assert message_id(37, 2) == message_id(37, 2)
+    assert message_id(37, 2) != message_id(37, 3)
+    assert message_id(37, 2) != message_id(38, 2)
+    assert message_id(37, 2, kind="test") == "<test.37.2.20240501T140327Z@poller.example.com>"
+
+
+def test_a_breach_recorded_by_a_replaced_database_gets_a_new_message_id() -> None:
+    later = DETECTED_AT + timedelta(days=30)
+    assert message_id_for(37, 1, MAIL_FROM, detected_at=DETECTED_AT) != message_id_for(
+        37, 1, MAIL_FROM, detected_at=later
+    )
 
 
 def test_a_message_id_kind_with_odd_characters_is_refused() -> None:
     with pytest.raises(ValueError, match="kind"):
-        message_id_for(37, 2, MAIL_FROM, kind="a>b")
+        message_id_for(37, 2, MAIL_FROM, detected_at=DETECTED_AT, kind="a>b")
 
 
 def test_the_message_is_multipart_alternative_with_text_then_html() -> None:
@@ -333,7 +345,7 @@ def test_the_message_is_multipart_alternative_with_text_then_html() -> None:
     assert parsed.get_content_type() == "multipart/alternative"
     parts = [part.get_content_type() for part in parsed.iter_parts()]
     assert parts == ["text/plain", "text/html"]
-    assert parsed["Message-ID"] == "<low-credits.37.2@poller.example.com>"
+    assert parsed["Message-ID"] == "<low-credits.37.2.20240501T140327Z@poller.example.com>"
     assert parsed["Auto-Submitted"] == "auto-generated"
     assert parsed["Date"] == "Wed, 01 May 2024 14:03:27 +0000"
     assert parsed["From"] == MAIL_FROM
@@ -440,7 +452,8 @@ def test_it_delivers_the_message_to_every_recipient(smtp_server: SmtpTestServer)
     assert received.rcpt_tos == (OPS, CTO)
     assert received.mail_from == "alerts@poller.example.com"
     assert received.message["Subject"] == render_subject(alert())
-    assert received.message["Message-ID"] == "<low-credits.37.2@poller.example.com>"
+    expected_id = "<low-credits.37.2.20240501T140327Z@poller.example.com>"
+    assert received.message["Message-ID"] == expected_id
     assert "Bcc" not in received.message
 
 
