@@ -376,6 +376,23 @@ def test_only_changed_orgs_are_rewritten(store: Store) -> None:
     assert changed == {3}
 
 
+def test_a_batch_of_refreshes_stores_each_orgs_own_values(store: Store) -> None:
+    store.apply_changes([first_sight(observed(org_id)) for org_id in (1, 2, 3)], NOW)
+    refreshed = [
+        ObservedOrg(1, "Acme", False, Decimal("10.00"), Decimal("-1.50")),
+        ObservedOrg(2, "Globex", True, Decimal("20.00"), Decimal("2.25")),
+        ObservedOrg(3, "Initech", True, Decimal("30.00"), Decimal("99999999.99")),
+    ]
+    result = store.apply_changes([StateChange(org, ARMED, ARMED, None) for org in refreshed], NOW)
+
+    assert (result.written, result.conflicts) == (3, 0)
+    loaded = store.load_states()
+    assert [
+        ObservedOrg(row.org_id, row.name, row.enabled, row.threshold, row.balance)
+        for row in (loaded[1], loaded[2], loaded[3])
+    ] == refreshed
+
+
 def test_errors_are_recorded_and_cleared_by_the_next_write(store: Store) -> None:
     store.apply_changes([first_sight(observed(1)), first_sight(observed(2))], NOW)
     failed_at = NOW + timedelta(minutes=5)
@@ -402,6 +419,7 @@ def test_concurrent_claimers_get_each_notification_exactly_once(
 ) -> None:
     notification_ids = seed_pending(store, 40)
     claimed: list[int] = []
+    errors: list[Exception] = []
     lock = threading.Lock()
 
     def claimer(worker: str) -> None:
@@ -410,6 +428,8 @@ def test_concurrent_claimers_get_each_notification_exactly_once(
             while batch := own.claim_due(worker=worker, now=NOW, lease_seconds=300, limit=3):
                 with lock:
                     claimed.extend(record.id for record in batch)
+        except Exception as error:  # reported by the assertion below, not lost in the thread
+            errors.append(error)
         finally:
             own.close()
 
@@ -419,6 +439,7 @@ def test_concurrent_claimers_get_each_notification_exactly_once(
     for thread in threads:
         thread.join(timeout=60)
 
+    assert errors == []
     assert sorted(claimed) == sorted(notification_ids)
     assert store.claim_due(worker="late", now=NOW, lease_seconds=300) == []
 
