@@ -188,6 +188,7 @@ notification = Table(
     Column("subject", Text, nullable=False),
     Column("balance", Money, nullable=False),
     Column("threshold", Money, nullable=False),
+    Column("auto_refill", Boolean, nullable=False),
     Column("detected_at", UTCDateTime, nullable=False),
     Column("status", String(16), nullable=False),
     Column("attempts", Integer, nullable=False),
@@ -286,6 +287,7 @@ class NewNotification:
     threshold: Decimal
     detected_at: datetime
     status: str  # 'pending' | 'suppressed' | 'no_recipients' | 'baseline'
+    auto_refill: bool = False  # the org's auto-refill setting when the breach was detected
 
 
 @dataclass(frozen=True)
@@ -314,6 +316,7 @@ class NotificationRecord:
     subject: str
     balance: Decimal
     threshold: Decimal
+    auto_refill: bool
     detected_at: datetime
     status: str
     attempts: int
@@ -753,6 +756,7 @@ class Store:
                 subject=new.subject,
                 balance=new.balance,
                 threshold=new.threshold,
+                auto_refill=new.auto_refill,
                 detected_at=new.detected_at,
                 status=new.status,
                 attempts=0,
@@ -902,9 +906,9 @@ class Store:
     # --- reporting ----------------------------------------------------------------------
 
     def pending_count(self, now: datetime) -> int:
-        """Notifications waiting for delivery that are due by ``now`` (including leased ones)."""
+        """Notifications created by ``now`` and not delivered yet: due, leased or awaiting retry."""
         query = select(func.count()).where(
-            notification.c.status == "pending", notification.c.next_attempt_at <= now
+            notification.c.status == "pending", notification.c.created_at <= now
         )
         with self._errors("counting pending notifications"), self._reader.connect() as connection:
             return connection.execute(query).scalar_one()

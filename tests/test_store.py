@@ -65,6 +65,7 @@ def breach(
             threshold=org.threshold,
             detected_at=NOW,
             status=status,
+            auto_refill=True,
         ),
     )
 
@@ -232,6 +233,7 @@ def test_apply_writes_the_state_and_its_notification_together(store: Store) -> N
     assert record.recipients == ("admin@example.com", "ops@example.com")
     assert (record.balance, record.threshold) == (Decimal("-12.34"), Decimal("100.00"))
     assert (record.attempts, record.next_attempt_at, record.detected_at) == (0, NOW, NOW)
+    assert record.auto_refill is True
 
 
 def test_a_failing_notification_insert_rolls_back_the_state_write(store: Store) -> None:
@@ -479,8 +481,7 @@ def test_mark_retry_releases_the_claim_until_the_next_attempt(store: Store) -> N
     assert store.mark_retry(
         notification_id, worker="a", error="421 try later", next_attempt_at=retry_at, now=NOW
     )
-    assert store.pending_count(NOW) == 0
-    assert store.pending_count(retry_at) == 1
+    assert store.pending_count(NOW) == 1  # still undelivered, even though not due yet
     assert store.claim_due(worker="b", now=retry_at - timedelta(seconds=1), lease_seconds=60) == []
     [again] = store.claim_due(worker="b", now=retry_at, lease_seconds=60)
     assert (again.attempts, again.last_error, again.status) == (2, "421 try later", "pending")

@@ -58,6 +58,8 @@ def upgrade() -> None:
         sa.Column("subject", sa.Text(), nullable=False),
         sa.Column("balance", MONEY, nullable=False),
         sa.Column("threshold", MONEY, nullable=False),
+        # Whether auto-refill was on at detection: the email says whether a top-up is coming.
+        sa.Column("auto_refill", sa.Boolean(), nullable=False, server_default=sa.false()),
         sa.Column("detected_at", TIMESTAMP, nullable=False),
         sa.Column("status", sa.String(16), nullable=False),
         sa.Column("attempts", sa.Integer(), nullable=False, server_default="0"),
