@@ -369,6 +369,9 @@ def create_configured_engine(url: str) -> Engine:
         if backend == "sqlite":
             return _create_sqlite_engine(parsed)
         if backend == "postgresql":
+            if parsed.drivername == "postgresql":
+                # SQLAlchemy 2.1 defaults to psycopg 3; poller ships psycopg2.
+                parsed = parsed.set(drivername="postgresql+psycopg2")
             return create_engine(parsed, pool_pre_ping=True)
     except (ArgumentError, ImportError, NoSuchModuleError) as error:
         raise DatabaseError(f"cannot use database {_safe_url(parsed)}: {error}") from None

@@ -186,6 +186,17 @@ def test_database_errors_are_one_line_and_hide_the_password() -> None:
     assert message.startswith("opening the database failed on postgresql+psycopg2://poller:***@")
 
 
+@pytest.mark.postgres
+def test_a_plain_postgresql_url_uses_the_bundled_psycopg2_driver(postgres_url: str) -> None:
+    plain = "postgresql://" + postgres_url.split("://", 1)[1]
+    store = open_database(plain)
+    try:
+        assert store.engine.dialect.driver == "psycopg2"
+        assert store.load_states() == {}
+    finally:
+        store.close()
+
+
 @pytest.mark.parametrize(
     ("url", "expected"),
     [
