@@ -628,7 +628,7 @@ class SimulatedApi:
 
     def billing(self, org_id: int) -> dict[str, Any]:
         """The BillingInfo JSON the API serves for this id (a fresh copy)."""
-        return json.loads(self._billing_body(org_id))
+        return json.loads(self.billing_body(org_id))
 
     def balance_history(self) -> list[tuple[datetime, int, Decimal]]:
         """(when, org id, credits_remaining) for every balance each org has had, oldest first."""
@@ -702,7 +702,8 @@ class SimulatedApi:
             self._apply(record, settings, _timestamp(self._clock()))
             return record.payload()
 
-    def _billing_body(self, org_id: int) -> bytes:
+    def billing_body(self, org_id: int) -> bytes:
+        """The BillingInfo JSON as served, formatted straight to bytes (the hot path)."""
         with self._lock:
             record = self._record(org_id)
             return (
@@ -794,9 +795,10 @@ def _validated_settings(
     errors: dict[str, list[str]] = {}
     for name, value in data.items():
         if trusted and value is None and name not in _NULLABLE_FIELDS and name != "name":
-            if name not in _ORG_DEFAULTS:
+            if name in _ORG_DEFAULTS:
+                omitted.add(name)
+            else:
                 errors[name] = ["Unknown field."]
-            omitted.add(name)
             continue
         try:
             if name == "name":
@@ -1275,7 +1277,7 @@ class _Handler(BaseHTTPRequestHandler):
         if org_id is None or (requested is not None and requested != org_id):
             return _BILLING_NOT_FOUND
         try:
-            return _Response(200, api._billing_body(org_id))
+            return _Response(200, api.billing_body(org_id))
         except UnknownOrganizationError:
             return _BILLING_NOT_FOUND
 

@@ -1,0 +1,375 @@
+"""The `poller` command line: the composition root that builds the pieces from settings and
+maps outcomes to exit statuses (0 ok, 1 something was not read or not delivered, 2 usage or
+configuration)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import sys
+from collections.abc import Callable
+from datetime import datetime
+from decimal import Decimal, InvalidOperation
+from typing import Any
+
+import click
+
+from poller import __version__
+from poller.cekura import ApiError, CekuraClient
+from poller.config import ConfigError, Settings, load_settings
+from poller.cycle import CycleReport, OrgPlan, alert_content, run_cycle
+from poller.delivery import Deliverer
+from poller.logs import configure_logging
+from poller.mail import format_credits, render_email
+from poller.store import (
+    DatabaseError,
+    SchemaOutdated,
+    StatusRow,
+    Store,
+    open_database,
+    upgrade_database,
+)
+
+EXIT_OK, EXIT_INCOMPLETE, EXIT_USAGE = 0, 1, 2
+
+# The API's own rule for low_credits_threshold (DRF DecimalField, max_digits=10, places=2).
+THRESHOLD_PATTERN = re.compile(r"^\d{1,8}(\.\d{1,2})?$")
+
+
+class PollerGroup(click.Group):
+    """Turns the errors a user can cause or fix into one line and an exit status."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (ConfigError, SchemaOutdated) as exc:
+            _fail(str(exc), EXIT_USAGE)
+        except (ApiError, DatabaseError) as exc:
+            _fail(str(exc), EXIT_INCOMPLETE)
+
+
+def _fail(message: str, status: int) -> None:
+    click.echo(f"poller: error: {message}", err=True)
+    sys.exit(status)
+
+
+@click.group(cls=PollerGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="poller")
+@click.option("--config", "config_path", metavar="PATH",
+              help="TOML settings file (or POLLER_CONFIG).")
+@click.option("--api-url", help="Cekura API base URL (POLLER_API_URL).")
+@click.option("--database-url",
+              help="SQLAlchemy URL of the alert-state database (POLLER_DATABASE_URL).")
+@click.option("--log-format", type=click.Choice(["json", "console"]), help="POLLER_LOG_FORMAT.")
+@click.option("-v", "--verbose", count=True, help="More log output (debug).")
+@click.option("-q", "--quiet", count=True, help="Less log output (-q warnings, -qq errors).")
+@click.pass_context
+def cli(ctx: click.Context, config_path, api_url, database_url, log_format, verbose, quiet) -> None:
+    """Email an organization's admins once when its Cekura credits drop below its threshold.
+
+    \b
+    Example:
+      POLLER_API_TOKEN=... POLLER_MAIL_FROM=alerts@example.com poller once
+    """
+    flags = {"api_url": api_url, "database_url": database_url, "log_format": log_format}
+    settings = load_settings(flags=flags, config_path=config_path)
+    secrets = [key.reveal() for key in settings.api_keys]
+    secrets += [s.reveal() for s in (settings.api_token, settings.smtp_password) if s]
+    configure_logging(log_format=settings.log_format, verbosity=verbose - quiet, secrets=secrets)
+    for warning in settings.warnings:
+        click.echo(f"poller: warning: {warning}", err=True)
+    ctx.obj = settings
+
+
+def _open_store(settings: Settings) -> Store:
+    return open_database(settings.database_url)
+
+
+def _run(settings: Settings, *, deliver: bool, **cycle_args: Any) -> CycleReport:
+    store = _open_store(settings)
+    deliverer = Deliverer(store=store, settings=settings) if deliver else None
+    with CekuraClient(settings) as client:
+        return run_cycle(settings=settings, client=client, store=store, deliverer=deliverer,
+                         **cycle_args)
+
+
+@cli.command()
+@click.option("--baseline", is_flag=True,
+              help="Record every organization's current state without sending anything.")
+@click.pass_obj
+def once(settings: Settings, baseline: bool) -> None:
+    """Run one full cycle: fetch every organization, diff, persist, deliver.
+
+    Exit status 0 when every organization was read and every due email delivered, 1 when
+    something is left for the next run, 2 for usage or configuration errors.
+
+    \b
+    Example (first deployment, then every 5 minutes from cron):
+      poller once --baseline
+      poller once
+    """
+    settings.require_credentials()
+    if not baseline:
+        settings.require_mail_from()
+    report = _run(settings, deliver=not baseline, baseline=baseline)
+    sys.exit(EXIT_OK if report.ok else EXIT_INCOMPLETE)
+
+
+@cli.command()
+@click.option("--baseline", is_flag=True,
+              help="First cycle records the current state without sending anything.")
+@click.pass_obj
+def run(settings: Settings, baseline: bool) -> None:
+    """Run as a daemon: a cycle at start and every POLLER_INTERVAL seconds.
+
+    SIGTERM or Ctrl-C stops after the current step; a second one stops at once.
+
+    \b
+    Example:
+      POLLER_INTERVAL=300 poller run
+    """
+    from poller.daemon import run_daemon
+
+    settings.require_credentials()
+    settings.require_mail_from()
+    store = _open_store(settings)
+    deliverer = Deliverer(store=store, settings=settings)
+    first = {"baseline": baseline}
+
+    with CekuraClient(settings) as client:
+        def cycle(cancel) -> CycleReport:
+            use_baseline, first["baseline"] = first["baseline"], False
+            return run_cycle(settings=settings, client=client, store=store,
+                             deliverer=None if use_baseline else deliverer,
+                             baseline=use_baseline, cancel=cancel)
+
+        run_daemon(cycle, interval=settings.interval, jitter=settings.jitter)
+
+
+@cli.command()
+@click.option("--org", "org_id", type=int, required=True, help="Organization id.")
+@click.option("--dry-run", is_flag=True,
+              help="Print the decision and the email; write and send nothing.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_obj
+def check(settings: Settings, org_id: int, dry_run: bool, as_json: bool) -> None:
+    """Run the cycle for one organization and say what it did.
+
+    \b
+    Example:
+      poller check --org 37 --dry-run
+    """
+    settings.require_credentials()
+    if not dry_run:
+        settings.require_mail_from()
+    report = _run(settings, deliver=not dry_run, only_org=org_id, dry_run=dry_run)
+    if report.fatal or not report.plans:
+        reason = report.fatal or "; ".join(e.message for e in report.errors) or "not found"
+        _fail(f"organization {org_id} could not be read: {reason}", EXIT_INCOMPLETE)
+    plan = report.plans[0]
+    email = _email_preview(plan, settings) if dry_run else None
+    if as_json:
+        click.echo(json.dumps(_plan_json(plan, dry_run, email), indent=2))
+    else:
+        _print_plan(plan, dry_run, email)
+    sys.exit(EXIT_OK if report.ok else EXIT_INCOMPLETE)
+
+
+def _email_preview(plan: OrgPlan, settings: Settings) -> dict[str, Any] | None:
+    notification = plan.notification
+    if notification is None:
+        return None
+    rendered = render_email(
+        alert_content(plan.snapshot, notification.breach_number, settings.billing_url,
+                      notification.detected_at)
+    )
+    return {"to": list(notification.recipients), "subject": rendered.subject,
+            "text": rendered.text, "status": notification.status}
+
+
+def _plan_json(plan: OrgPlan, dry_run: bool, email: dict[str, Any] | None) -> dict[str, Any]:
+    snap = plan.snapshot
+    return {
+        "org_id": snap.id,
+        "name": snap.name,
+        "balance": str(snap.balance),
+        "threshold": str(snap.threshold),
+        "enabled": snap.enabled,
+        "state_before": plan.before.state.value if plan.before else None,
+        "state": plan.decision.state.value,
+        "breach_count": plan.decision.breach_count,
+        "action": plan.action,
+        "dry_run": dry_run,
+        "email": email,
+    }
+
+
+def _print_plan(plan: OrgPlan, dry_run: bool, email: dict[str, Any] | None) -> None:
+    snap = plan.snapshot
+    before = plan.before.state.value if plan.before else "new"
+    rows = [
+        ("organization", f"{snap.name} (id {snap.id})"),
+        ("balance", format_credits(snap.balance)),
+        ("threshold", format_credits(snap.threshold)),
+        ("alerts enabled", "yes" if snap.enabled else "no"),
+        ("state", f"{before} -> {plan.decision.state.value}"),
+        ("breaches so far", str(plan.decision.breach_count)),
+        ("action", ("would be: " if dry_run else "") + plan.action),
+    ]
+    for label, value in rows:
+        click.echo(f"{label:>16}: {value}")
+    if email is not None:
+        click.echo(f"\nTo: {', '.join(email['to']) or '(nobody)'}\nSubject: {email['subject']}\n")
+        click.echo(email["text"])
+
+
+@cli.command()
+@click.option("--org", "org_id", type=int, required=True, help="Organization id.")
+@click.option("--enable/--disable", "enable", default=None,
+              help="Turn low-credit emails on or off.")
+@click.option("--threshold", metavar="AMOUNT", help="Alert when credits drop below AMOUNT.")
+@click.pass_obj
+def configure(settings: Settings, org_id: int, enable: bool | None, threshold: str | None) -> None:
+    """Change an organization's low-credit alert settings through the Cekura API.
+
+    \b
+    Example:
+      poller configure --org 37 --enable --threshold 2500
+    """
+    changes: dict[str, Any] = {}
+    if threshold is not None:
+        changes["low_credits_threshold"] = str(parse_threshold(threshold))
+    if enable is not None:
+        changes["notify_low_credits"] = enable
+    if not changes:
+        raise click.UsageError("nothing to change: give --enable, --disable or --threshold")
+    settings.require_credentials()
+    with CekuraClient(settings) as client:
+        org = client.patch_organization(org_id, changes)
+    click.echo(f"{org.name} (id {org.id}): low-credit emails "
+               f"{'on' if org.notify_low_credits else 'off'}, "
+               f"threshold {format_credits(org.low_credits_threshold)}")
+
+
+def parse_threshold(text: str) -> Decimal:
+    """Validate an amount as the API would, before any request is made."""
+    cleaned = text.strip().replace(",", "").replace("_", "")
+    try:
+        amount = Decimal(cleaned)
+    except InvalidOperation:
+        raise click.BadParameter(f"{text!r} is not a number", param_hint="--threshold") from None
+    if not THRESHOLD_PATTERN.match(cleaned):
+        raise click.BadParameter(
+            f"{text!r}: use a non-negative amount with at most 8 digits before the decimal "
+            "point and 2 after it (e.g. 2500 or 499.50)",
+            param_hint="--threshold",
+        )
+    return amount
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_obj
+def status(settings: Settings, as_json: bool) -> None:
+    """Show every organization poller knows: balance, threshold, state, last alert.
+
+    \b
+    Example:
+      poller status --json | jq '.[] | select(.state == "alerted")'
+    """
+    rows = _open_store(settings).status_rows()
+    if as_json:
+        click.echo(json.dumps([_jsonable(row) for row in rows], indent=2))
+        return
+    if not rows:
+        click.echo("no organizations recorded yet: run `poller once` first")
+        return
+    header = ("ID", "NAME", "BALANCE", "THRESHOLD", "ON", "STATE", "LAST CHECKED", "LAST ALERT",
+              "DELIVERY")
+    table = [header] + [_status_cells(row) for row in rows]
+    widths = [max(len(r[i]) for r in table) for i in range(len(header))]
+    for r in table:
+        click.echo("  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip())
+
+
+def _status_cells(row: StatusRow) -> tuple[str, ...]:
+    def when(value: Any) -> str:
+        return value.strftime("%Y-%m-%d %H:%M") if value else "-"
+
+    return (
+        str(row.org_id),
+        _shorten(row.name, 30),
+        f"{row.balance:,.2f}",
+        f"{row.threshold:,.2f}",
+        "yes" if row.enabled else "no",
+        row.state.value,
+        when(row.last_checked_at),
+        when(row.last_alert_at),
+        row.notification_status or "-",
+    )
+
+
+def _shorten(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def _jsonable(row: StatusRow) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in dataclasses.asdict(row).items():
+        if isinstance(value, Decimal):
+            value = str(value)
+        elif isinstance(value, datetime):
+            value = value.isoformat()
+        out[key] = value
+    return out
+
+
+@cli.group()
+def db() -> None:
+    """Manage the alert-state database schema."""
+
+
+@db.command()
+@click.pass_obj
+def upgrade(settings: Settings) -> None:
+    """Bring the database schema up to date (safe to run repeatedly).
+
+    \b
+    Example:
+      POLLER_DATABASE_URL=postgresql://poller@db/poller poller db upgrade
+    """
+    before, after = upgrade_database(settings.database_url)
+    if before == after:
+        click.echo(f"database schema already at revision {after}")
+    else:
+        click.echo(f"database schema upgraded from {before or 'empty'} to {after}")
+
+
+@cli.command()
+@click.option("--orgs", default=50, show_default=True, help="Generated organizations.")
+@click.option("--port", default=8765, show_default=True, help="Port on 127.0.0.1.")
+@click.option("--token", default="sim-token", show_default=True,
+              help="Bearer token accepted as an admin of every organization.")
+@click.option("--keys-file", metavar="FILE",
+              help="Write one org-scoped API key per line: '<org id> <key>'.")
+@click.option("--seed", default=0, show_default=True,
+              help="Makes the generated data reproducible.")
+@click.option("--seed-file", metavar="JSON",
+              help="Serve these organizations instead of generated ones.")
+def simulate(orgs: int, port: int, token: str, keys_file: str | None, seed: int,
+             seed_file: str | None) -> None:
+    """Serve a stand-in of the Cekura API on 127.0.0.1 (no account needed).
+
+    \b
+    Example:
+      poller simulate --orgs 50 --port 8765 --token sim-token &
+      POLLER_API_URL=http://127.0.0.1:8765 POLLER_API_TOKEN=sim-token poller check --org 1 --dry-run
+    """
+    from poller.simulator import run_simulator
+
+    run_simulator(orgs=orgs, port=port, token=token, seed=seed, keys_file=keys_file,
+                  seed_file=seed_file)
+
+
+main: Callable[[], Any] = cli

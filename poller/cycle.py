@@ -1,0 +1,314 @@
+"""One cycle: fetch every organization → evaluate the rule → persist changes → deliver.
+
+The daemon (`poller run`), cron (`poller once`) and `poller check --org` all call
+``run_cycle``; only how often and for which organizations differs.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from decimal import Decimal
+
+import structlog
+
+from poller.cekura import ApiError, CekuraClient
+from poller.config import Settings
+from poller.delivery import Deliverer, DeliveryReport
+from poller.mail import AlertContent, render_subject
+from poller.records import OrgError, OrgSnapshot
+from poller.rules import Decision, Observation, StoredState, evaluate
+from poller.store import NewNotification, ObservedOrg, StateChange, Store, StoredRow
+
+log = structlog.get_logger(__name__)
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass(frozen=True)
+class OrgPlan:
+    """What the cycle decided for one organization, before anything is written."""
+
+    snapshot: OrgSnapshot
+    before: StoredState | None
+    decision: Decision
+    change: StateChange | None  # None: nothing to write
+
+    @property
+    def notification(self) -> NewNotification | None:
+        return self.change.notification if self.change else None
+
+    @property
+    def action(self) -> str:
+        """One verb for people: what this cycle did (or would do) for the organization."""
+        if self.notification is not None:
+            return {
+                "pending": "alerted",
+                "suppressed": "alerted (emails disabled for the organization: suppressed)",
+                "no_recipients": "alerted (no admin with an email address: nobody to notify)",
+                "baseline": "recorded below threshold (baseline: no email)",
+            }[self.notification.status]
+        if self.decision.rearmed:
+            return "re-armed"
+        if self.before is None:
+            return "first seen"
+        return "no change"
+
+
+@dataclass
+class CycleReport:
+    cycle_id: str
+    started_at: datetime
+    plans: list[OrgPlan] = field(default_factory=list)
+    errors: list[OrgError] = field(default_factory=list)
+    # Set when the organization list itself could not be read: nothing was changed.
+    fatal: str | None = None
+    written: int = 0
+    conflicts: int = 0
+    delivery: DeliveryReport | None = None
+    duration: float = 0.0
+
+    @property
+    def orgs_read(self) -> int:
+        return len(self.plans)
+
+    @property
+    def breaches(self) -> int:
+        return sum(1 for plan in self.plans if plan.notification is not None)
+
+    @property
+    def rearmed(self) -> int:
+        return sum(1 for plan in self.plans if plan.decision.rearmed)
+
+    @property
+    def ok(self) -> bool:
+        """Every org read and every due email delivered: the exit status of `poller once`."""
+        delivery = self.delivery or DeliveryReport()
+        return (
+            self.fatal is None
+            and not self.errors
+            and delivery.undelivered == 0
+            and delivery.failed == 0
+        )
+
+
+def plan_org(
+    snapshot: OrgSnapshot,
+    stored: StoredRow | None,
+    *,
+    rearm_margin: Decimal,
+    baseline: bool,
+    billing_url: str,
+    now: datetime,
+) -> OrgPlan:
+    """Apply the rule to one organization and describe the write it needs (pure)."""
+    before = stored.stored if stored else None
+    observation = Observation(
+        enabled=snapshot.enabled, threshold=snapshot.threshold, balance=snapshot.balance
+    )
+    decision = evaluate(before, observation, rearm_margin)
+    observed = ObservedOrg(
+        org_id=snapshot.id,
+        name=snapshot.name,
+        enabled=snapshot.enabled,
+        threshold=snapshot.threshold,
+        balance=snapshot.balance,
+    )
+    notification = None
+    if decision.breached:
+        notification = _new_notification(snapshot, decision, baseline, billing_url, now)
+    change = None
+    if stored is None or notification is not None or stored.differs_from(observed, decision.stored):
+        change = StateChange(
+            observed=observed, expected=before, new=decision.stored, notification=notification
+        )
+    return OrgPlan(snapshot=snapshot, before=before, decision=decision, change=change)
+
+
+def _new_notification(
+    snapshot: OrgSnapshot, decision: Decision, baseline: bool, billing_url: str, now: datetime
+) -> NewNotification:
+    recipients = snapshot.org.alert_recipients()
+    if baseline:
+        status = "baseline"
+    elif not snapshot.org.send_emails_enabled:
+        status = "suppressed"
+    elif not recipients:
+        status = "no_recipients"
+    else:
+        status = "pending"
+    content = alert_content(snapshot, decision.breach_count, billing_url, now)
+    return NewNotification(
+        kind="low_credits",
+        breach_number=decision.breach_count,
+        org_name=snapshot.name,
+        recipients=tuple(r.email for r in recipients),
+        subject=render_subject(content),
+        balance=snapshot.balance,
+        threshold=snapshot.threshold,
+        detected_at=now,
+        status=status,
+        auto_refill=snapshot.org.auto_refill,
+    )
+
+
+def alert_content(
+    snapshot: OrgSnapshot, breach_number: int, billing_url: str, now: datetime
+) -> AlertContent:
+    return AlertContent(
+        org_id=snapshot.id,
+        org_name=snapshot.name,
+        breach_number=breach_number,
+        balance=snapshot.balance,
+        threshold=snapshot.threshold,
+        detected_at=now,
+        billing_url=billing_url,
+        auto_refill=snapshot.org.auto_refill,
+    )
+
+
+def plan_cycle(
+    snapshots: Iterable[OrgSnapshot],
+    stored: Mapping[int, StoredRow],
+    *,
+    settings: Settings,
+    baseline: bool,
+    now: datetime,
+) -> list[OrgPlan]:
+    return [
+        plan_org(
+            snapshot,
+            stored.get(snapshot.id),
+            rearm_margin=settings.rearm_margin,
+            baseline=baseline,
+            billing_url=settings.billing_url,
+            now=now,
+        )
+        for snapshot in snapshots
+    ]
+
+
+def run_cycle(
+    *,
+    settings: Settings,
+    client: CekuraClient,
+    store: Store,
+    deliverer: Deliverer | None,
+    baseline: bool = False,
+    only_org: int | None = None,
+    dry_run: bool = False,
+    cancel: threading.Event | None = None,
+    now_fn: Callable[[], datetime] = utc_now,
+) -> CycleReport:
+    """One full cycle. Never raises for API trouble: it is reported on the CycleReport."""
+    cancel = cancel or threading.Event()
+    started = time.monotonic()
+    report = CycleReport(cycle_id=uuid.uuid4().hex[:12], started_at=now_fn())
+    cycle_log = log.bind(cycle_id=report.cycle_id)
+    structlog.contextvars.bind_contextvars(cycle_id=report.cycle_id)
+    try:
+        cycle_log.info("cycle.started", only_org=only_org, baseline=baseline, dry_run=dry_run)
+        run_id = None if dry_run else store.start_cycle(report.started_at, shard=None)
+        _fetch_and_persist(report, settings, client, store, baseline, only_org, dry_run, cancel,
+                           now_fn)
+        if deliverer is not None and not dry_run and not cancel.is_set():
+            report.delivery = deliverer.deliver_due(cancel=cancel)
+        report.duration = time.monotonic() - started
+        if run_id is not None:
+            store.finish_cycle(
+                run_id,
+                now_fn(),
+                orgs_read=report.orgs_read,
+                orgs_failed=len(report.errors),
+                outcome=_outcome(report, cancel),
+            )
+        _log_summary(cycle_log, report, cancel)
+        return report
+    finally:
+        structlog.contextvars.unbind_contextvars("cycle_id")
+
+
+def _fetch_and_persist(
+    report: CycleReport,
+    settings: Settings,
+    client: CekuraClient,
+    store: Store,
+    baseline: bool,
+    only_org: int | None,
+    dry_run: bool,
+    cancel: threading.Event,
+    now_fn: Callable[[], datetime],
+) -> None:
+    try:
+        fetched = client.fetch_snapshots(only_org=only_org)
+    except ApiError as exc:
+        # No list means no data: every stored state stays exactly as it was.
+        report.fatal = str(exc)
+        log.error("cycle.list_failed", error=str(exc))
+        return
+    report.errors = list(fetched.errors)
+    for error in report.errors:
+        log.warning("org.read_failed", org_id=error.org_id, error=error.message)
+    if cancel.is_set():
+        log.warning("cycle.abandoned", reason="stop requested before any write")
+        return
+    now = now_fn()
+    report.plans = plan_cycle(
+        fetched.snapshots, store.load_states(), settings=settings, baseline=baseline, now=now
+    )
+    if dry_run:
+        return
+    result = store.apply_changes([p.change for p in report.plans if p.change], now)
+    report.written, report.conflicts = result.written, result.conflicts
+    store.record_errors([(e.org_id, e.message) for e in report.errors if e.org_id], now)
+    for plan in report.plans:
+        _log_plan(plan)
+
+
+def _log_plan(plan: OrgPlan) -> None:
+    notification = plan.notification
+    if notification is not None:
+        event = "org.alerted" if notification.status == "pending" else f"org.{notification.status}"
+        level = "warning" if notification.status == "no_recipients" else "info"
+        getattr(log, level)(
+            event,
+            org_id=plan.snapshot.id,
+            breach=notification.breach_number,
+            balance=str(plan.snapshot.balance),
+            threshold=str(plan.snapshot.threshold),
+        )
+    elif plan.decision.rearmed:
+        log.info("org.rearmed", org_id=plan.snapshot.id, balance=str(plan.snapshot.balance))
+
+
+def _outcome(report: CycleReport, cancel: threading.Event) -> str:
+    if report.fatal:
+        return "list_failed"
+    if cancel.is_set():
+        return "abandoned"
+    return "ok" if report.ok else "partial"
+
+
+def _log_summary(cycle_log, report: CycleReport, cancel: threading.Event) -> None:
+    delivery = report.delivery or DeliveryReport()
+    cycle_log.info(
+        "cycle.finished",
+        outcome=_outcome(report, cancel),
+        orgs_read=report.orgs_read,
+        orgs_failed=len(report.errors),
+        breaches=report.breaches,
+        rearmed=report.rearmed,
+        written=report.written,
+        conflicts=report.conflicts,
+        emails_sent=delivery.sent,
+        emails_retrying=delivery.retried,
+        emails_failed=delivery.failed,
+        undelivered=delivery.undelivered,
+        seconds=round(report.duration, 3),
+    )

@@ -1,0 +1,216 @@
+"""Delivery of recorded notifications: claim → render → SMTP → mark sent / retry / failed.
+
+At least once, made effectively once: a row is claimed with a conditional update (so two
+pollers never send the same row), marked sent only after the SMTP server accepted the message,
+and every attempt for the same breach carries the same Message-ID. The one duplicate window
+is a process dying after the server accepted the message and before the row is marked sent;
+the lease then expires and another poller sends it again, with the same Message-ID.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import socket
+import threading
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+import structlog
+
+from poller.config import Settings
+from poller.mail import (
+    AlertContent,
+    DeliveryError,
+    SmtpTransport,
+    build_message,
+    message_id_for,
+    render_email,
+)
+from poller.store import ClaimedNotification, Store
+
+log = structlog.get_logger(__name__)
+
+CLAIM_BATCH = 50
+RETRY_BASE_SECONDS = 60.0
+RETRY_CAP_SECONDS = 3600.0
+
+
+@dataclass
+class DeliveryReport:
+    sent: int = 0
+    retried: int = 0
+    failed: int = 0
+    # Pending rows left after this run (waiting for a retry, or not claimable by us).
+    undelivered: int = 0
+
+
+def retry_delay(attempts: int, rng: random.Random | None = None) -> float:
+    """Exponential backoff with jitter: ~1 min, 2, 4, ... capped at an hour."""
+    rng = rng or random.Random()
+    base = min(RETRY_CAP_SECONDS, RETRY_BASE_SECONDS * 2 ** max(0, attempts - 1))
+    return base * rng.uniform(0.8, 1.2)
+
+
+def worker_name() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+
+
+class Deliverer:
+    def __init__(
+        self,
+        *,
+        store: Store,
+        settings: Settings,
+        transport_factory: Callable[[], SmtpTransport] | None = None,
+        now_fn: Callable[[], datetime] = lambda: datetime.now(UTC),
+        worker: str | None = None,
+    ) -> None:
+        self._store = store
+        self._settings = settings
+        self._transport_factory = transport_factory or (lambda: smtp_transport(settings))
+        self._now = now_fn
+        self.worker = worker or worker_name()
+
+    def deliver_due(self, cancel: threading.Event | None = None) -> DeliveryReport:
+        report = DeliveryReport()
+        cancel = cancel or threading.Event()
+        while not cancel.is_set():
+            claimed = self._store.claim_due(
+                worker=self.worker,
+                now=self._now(),
+                lease_seconds=self._settings.delivery_lease,
+                limit=CLAIM_BATCH,
+            )
+            if not claimed:
+                break
+            if not self._send_batch(claimed, report, cancel):
+                break
+        report.undelivered = self._store.pending_count(self._now())
+        return report
+
+    def _send_batch(
+        self, claimed: list[ClaimedNotification], report: DeliveryReport, cancel: threading.Event
+    ) -> bool:
+        """Send a claimed batch over one SMTP connection; False when the server is unusable."""
+        with self._transport_factory() as transport:
+            for index, row in enumerate(claimed):
+                if cancel.is_set():
+                    self._release(claimed[index:], "stopped before sending", report)
+                    return False
+                try:
+                    message = self._message(row)
+                except ValueError as exc:
+                    # Nothing the server could say will fix an unbuildable message (an
+                    # address the API gave us that is not an address): fail it loudly.
+                    self._fail(row, DeliveryError(f"cannot build the email: {exc}",
+                                                  permanent=True), report)
+                    continue
+                try:
+                    refused = transport.send(message, row.recipients)
+                except DeliveryError as exc:
+                    if exc.permanent:
+                        self._fail(row, exc, report)
+                        continue
+                    # A temporary failure (server down, 4xx) will hit the rest of the batch
+                    # too: put them all back for later instead of timing out on each.
+                    self._release(claimed[index:], str(exc), report)
+                    return False
+                self._mark_sent(row, refused, report)
+        return True
+
+    def _message(self, row: ClaimedNotification):
+        mail_from = self._settings.mail_from
+        assert mail_from, "callers check Settings.require_mail_from() before delivering"
+        content = AlertContent(
+            org_id=row.org_id,
+            org_name=row.org_name,
+            breach_number=row.breach_number,
+            balance=row.balance,
+            threshold=row.threshold,
+            detected_at=row.detected_at,
+            billing_url=self._settings.billing_url,
+            auto_refill=row.auto_refill,
+        )
+        return build_message(
+            render_email(content),
+            mail_from=mail_from,
+            recipients=row.recipients,
+            message_id=self._message_id(row),
+            date=row.detected_at,
+        )
+
+    def _message_id(self, row: ClaimedNotification) -> str:
+        return message_id_for(
+            row.org_id, row.breach_number, self._settings.mail_from or "",
+            detected_at=row.detected_at,
+        )
+
+    def _mark_sent(self, row: ClaimedNotification, refused: dict, report: DeliveryReport) -> None:
+        message_id = self._message_id(row)
+        if not self._store.mark_sent(row.id, worker=self.worker, message_id=message_id,
+                                     now=self._now()):
+            # Our lease ran out while sending and someone else took the row over; they
+            # will send it again with the same Message-ID. Say so: it is a duplicate.
+            log.warning("email.lease_lost", org_id=row.org_id, breach=row.breach_number)
+        report.sent += 1
+        log.info(
+            "email.sent",
+            org_id=row.org_id,
+            breach=row.breach_number,
+            recipients=len(row.recipients) - len(refused),
+            message_id=message_id,
+        )
+        for address, (code, answer) in refused.items():
+            log.warning(
+                "email.recipient_refused",
+                org_id=row.org_id,
+                breach=row.breach_number,
+                recipient=address,
+                smtp_code=code,
+                answer=answer.decode("utf-8", "replace") if isinstance(answer, bytes) else answer,
+            )
+
+    def _fail(self, row: ClaimedNotification, exc: DeliveryError, report: DeliveryReport) -> None:
+        self._store.mark_failed(row.id, worker=self.worker, error=str(exc), now=self._now())
+        report.failed += 1
+        log.error(
+            "email.failed",
+            org_id=row.org_id,
+            breach=row.breach_number,
+            error=str(exc),
+            hint="this email will not be retried: check the admins' addresses in Cekura, "
+            "POLLER_MAIL_FROM and the SMTP server's answer above",
+        )
+
+    def _release(
+        self, rows: list[ClaimedNotification], error: str, report: DeliveryReport
+    ) -> None:
+        now = self._now()
+        for row in rows:
+            next_attempt = now + timedelta(seconds=retry_delay(row.attempts))
+            self._store.mark_retry(
+                row.id, worker=self.worker, error=error, next_attempt_at=next_attempt, now=now
+            )
+            report.retried += 1
+            log.warning(
+                "email.retry",
+                org_id=row.org_id,
+                breach=row.breach_number,
+                attempt=row.attempts,
+                next_attempt_at=next_attempt.isoformat(),
+                error=error,
+            )
+
+
+def smtp_transport(settings: Settings) -> SmtpTransport:
+    return SmtpTransport(
+        host=settings.smtp_host,
+        port=settings.smtp_port,
+        security=settings.smtp_security,
+        username=settings.smtp_username,
+        password=settings.smtp_password,
+        timeout=settings.smtp_timeout,
+    )
