@@ -349,15 +349,16 @@ def upgrade(settings: Settings) -> None:
 @cli.command()
 @click.option("--orgs", default=50, show_default=True, help="Generated organizations.")
 @click.option("--port", default=8765, show_default=True, help="Port on 127.0.0.1.")
-@click.option("--token", default="sim-token", show_default=True,
-              help="Bearer token accepted as an admin of every organization.")
+@click.option("--token", default=None,
+              help="Bearer token accepted as an admin of every organization "
+              "[default: the seed file's token, else sim-token].")
 @click.option("--keys-file", metavar="FILE",
               help="Write one org-scoped API key per line: '<org id> <key>'.")
 @click.option("--seed", default=0, show_default=True,
               help="Makes the generated data reproducible.")
 @click.option("--seed-file", metavar="JSON",
               help="Serve these organizations instead of generated ones.")
-def simulate(orgs: int, port: int, token: str, keys_file: str | None, seed: int,
+def simulate(orgs: int, port: int, token: str | None, keys_file: str | None, seed: int,
              seed_file: str | None) -> None:
     """Serve a stand-in of the Cekura API on 127.0.0.1 (no account needed).
 
@@ -366,10 +367,13 @@ def simulate(orgs: int, port: int, token: str, keys_file: str | None, seed: int,
       poller simulate --orgs 50 --port 8765 --token sim-token &
       POLLER_API_URL=http://127.0.0.1:8765 POLLER_API_TOKEN=sim-token poller check --org 1 --dry-run
     """
-    from poller.simulator import run_simulator
+    from poller.simulator import SimulatorError, run_simulator
 
-    run_simulator(orgs=orgs, port=port, token=token, seed=seed, keys_file=keys_file,
-                  seed_file=seed_file)
+    try:
+        run_simulator(orgs=orgs, port=port, token=token, seed=seed, keys_file=keys_file,
+                      seed_file=seed_file)
+    except SimulatorError as exc:
+        _fail(str(exc), EXIT_USAGE)
 
 
 main: Callable[[], Any] = cli

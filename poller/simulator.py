@@ -1558,7 +1558,7 @@ def run_simulator(
     *,
     orgs: int,
     port: int,
-    token: str,
+    token: str | None,
     seed: int,
     keys_file: str | None,
     seed_file: str | None,
@@ -1566,16 +1566,17 @@ def run_simulator(
 ) -> None:
     """Serve a simulated Cekura API until SIGINT/SIGTERM (``poller simulate``).
 
+    ``token`` None means the seed file's token, or DEFAULT_TOKEN.
     Raises SimulatorError (one-line message) for a bad seed file, keys file or port.
     """
-    if not token:
+    if token is not None and not token:
         raise SimulatorError("the simulator token must not be empty")
     if seed_file:
         api = SimulatedApi.from_seed_file(seed_file, token=token)
     elif orgs < 0:
         raise SimulatorError("--orgs must be 0 or more")
     else:
-        api = SimulatedApi.generate(orgs, seed=seed, token=token)
+        api = SimulatedApi.generate(orgs, seed=seed, token=token or DEFAULT_TOKEN)
     if keys_file:
         try:
             write_keys_file(keys_file, api.keys())
