@@ -346,7 +346,12 @@ def _jsonable(row: StatusRow) -> dict[str, Any]:
 
 @cli.group()
 def db() -> None:
-    """Manage the alert-state database schema."""
+    """Manage the alert-state database schema.
+
+    \b
+    Example (after installing a new version):
+      poller db upgrade
+    """
 
 
 @db.command()
