@@ -46,9 +46,10 @@ _MEASURE = """
   }
   var button = find("a", function (a) { return a.textContent.trim() === "Add credits"; });
   var title = document.querySelector("h1");
-  var balance = find("td", function (td) { return /credits$/.test(td.textContent.trim())
-                                            && td.previousElementSibling
-                                            && td.previousElementSibling.textContent === "Balance"; });
+  var balance = find("td", function (td) {
+    var label = td.previousElementSibling;
+    return label && label.textContent === "Balance";
+  });
   document.body.setAttribute("data-layout", JSON.stringify({
     button: button && box(button), href: button && button.href,
     title: title && box(title), balance: balance && box(balance)}));
@@ -187,7 +188,8 @@ def _rgb_to_rgba(row: bytearray) -> bytes:
 
 def sample_email_html() -> str:
     now = datetime(2026, 5, 1, 14, 3, tzinfo=UTC)
-    return render_email(sample_content("https://dashboard.cekura.ai/settings/org/billing", now)).html
+    content = sample_content("https://dashboard.cekura.ai/settings/org/billing", now)
+    return render_email(content).html
 
 
 def main(out: str) -> None:
