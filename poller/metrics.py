@@ -139,17 +139,18 @@ class PollerMetrics:
             self._api_errors.labels(*labels).inc()
 
     def record_cycle(self, report: CycleReport, store: Store) -> None:
-        self._cycles.labels(report.outcome).inc()
-        if report.outcome in ("ok", "partial"):
-            self._cycle_duration.observe(report.duration)
-        if is_successful(report.outcome, report.orgs_read, len(report.errors)):
-            self._last_success_at = self._clock()
-            self._last_success.set(self._last_success_at.timestamp())
+        # Database counts first: a scrape that sees this cycle counted also sees its effects.
         try:
             self._store_counts.counts = read_store_counts(store)
         except DatabaseError as exc:
             # Stale gauges are better than a daemon that stops polling over a metrics query.
             log.warning("metrics.store_unreadable", error=str(exc))
+        if report.outcome in ("ok", "partial"):
+            self._cycle_duration.observe(report.duration)
+        if is_successful(report.outcome, report.orgs_read, len(report.errors)):
+            self._last_success_at = self._clock()
+            self._last_success.set(self._last_success_at.timestamp())
+        self._cycles.labels(report.outcome).inc()
 
     def health(self) -> Verdict:
         return judge(
