@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo lint clean
+.PHONY: test demo lint clean email-png
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,10 @@ demo: $(STAMP)
 lint: $(STAMP)
 	$(PY) -m ruff check poller tests bench
 	$(PY) -m ruff format --check poller tests bench
+
+# The README's picture of the alert email, from a real render in headless Chromium.
+email-png: $(STAMP)
+	$(PY) -m tests.chromium docs/email.png
 
 clean:
 	rm -rf $(VENV) build *.egg-info

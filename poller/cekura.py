@@ -52,6 +52,12 @@ _KEYS_SETTING = "POLLER_API_KEYS"
 T = TypeVar("T")
 R = TypeVar("R")
 
+# Hooks for metrics and progress display; this module knows nothing about how they are shown.
+# (endpoint, outcome): outcome is the HTTP status ("200", "503") or "timeout" / "connection_error".
+RequestObserver = Callable[[str, str], None]
+# (organizations read so far, organizations known so far, of them failed), during one fetch.
+ProgressObserver = Callable[[int, int, int], None]
+
 
 class ApiError(Exception):
     """The API could not be used as intended. The message is safe to print: no credentials."""
@@ -102,13 +108,34 @@ class _Credential:
 
 
 class _RequestCounter:
-    def __init__(self) -> None:
+    """One fetch's tally: HTTP requests made, and organizations read for the progress hook."""
+
+    def __init__(self, on_progress: ProgressObserver | None = None) -> None:
         self._lock = threading.Lock()
         self.value = 0
+        self._on_progress = on_progress
+        self._total = self._done = self._failed = 0
 
     def add(self) -> None:
         with self._lock:
             self.value += 1
+
+    def expect(self, count: int) -> None:
+        with self._lock:
+            self._total += count
+            self._report()
+
+    def finished(self, result: T, *, failed: bool) -> T:
+        with self._lock:
+            self._done += 1
+            self._failed += failed
+            self._report()
+        return result
+
+    def _report(self) -> None:
+        # Under the lock, so an observer sees the numbers in order and never going backwards.
+        if self._on_progress is not None:
+            self._on_progress(self._done, self._total, self._failed)
 
 
 @dataclass
@@ -134,6 +161,8 @@ class CekuraClient:
         backoff_base: float = DEFAULT_BACKOFF_BASE,
         max_wait: float = DEFAULT_MAX_WAIT,
         page_size: int = DEFAULT_PAGE_SIZE,
+        on_request: RequestObserver | None = None,
+        on_progress: ProgressObserver | None = None,
     ) -> None:
         settings.require_credentials()
         self._base_url = settings.api_url.rstrip("/")
@@ -161,6 +190,8 @@ class CekuraClient:
         self._lock = threading.Lock()
         self._executor: ThreadPoolExecutor | None = None
         self._key_for_org: dict[int, _Credential] = {}
+        self._on_request = on_request
+        self._on_progress = on_progress
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -183,7 +214,7 @@ class CekuraClient:
 
     def fetch_snapshots(self, only_org: int | None = None) -> FetchResult:
         """Every visible organization (or just ``only_org``) with its balance, or its error."""
-        counter = _RequestCounter()
+        counter = _RequestCounter(self._on_progress)
         snapshots: dict[int, OrgSnapshot] = {}
         errors: list[OrgError] = []
         if self._token is not None:
@@ -264,12 +295,13 @@ class CekuraClient:
                 continue
             # Pages can shift while we read them; the same org may be listed twice.
             organizations.setdefault(org.id, org)
-        results.extend(
-            self._map(
-                lambda org: self._snapshot_with_token(token, org, counter),
-                organizations.values(),
-            )
-        )
+
+        def read(org: Organization) -> OrgSnapshot | OrgError:
+            snapshot = self._snapshot_with_token(token, org, counter)
+            return counter.finished(snapshot, failed=isinstance(snapshot, OrgError))
+
+        counter.expect(len(organizations))
+        results.extend(self._map(read, organizations.values()))
         return results
 
     def _list_organizations(self, token: _Credential, counter: _RequestCounter) -> list[object]:
@@ -355,7 +387,12 @@ class CekuraClient:
         def wanted(org_id: int) -> bool:
             return org_id not in covered and (only_org is None or org_id == only_org)
 
-        outcomes = self._map(lambda key: self._fetch_with_key(key, wanted, counter), self._keys)
+        def read(key: _Credential) -> _KeyOutcome:
+            outcome = self._fetch_with_key(key, wanted, counter)
+            return counter.finished(outcome, failed=outcome.error is not None)
+
+        counter.expect(len(self._keys))
+        outcomes = self._map(read, self._keys)
         snapshots = [o.snapshot for o in outcomes if o.snapshot is not None]
         failed = [o for o in outcomes if o.error is not None]
         errors = [o.error for o in failed if o.error is not None]
@@ -488,10 +525,8 @@ class CekuraClient:
             counter.add()
             retry_after: float | None = None
             try:
-                response = self._session().request(
-                    method, url, params=params, data=body, headers=headers,
-                    timeout=self._timeout, allow_redirects=False,
-                )
+                response = self._send(method, url, endpoint, params=params, data=body,
+                                      headers=headers)
             except requests.Timeout:
                 status, failure = None, "timed out"
             except requests.ConnectionError:
@@ -533,6 +568,25 @@ class CekuraClient:
             f"{method} {endpoint} failed after {self._attempts} attempts: {failure}",
             status=status,
         )
+
+    def _send(self, method: str, url: str, endpoint: str, **options: object) -> requests.Response:
+        """One HTTP attempt, reported to the request observer (for metrics)."""
+        try:
+            response = self._session().request(
+                method, url, timeout=self._timeout, allow_redirects=False, **options
+            )
+        except requests.Timeout:
+            self._observe(endpoint, "timeout")
+            raise
+        except requests.RequestException:
+            self._observe(endpoint, "connection_error")
+            raise
+        self._observe(endpoint, str(response.status_code))
+        return response
+
+    def _observe(self, endpoint: str, outcome: str) -> None:
+        if self._on_request is not None:
+            self._on_request(endpoint, outcome)
 
     def _delay(self, attempt: int, retry_after: float | None) -> float:
         if retry_after is not None:

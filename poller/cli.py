@@ -4,6 +4,7 @@ configuration)."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import re
@@ -22,6 +23,8 @@ from poller.cycle import CycleReport, OrgPlan, alert_content, run_cycle
 from poller.delivery import Deliverer
 from poller.logs import configure_logging
 from poller.mail import format_credits, render_email
+from poller.ops_commands import health, preview, send_test
+from poller.progress import terminal_progress
 from poller.store import (
     DatabaseError,
     SchemaOutdated,
@@ -86,10 +89,12 @@ def _open_store(settings: Settings) -> Store:
     return open_database(settings.database_url)
 
 
-def _run(settings: Settings, *, deliver: bool, **cycle_args: Any) -> CycleReport:
+def _run(settings: Settings, *, deliver: bool, show_progress: bool = False,
+         **cycle_args: Any) -> CycleReport:
     store = _open_store(settings)
     deliverer = Deliverer(store=store, settings=settings) if deliver else None
-    with CekuraClient(settings) as client:
+    progress = terminal_progress() if show_progress else None
+    with CekuraClient(settings, on_progress=progress) as client:
         return run_cycle(settings=settings, client=client, store=store, deliverer=deliverer,
                          **cycle_args)
 
@@ -112,37 +117,51 @@ def once(settings: Settings, baseline: bool) -> None:
     settings.require_credentials()
     if not baseline:
         settings.require_mail_from()
-    report = _run(settings, deliver=not baseline, baseline=baseline)
+    report = _run(settings, deliver=not baseline, show_progress=True, baseline=baseline)
     sys.exit(EXIT_OK if report.ok else EXIT_INCOMPLETE)
 
 
 @cli.command()
 @click.option("--baseline", is_flag=True,
               help="First cycle records the current state without sending anything.")
+@click.option("--metrics-port", type=click.IntRange(1, 65535), metavar="PORT",
+              help="Serve Prometheus /metrics and /healthz on PORT (POLLER_METRICS_PORT).")
 @click.pass_obj
-def run(settings: Settings, baseline: bool) -> None:
+def run(settings: Settings, baseline: bool, metrics_port: int | None) -> None:
     """Run as a daemon: a cycle at start and every POLLER_INTERVAL seconds.
 
     SIGTERM or Ctrl-C stops after the current step; a second one stops at once.
 
     \b
     Example:
-      POLLER_INTERVAL=300 poller run
+      POLLER_INTERVAL=300 poller run --metrics-port 9102
     """
     from poller.daemon import run_daemon
+    from poller.metrics import MetricsServer, PollerMetrics
 
     settings.require_credentials()
     settings.require_mail_from()
     store = _open_store(settings)
     deliverer = Deliverer(store=store, settings=settings)
     first = {"baseline": baseline}
+    port = metrics_port or settings.metrics_port
+    metrics = PollerMetrics(interval=settings.interval) if port else None
+    serving = (
+        MetricsServer(metrics, settings.metrics_host, port)
+        if metrics is not None and port
+        else contextlib.nullcontext()
+    )
+    hooks = {"on_request": metrics.count_request} if metrics is not None else {}
 
-    with CekuraClient(settings) as client:
+    with serving, CekuraClient(settings, on_progress=terminal_progress(), **hooks) as client:
         def cycle(cancel) -> CycleReport:
             use_baseline, first["baseline"] = first["baseline"], False
-            return run_cycle(settings=settings, client=client, store=store,
-                             deliverer=None if use_baseline else deliverer,
-                             baseline=use_baseline, cancel=cancel)
+            report = run_cycle(settings=settings, client=client, store=store,
+                               deliverer=None if use_baseline else deliverer,
+                               baseline=use_baseline, cancel=cancel)
+            if metrics is not None:
+                metrics.record_cycle(report, store)
+            return report
 
         run_daemon(cycle, interval=settings.interval, jitter=settings.jitter)
 
@@ -327,7 +346,12 @@ def _jsonable(row: StatusRow) -> dict[str, Any]:
 
 @cli.group()
 def db() -> None:
-    """Manage the alert-state database schema."""
+    """Manage the alert-state database schema.
+
+    \b
+    Example (after installing a new version):
+      poller db upgrade
+    """
 
 
 @db.command()
@@ -375,5 +399,8 @@ def simulate(orgs: int, port: int, token: str | None, keys_file: str | None, see
     except SimulatorError as exc:
         _fail(str(exc), EXIT_USAGE)
 
+
+for _command in (preview, send_test, health):
+    cli.add_command(_command)
 
 main: Callable[[], Any] = cli

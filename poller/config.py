@@ -75,6 +75,9 @@ class Settings:
     rearm_margin: Decimal = Decimal("0")
     delivery_lease: float = 300.0
     log_format: str | None = None  # json | console; None = console on a terminal, json otherwise
+    metrics_port: int | None = None  # None: no metrics/health HTTP endpoint
+    # All interfaces: Prometheus usually scrapes from another host or from outside a container.
+    metrics_host: str = "0.0.0.0"
     config_path: str | None = field(default=None, compare=False)
     # Problems worth telling the operator that do not stop the poller (e.g. file permissions).
     warnings: tuple[str, ...] = field(default=(), compare=False)
@@ -246,6 +249,14 @@ def _port(value: int) -> str | None:
     return None if 1 <= value <= 65535 else f"{value} is not a port number (1..65535)"
 
 
+def _optional_whole_number(raw: object) -> int | None:
+    return None if isinstance(raw, str) and not raw.strip() else _whole_number(raw)
+
+
+def _optional_port(value: int | None) -> str | None:
+    return None if value is None else _port(value)
+
+
 def _http_url(value: str) -> str | None:
     # Echo only scheme and host: userinfo, path and query may carry a credential.
     try:
@@ -327,6 +338,8 @@ _SPECS: dict[str, _Spec] = {
         _Spec("rearm_margin", _decimal, _at_least(0)),
         _Spec("delivery_lease", _number, _greater_than_zero),
         _Spec("log_format", _optional_choice("json", "console")),
+        _Spec("metrics_port", _optional_whole_number, _optional_port),
+        _Spec("metrics_host", _required_text),
     )
 }
 # A single key, accepted next to api_keys in every source and merged into it.

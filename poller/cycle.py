@@ -73,6 +73,7 @@ class CycleReport:
     conflicts: int = 0
     delivery: DeliveryReport | None = None
     duration: float = 0.0
+    outcome: str = ""  # ok | partial | list_failed | abandoned, once the cycle has finished
 
     @property
     def orgs_read(self) -> int:
@@ -220,6 +221,7 @@ def run_cycle(
         if deliverer is not None and not dry_run and not cancel.is_set():
             report.delivery = deliverer.deliver_due(cancel=cancel)
         report.duration = time.monotonic() - started
+        report.outcome = _outcome(report, cancel)
         if run_id is not None:
             store.finish_cycle(
                 run_id,

@@ -104,6 +104,8 @@ def test_every_setting_can_come_from_its_env_variable() -> None:
         "POLLER_REARM_MARGIN": "50.10",
         "POLLER_DELIVERY_LEASE": "600",
         "POLLER_LOG_FORMAT": "console",
+        "POLLER_METRICS_PORT": "9102",
+        "POLLER_METRICS_HOST": "127.0.0.1",
     }
     assert load_settings(env=env) == Settings(
         api_url="https://api.example.com",
@@ -128,6 +130,8 @@ def test_every_setting_can_come_from_its_env_variable() -> None:
         rearm_margin=Decimal("50.10"),
         delivery_lease=600.0,
         log_format="console",
+        metrics_port=9102,
+        metrics_host="127.0.0.1",
     )
 
 
@@ -186,6 +190,8 @@ def test_allow_insecure_http_reads_the_usual_boolean_words(text: str, expected: 
         ({"POLLER_SMTP_PORT": "abc"}, "POLLER_SMTP_PORT: 'abc' is not a whole number"),
         ({"POLLER_SMTP_PORT": "0"}, "POLLER_SMTP_PORT: 0 is not a port number"),
         ({"POLLER_SMTP_PORT": "65536"}, "POLLER_SMTP_PORT: 65536 is not a port number"),
+        ({"POLLER_METRICS_PORT": "70000"}, "POLLER_METRICS_PORT: 70000 is not a port number"),
+        ({"POLLER_METRICS_PORT": "http"}, "POLLER_METRICS_PORT: 'http' is not a whole number"),
         ({"POLLER_SMTP_PORT": "25.5"}, "POLLER_SMTP_PORT: '25.5' is not a whole number"),
         ({"POLLER_API_URL": "api.cekura.ai"}, "POLLER_API_URL: must be an http:// or https:// URL"),
         ({"POLLER_API_URL": "ftp://x.example"}, "POLLER_API_URL: must be an http:// or https://"),

@@ -1,0 +1,28 @@
+# poller in a container: `docker build -t poller .` then
+#   docker run --env-file /etc/poller/env -p 9102:9102 poller run --metrics-port 9102
+# Secrets come from the environment (--env-file), never from the image.
+FROM python:3.11-slim
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+
+WORKDIR /src
+COPY pyproject.toml setup.cfg README.md ./
+COPY poller ./poller
+COPY templates ./templates
+RUN pip install . && rm -rf /src
+
+RUN useradd --system --uid 10001 --home-dir /var/lib/poller --create-home \
+        --shell /usr/sbin/nologin poller
+USER poller
+# A SQLite database (the default) lands here; mount a volume, or use PostgreSQL.
+WORKDIR /var/lib/poller
+VOLUME ["/var/lib/poller"]
+EXPOSE 9102
+
+# The same verdict as /healthz, from the database's cycle history.
+HEALTHCHECK --interval=60s --timeout=20s --start-period=120s CMD ["poller", "-q", "health"]
+ENTRYPOINT ["poller"]
+CMD ["run"]

@@ -1,0 +1,84 @@
+"""Is the poller doing its job? One verdict, shared by `/healthz` and `poller health`.
+
+Healthy means: a successful cycle finished less than ``max_age`` seconds ago. A successful
+cycle read the organization list and at least one organization's balance (or there were none
+to read): a cycle that could not reach the API is not one. Email trouble does not make the
+poller unhealthy, because restarting it cannot fix a mail server; it shows in the
+``poller_outbox_pending`` metric and in ``email.retry`` / ``email.failed`` log events.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy import and_, func, or_, select
+
+from poller.store import Store, cycle_run
+
+
+@dataclass(frozen=True)
+class Verdict:
+    healthy: bool
+    reason: str  # one line for people: why healthy or not
+
+    @property
+    def status_line(self) -> str:
+        return f"{'healthy' if self.healthy else 'unhealthy'}: {self.reason}"
+
+
+def is_successful(outcome: str | None, orgs_read: int, orgs_failed: int) -> bool:
+    """The same rule as the SQL in ``last_successful_cycle``, for a cycle seen in memory."""
+    if outcome == "ok":
+        return True
+    return outcome == "partial" and (orgs_read > 0 or orgs_failed == 0)
+
+
+def judge(
+    last_success: datetime | None,
+    *,
+    now: datetime,
+    max_age: float,
+    running_since: datetime | None = None,
+) -> Verdict:
+    """``running_since``: a process that started less than ``max_age`` ago gets time to finish
+    its first cycle before it is called unhealthy (the daemon passes its start time)."""
+    if last_success is not None:
+        age = (now - last_success).total_seconds()
+        when = f"{_seconds(age)} ago (at {last_success:%Y-%m-%d %H:%M:%S} UTC)"
+        if age <= max_age:
+            return Verdict(True, f"last successful cycle {when}")
+        return Verdict(
+            False,
+            f"last successful cycle {when}, longer than {_seconds(max_age)}; "
+            "see the cycle.finished, cycle.list_failed and api.error log events",
+        )
+    if running_since is not None:
+        started = (now - running_since).total_seconds()
+        if started <= max_age:
+            return Verdict(True, f"starting: no cycle finished yet (up {_seconds(started)})")
+        return Verdict(
+            False,
+            f"no successful cycle in {_seconds(started)} since the start; "
+            "see the cycle.list_failed and api.error log events",
+        )
+    return Verdict(False, "no successful cycle recorded in the database yet")
+
+
+def last_successful_cycle(store: Store) -> datetime | None:
+    """When the latest successful cycle (any process, any replica) finished."""
+    successful = or_(
+        cycle_run.c.outcome == "ok",
+        and_(
+            cycle_run.c.outcome == "partial",
+            or_(cycle_run.c.orgs_read > 0, cycle_run.c.orgs_failed == 0),
+        ),
+    )
+    query = select(func.max(cycle_run.c.finished_at)).where(successful)
+    # The store's own error wrapping: a database problem is one line, password hidden.
+    with store._errors("reading the cycle history"), store.engine.connect() as connection:
+        return connection.execute(query).scalar_one_or_none()
+
+
+def _seconds(value: float) -> str:
+    return f"{value:.0f}s" if value >= 10 else f"{value:.1f}s"

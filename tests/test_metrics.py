@@ -1,0 +1,251 @@
+"""Monitoring: /metrics and /healthz of a real daemon, `poller health`, and the health rule."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+
+from poller.health import judge, last_successful_cycle
+from poller.metrics import endpoint_label, read_store_counts
+from poller.simulator import Fault, SimulatedApi, SimulatorServer
+from poller.smtp_capture import free_port
+from poller.store import open_database
+from tests.engine_world import ACME, TOKEN, World, poller_env, run_poller, seed_organizations
+
+NOW = datetime(2026, 5, 1, 12, 0, tzinfo=UTC)
+
+
+# --- the health rule (pure) ---
+
+
+@pytest.mark.parametrize(
+    ("last_success", "running_since", "healthy", "reason"),
+    [
+        (NOW - timedelta(seconds=599), None, True, "last successful cycle 599s ago"),
+        (NOW - timedelta(seconds=600), None, True, "last successful cycle 600s ago"),
+        (NOW - timedelta(seconds=601), None, False, "601s ago (at 2026-05-01 11:49:59 UTC), "
+                                                    "longer than 600s"),
+        (None, None, False, "no successful cycle recorded in the database yet"),
+        (None, NOW - timedelta(seconds=30), True, "starting: no cycle finished yet"),
+        (None, NOW - timedelta(seconds=900), False, "no successful cycle in 900s since the start"),
+        (NOW - timedelta(seconds=700), NOW - timedelta(hours=1), False, "longer than 600s"),
+    ],
+)
+def test_health_is_a_successful_cycle_younger_than_the_limit(
+    last_success, running_since, healthy, reason
+) -> None:
+    verdict = judge(last_success, now=NOW, max_age=600, running_since=running_since)
+    assert verdict.healthy is healthy
+    assert reason in verdict.reason
+    assert verdict.status_line.startswith("healthy: " if healthy else "unhealthy: ")
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "label"),
+    [
+        ("/user/organizations/37/", "/user/organizations/{id}/"),
+        ("/user/organizations/123456789/", "/user/organizations/{id}/"),
+        ("/user/v2/organizations/", "/user/v2/organizations/"),
+        ("/test_framework/billing/info/", "/test_framework/billing/info/"),
+    ],
+)
+def test_organization_ids_do_not_become_metric_labels(endpoint: str, label: str) -> None:
+    assert endpoint_label(endpoint) == label
+
+
+# --- database queries, on SQLite and PostgreSQL ---
+
+
+@pytest.fixture
+def world(database_url: str, smtp_server) -> Iterator[World]:
+    api = SimulatedApi(token=TOKEN)
+    seed_organizations(api)
+    store = open_database(database_url)
+    with SimulatorServer(api) as sim:
+        yield World(sim=sim, store=store, env=poller_env(sim.url, database_url, smtp_server.port))
+    store.close()
+
+
+def test_store_counts_group_organizations_by_state_and_enabled(world: World) -> None:
+    world.cycle()
+    world.set_balance(ACME, "10")
+    world.cycle()
+    counts = read_store_counts(world.store)
+    assert counts.organizations == {("alerted", True): 1, ("armed", True): 1, ("armed", False): 1}
+    assert counts.notifications == {"sent": 1}
+
+
+def test_last_successful_cycle_ignores_cycles_that_could_not_list(world: World) -> None:
+    assert last_successful_cycle(world.store) is None
+    world.cycle()
+    good = last_successful_cycle(world.store)
+    assert good is not None and good.tzinfo is not None
+    world.api.add_fault(Fault(kind="status", status=503, endpoint="list_v2"))
+    assert world.cycle().fatal is not None
+    assert last_successful_cycle(world.store) == good
+
+
+def test_poller_health_exit_status_follows_the_cycle_history(world: World) -> None:
+    never = run_poller(world.env, "health", "--max-age", "60")
+    assert never.returncode == 1
+    assert never.stderr.strip().endswith("unhealthy: no successful cycle recorded in the "
+                                         "database yet")
+    world.cycle()
+    fresh = run_poller(world.env, "health", "--max-age", "60")
+    assert fresh.returncode == 0, fresh.stderr
+    assert re.fullmatch(r"healthy: last successful cycle \d+\.\ds ago \(at .* UTC\)\n",
+                        fresh.stdout)
+    time.sleep(1.2)
+    stale = run_poller(world.env, "health", "--max-age", "1")
+    assert stale.returncode == 1
+    assert "unhealthy: last successful cycle" in stale.stderr and "longer than 1.0s" in stale.stderr
+
+
+def test_poller_health_without_a_database_server_says_so_in_one_line(tmp_path: Path) -> None:
+    env = {"POLLER_DATABASE_URL": f"postgresql+psycopg2://nobody@127.0.0.1:{free_port()}/x"}
+    result = run_poller(env, "health")
+    assert result.returncode == 1
+    assert result.stderr.startswith("poller: error: ") and "Traceback" not in result.stderr
+
+
+# --- a real daemon, scraped over HTTP ---
+
+
+class Daemon:
+    def __init__(self, env: dict[str, str], tmp_path: Path) -> None:
+        self.port = free_port()
+        self.log = tmp_path / "daemon.log"
+        clean = {k: v for k, v in os.environ.items() if not k.startswith("POLLER_")}
+        self._log_file = self.log.open("w")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "poller", "run", "--metrics-port", str(self.port)],
+            env={**clean, **env, "POLLER_METRICS_HOST": "127.0.0.1"},
+            stdout=self._log_file, stderr=subprocess.STDOUT,
+        )
+
+    def get(self, path: str) -> tuple[int, str]:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=5) as r:
+                return r.status, r.read().decode()
+        except urllib.error.HTTPError as error:
+            return error.code, error.read().decode()
+
+    def wait_for(self, path: str, condition: Callable[[int, str], bool], timeout: float = 40):
+        deadline = time.monotonic() + timeout
+        last: tuple[int, str] | None = None
+        while time.monotonic() < deadline:
+            assert self.process.poll() is None, self.log.read_text()
+            try:
+                last = self.get(path)
+            except OSError:  # not listening yet
+                last = None
+            if last is not None and condition(*last):
+                return last
+            time.sleep(0.1)
+        raise AssertionError(f"{path} never matched; last answer {last}\n{self.log.read_text()}")
+
+    def stop(self) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout=20)
+        finally:
+            self._log_file.close()
+
+
+@pytest.fixture
+def daemon_world(tmp_path: Path, smtp_server) -> Iterator[tuple[SimulatorServer, dict[str, str]]]:
+    api = SimulatedApi(token=TOKEN)
+    seed_organizations(api)
+    with SimulatorServer(api) as sim:
+        env = poller_env(sim.url, f"sqlite:///{tmp_path / 'poller.db'}", smtp_server.port,
+                         POLLER_JITTER="0")
+        yield sim, env
+
+
+def sample(text: str, name: str) -> float | None:
+    match = re.search(rf"^{re.escape(name)} (\S+)$", text, re.MULTILINE)
+    return float(match.group(1)) if match else None
+
+
+def test_a_running_daemon_serves_prometheus_metrics(daemon_world, smtp_server, tmp_path):
+    sim, env = daemon_world
+    daemon = Daemon({**env, "POLLER_INTERVAL": "1"}, tmp_path)
+    try:
+        _, text = daemon.wait_for(
+            "/metrics", lambda _s, t: (sample(t, 'poller_cycles_total{outcome="ok"}') or 0) >= 1
+        )
+        assert (sample(text, "poller_cycle_duration_seconds_count") or 0) >= 1
+        assert sample(text, 'poller_organizations{enabled="true",state="armed"}') == 2
+        assert sample(text, 'poller_organizations{enabled="false",state="armed"}') == 1
+        assert sample(text, 'poller_api_requests_total{endpoint="/user/v2/organizations/",'
+                            'status="200"}') >= 1
+        assert sample(text, 'poller_api_requests_total{endpoint="/test_framework/billing/info/",'
+                            'status="200"}') >= 3
+        assert abs(sample(text, "poller_last_success_timestamp_seconds") - time.time()) < 30
+        assert sample(text, "poller_outbox_pending") == 0
+
+        sim.api.set_balance(ACME, Decimal("12.00"))
+        _, text = daemon.wait_for(
+            "/metrics", lambda _s, t: sample(t, 'poller_notifications{status="sent"}') == 1
+        )
+        assert sample(text, 'poller_organizations{enabled="true",state="alerted"}') == 1
+        assert len(smtp_server.received) == 1
+
+        sim.api.add_fault(Fault(kind="status", status=500, endpoint="billing", org_id=ACME))
+        _, text = daemon.wait_for(
+            "/metrics", lambda _s, t: (sample(t, 'poller_api_errors_total{endpoint='
+                                                 '"/test_framework/billing/info/",status="500"}')
+                                       or 0) >= 1,
+        )
+        assert daemon.get("/nothing-here")[0] == 404
+    finally:
+        assert daemon.stop() == 0
+
+
+def test_healthz_turns_503_when_the_api_is_down_longer_than_two_intervals(
+    daemon_world, tmp_path
+):
+    sim, env = daemon_world
+    daemon = Daemon({**env, "POLLER_INTERVAL": "0.5"}, tmp_path)
+    try:
+        status, body = daemon.wait_for("/healthz", lambda s, b: "last successful cycle" in b)
+        assert status == 200 and body.startswith("healthy: ")
+
+        sim.api.add_fault(Fault(kind="status", status=503, endpoint="list_v2"))
+        status, body = daemon.wait_for("/healthz", lambda s, _b: s == 503)
+        assert body.startswith("unhealthy: last successful cycle")
+        assert "longer than 1.0s" in body
+
+        sim.api.clear_faults()
+        status, body = daemon.wait_for("/healthz", lambda s, _b: s == 200)
+        assert body.startswith("healthy: last successful cycle")
+    finally:
+        assert daemon.stop() == 0
+    assert '"event": "cycle.list_failed"' in daemon.log.read_text()
+
+
+def test_a_metrics_port_in_use_is_one_line_and_exit_status_2(daemon_world, tmp_path):
+    _sim, env = daemon_world
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run_poller({**env, "POLLER_METRICS_HOST": "127.0.0.1"}, "run",
+                            "--metrics-port", str(port))
+    assert result.returncode == 2
+    assert f"poller: error: metrics_port: cannot listen on 127.0.0.1:{port}" in result.stderr
+    assert "Traceback" not in result.stderr
