@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections import Counter
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -29,6 +30,7 @@ from tests.engine_world import (
     run_poller,
     seed_organizations,
 )
+from tests.test_store import count_writes
 
 T0 = datetime(2024, 5, 1, tzinfo=UTC)
 
@@ -328,3 +330,11 @@ def test_cycles_record_a_point_only_when_the_balance_changed(world):
         Point(T0, Decimal("5000.00")),
         Point(T0 + timedelta(minutes=15), Decimal("4900.00")),
     ]
+
+
+def test_an_unchanged_cycle_with_every_notice_on_writes_only_its_cycle_run(world):
+    everything = {**RUNWAY, **REMIND, **RECOVERY}
+    burn_hourly(world, T0, 8, 20_000, 100, **everything)
+    writes = count_writes(world.store)
+    cycle_at(world, T0 + timedelta(hours=8, minutes=5), **everything)
+    assert writes == Counter({"INSERT": 1, "UPDATE": 1})
