@@ -5,9 +5,20 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import text
+
 from poller.forecast import Point
 from poller.history import History
-from poller.store import Store
+from poller.store import (
+    MIGRATIONS_LOCATION,
+    Store,
+    create_configured_engine,
+    open_database,
+    org_state,
+    upgrade_database,
+)
 
 NOW = datetime(2024, 6, 1, 12, 0, tzinfo=UTC)
 
@@ -75,3 +86,31 @@ def test_points_older_than_the_retention_are_deleted(store: Store) -> None:
         h.record([(1, Decimal(days))], NOW - timedelta(days=days))
     h.maintain(NOW)
     assert [point.balance for point in all_points(h, 1)] == [Decimal(9), Decimal(1)]
+
+
+def test_db_upgrade_from_0001_keeps_existing_notifications(database_url: str) -> None:
+    engine = create_configured_engine(database_url)
+    with engine.begin() as connection:
+        config = Config()
+        config.set_main_option("script_location", MIGRATIONS_LOCATION)
+        config.attributes["connection"] = connection
+        command.upgrade(config, "0001")
+        connection.execute(org_state.insert().values(
+            org_id=1, name="Org", enabled=True, threshold=Decimal(1000), balance=Decimal(5),
+            state="alerted", breach_count=1, first_seen_at=NOW, changed_at=NOW))
+        connection.execute(text(
+            "INSERT INTO notification (org_id, breach_number, kind, org_name, recipients, "
+            "subject, balance, threshold, detected_at, status, next_attempt_at, created_at, "
+            "updated_at) VALUES (1, 1, 'low_credits', 'Org', '[]', 'Low', '5', '1000', "
+            ":now, 'sent', :now, :now, :now)"
+        ), {"now": NOW})
+    engine.dispose()
+
+    assert upgrade_database(database_url) == ("0001", "0002")
+
+    store = open_database(database_url)
+    try:
+        [row] = store.notifications_for(1)
+        assert (row.kind, row.burn_per_day, row.runs_out_at) == ("low_credits", None, None)
+    finally:
+        store.close()
