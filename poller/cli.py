@@ -21,8 +21,10 @@ from poller.cekura import ApiError, CekuraClient
 from poller.config import ConfigError, Settings, load_settings
 from poller.cycle import CycleReport, OrgPlan, alert_content, run_cycle
 from poller.delivery import Deliverer
+from poller.forecast import MIN_POINTS, MIN_SPAN, Window
+from poller.insights import Outlook, outlooks
 from poller.logs import configure_logging
-from poller.mail import format_credits, render_email
+from poller.mail import format_credits, format_detected_at, format_runway, render_email
 from poller.ops_commands import health, preview, send_test
 from poller.progress import terminal_progress
 from poller.store import (
@@ -188,10 +190,14 @@ def check(settings: Settings, org_id: int, dry_run: bool, as_json: bool) -> None
         _fail(f"organization {org_id} could not be read: {reason}", EXIT_INCOMPLETE)
     plan = report.plans[0]
     email = _email_preview(plan, settings) if dry_run else None
+    snap = plan.snapshot
+    outlook = outlooks(_open_store(settings), settings,
+                       [(snap.id, snap.balance, snap.threshold, report.started_at)])[snap.id]
     if as_json:
-        click.echo(json.dumps(_plan_json(plan, dry_run, email), indent=2))
+        click.echo(json.dumps(_plan_json(plan, dry_run, email) | _outlook_json(outlook),
+                              indent=2))
     else:
-        _print_plan(plan, dry_run, email)
+        _print_plan(plan, dry_run, email, outlook)
     sys.exit(EXIT_OK if report.ok else EXIT_INCOMPLETE)
 
 
@@ -199,10 +205,10 @@ def _email_preview(plan: OrgPlan, settings: Settings) -> dict[str, Any] | None:
     notification = plan.notification
     if notification is None:
         return None
-    rendered = render_email(
-        alert_content(plan.snapshot, notification.breach_number, settings.billing_url,
-                      notification.detected_at)
-    )
+    content = alert_content(plan.snapshot, notification.breach_number, settings.billing_url,
+                            notification.detected_at)
+    rendered = render_email(dataclasses.replace(
+        content, burn_per_day=notification.burn_per_day, runs_out_at=notification.runs_out_at))
     return {"to": list(notification.recipients), "subject": rendered.subject,
             "text": rendered.text, "status": notification.status}
 
@@ -224,7 +230,9 @@ def _plan_json(plan: OrgPlan, dry_run: bool, email: dict[str, Any] | None) -> di
     }
 
 
-def _print_plan(plan: OrgPlan, dry_run: bool, email: dict[str, Any] | None) -> None:
+def _print_plan(
+    plan: OrgPlan, dry_run: bool, email: dict[str, Any] | None, outlook: Outlook
+) -> None:
     snap = plan.snapshot
     before = plan.before.state.value if plan.before else "new"
     rows = [
@@ -235,6 +243,8 @@ def _print_plan(plan: OrgPlan, dry_run: bool, email: dict[str, Any] | None) -> N
         ("state", f"{before} -> {plan.decision.state.value}"),
         ("breaches so far", str(plan.decision.breach_count)),
         ("action", ("would be: " if dry_run else "") + plan.action),
+        ("burn rate", _rate_text(outlook)),
+        ("runs out", _runs_out_text(outlook)),
     ]
     for label, value in rows:
         click.echo(f"{label:>16}: {value}")
@@ -247,17 +257,22 @@ def _print_plan(plan: OrgPlan, dry_run: bool, email: dict[str, Any] | None) -> N
 @click.option("--org", "org_id", type=int, required=True, help="Organization id.")
 @click.option("--enable/--disable", "enable", default=None,
               help="Turn low-credit emails on or off.")
-@click.option("--threshold", metavar="AMOUNT", help="Alert when credits drop below AMOUNT.")
+@click.option("--threshold", metavar="AMOUNT",
+              help="Alert when credits drop below AMOUNT; 'suggest' uses the advice of "
+                   "`poller status` (ADVICE_DAYS days of typical usage).")
 @click.pass_obj
 def configure(settings: Settings, org_id: int, enable: bool | None, threshold: str | None) -> None:
     """Change an organization's low-credit alert settings through the Cekura API.
 
     \b
-    Example:
+    Examples:
       poller configure --org 37 --enable --threshold 2500
+      poller configure --org 37 --threshold suggest
     """
     changes: dict[str, Any] = {}
-    if threshold is not None:
+    if threshold is not None and threshold.strip().lower() == "suggest":
+        changes["low_credits_threshold"] = str(_suggested_threshold(settings, org_id))
+    elif threshold is not None:
         changes["low_credits_threshold"] = str(parse_threshold(threshold))
     if enable is not None:
         changes["notify_low_credits"] = enable
@@ -269,6 +284,31 @@ def configure(settings: Settings, org_id: int, enable: bool | None, threshold: s
     click.echo(f"{org.name} (id {org.id}): low-credit emails "
                f"{'on' if org.notify_low_credits else 'off'}, "
                f"threshold {format_credits(org.low_credits_threshold)}")
+
+
+def _suggested_threshold(settings: Settings, org_id: int) -> Decimal:
+    outlook = _outlook_for(settings, org_id)
+    suggestion = outlook.suggested_threshold
+    if suggestion is None:
+        _fail(f"no threshold to suggest for organization {org_id}: "
+              f"{_no_estimate_reason(outlook.forecast.week)}", EXIT_INCOMPLETE)
+    assert suggestion is not None
+    return suggestion
+
+
+def _outlook_for(settings: Settings, org_id: int) -> Outlook:
+    """The stored outlook of one org (from the database, as of its last check)."""
+    store = _open_store(settings)
+    row = next((r for r in store.status_rows() if r.org_id == org_id), None)
+    if row is None:
+        _fail(f"organization {org_id} is not in the database yet: run `poller once` or "
+              f"`poller check --org {org_id}` first", EXIT_INCOMPLETE)
+    assert row is not None
+    return outlooks(store, settings, [_outlook_key(row)])[org_id]
+
+
+def _outlook_key(row: StatusRow) -> tuple[int, Decimal, Decimal, datetime]:
+    return (row.org_id, row.balance, row.threshold, row.last_checked_at or row.changed_at)
 
 
 def parse_threshold(text: str) -> Decimal:
@@ -297,22 +337,25 @@ def status(settings: Settings, as_json: bool) -> None:
     Example:
       poller status --json | jq '.[] | select(.state == "alerted")'
     """
-    rows = _open_store(settings).status_rows()
+    store = _open_store(settings)
+    rows = store.status_rows()
+    outlook = outlooks(store, settings, [_outlook_key(row) for row in rows])
     if as_json:
-        click.echo(json.dumps([_jsonable(row) for row in rows], indent=2))
+        click.echo(json.dumps(
+            [_jsonable(row) | _outlook_json(outlook[row.org_id]) for row in rows], indent=2))
         return
     if not rows:
         click.echo("no organizations recorded yet: run `poller once` first")
         return
     header = ("ID", "NAME", "BALANCE", "THRESHOLD", "ON", "STATE", "LAST CHECKED", "LAST ALERT",
-              "DELIVERY")
-    table = [header] + [_status_cells(row) for row in rows]
+              "DELIVERY", "BURN/DAY", "RUNS OUT", "ADVICE")
+    table = [header] + [_status_cells(row, outlook[row.org_id]) for row in rows]
     widths = [max(len(r[i]) for r in table) for i in range(len(header))]
     for r in table:
         click.echo("  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip())
 
 
-def _status_cells(row: StatusRow) -> tuple[str, ...]:
+def _status_cells(row: StatusRow, outlook: Outlook) -> tuple[str, ...]:
     def when(value: Any) -> str:
         return value.strftime("%Y-%m-%d %H:%M") if value else "-"
 
@@ -326,7 +369,58 @@ def _status_cells(row: StatusRow) -> tuple[str, ...]:
         when(row.last_checked_at),
         when(row.last_alert_at),
         row.notification_status or "-",
+        "-" if outlook.forecast.rate is None else f"{outlook.forecast.rate:,.2f}",
+        _runs_out_text(outlook) if outlook.forecast.rate is not None else "-",
+        _advice_text(outlook),
     )
+
+
+def _rate_text(outlook: Outlook) -> str:
+    day, week = outlook.forecast.day, outlook.forecast.week
+    if day.rate is None and week.rate is None:
+        return f"no estimate ({_no_estimate_reason(week)})"
+    parts = [f"{format_credits(rate)}/day over the last {label}"
+             for label, rate in (("24 h", day.rate), ("7 days", week.rate)) if rate is not None]
+    return "; ".join(parts)
+
+
+def _runs_out_text(outlook: Outlook) -> str:
+    prediction = outlook.forecast
+    if prediction.balance <= 0:
+        return "already out"
+    if prediction.runs_out_at is None or prediction.runway_days is None:
+        return "no estimate"
+    when = prediction.runs_out_at
+    return f"{when:%Y-%m-%d} ({format_runway(prediction.runway_days)})"
+
+
+def _advice_text(outlook: Outlook) -> str:
+    if not outlook.threshold_too_low or outlook.suggested_threshold is None:
+        return "-"
+    return f"raise threshold to {outlook.suggested_threshold:,.2f}"
+
+
+def _no_estimate_reason(window: Window) -> str:
+    hours = window.covered.total_seconds() / 3600
+    return (f"needs at least {MIN_SPAN.total_seconds() / 3600:g} h of history, {MIN_POINTS} "
+            f"points and some usage; has {hours:.1f} h, {window.points} points, "
+            f"{format_credits(window.used)} used")
+
+
+def _outlook_json(outlook: Outlook) -> dict[str, Any]:
+    prediction = outlook.forecast
+
+    def text(value: Decimal | None) -> str | None:
+        return None if value is None else str(value.quantize(Decimal("0.01")))
+
+    return {
+        "burn_per_day_24h": text(prediction.day.rate),
+        "burn_per_day_7d": text(prediction.week.rate),
+        "runway_days": text(prediction.runway_days),
+        "runs_out_at": prediction.runs_out_at.isoformat() if prediction.runs_out_at else None,
+        "threshold_too_low": outlook.threshold_too_low,
+        "suggested_threshold": text(outlook.suggested_threshold),
+    }
 
 
 def _shorten(text: str, width: int) -> str:
@@ -342,6 +436,58 @@ def _jsonable(row: StatusRow) -> dict[str, Any]:
             value = value.isoformat()
         out[key] = value
     return out
+
+
+@cli.command("forecast")
+@click.option("--org", "org_id", type=int, required=True, help="Organization id.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_obj
+def forecast_command(settings: Settings, org_id: int, as_json: bool) -> None:
+    """Explain an organization's burn rate and runway from its recorded balance history.
+
+    Reads only the database, as of the organization's last check.
+
+    \b
+    Example:
+      poller forecast --org 37
+    """
+    outlook = _outlook_for(settings, org_id)
+    if as_json:
+        click.echo(json.dumps({"org_id": org_id} | _outlook_json(outlook), indent=2))
+        return
+    prediction = outlook.forecast
+    click.echo(f"organization {org_id}: {format_credits(prediction.balance)} as of "
+               f"{format_detected_at(prediction.as_of)}")
+    for label, window in (("last 24 h", prediction.day), ("last 7 days", prediction.week)):
+        click.echo(f"{label}: {_window_text(window)}")
+    rate = prediction.rate
+    if prediction.balance <= 0:
+        click.echo("runway: none, the balance is at or below zero")
+    elif rate is None:
+        click.echo("runway: no estimate (neither window is meaningful)")
+    else:
+        source = "last 24 h" if prediction.day.rate is not None else "last 7 days"
+        assert prediction.runway_days is not None and prediction.runs_out_at is not None
+        click.echo(f"runway: {format_credits(prediction.balance)} / "
+                   f"{format_credits(rate)}/day ({source}) = {prediction.runway_days:.1f} days, "
+                   f"runs out around {format_detected_at(prediction.runs_out_at)}")
+    covered = outlook.covered_days
+    if covered is not None and outlook.suggested_threshold is not None:
+        verdict = (f"less than the {outlook.advice_days} days advised: suggest "
+                   f"{format_credits(outlook.suggested_threshold)} "
+                   f"(poller configure --org {org_id} --threshold suggest)"
+                   if outlook.threshold_too_low else "enough")
+        click.echo(f"threshold: {format_credits(outlook.threshold)} covers {covered:.1f} days "
+                   f"of typical usage, {verdict}")
+
+
+def _window_text(window: Window) -> str:
+    hours = window.covered.total_seconds() / 3600
+    summary = (f"{window.points} points over {hours:.1f} h, {format_credits(window.used)} used, "
+               f"{window.topups} top-up(s) of {format_credits(window.topped_up)} excluded")
+    if window.rate is None:
+        return f"{summary}; no rate ({_no_estimate_reason(window)})"
+    return f"{summary}; {format_credits(window.rate)}/day"
 
 
 @cli.group()

@@ -74,6 +74,12 @@ class Settings:
     jitter: float = 10.0
     rearm_margin: Decimal = Decimal("0")
     delivery_lease: float = 300.0
+    # Forecasts and the optional notices beside the main alert (poller.forecast, .notices).
+    history_retention_days: int = 30
+    advice_days: Decimal = Decimal("3")
+    runway_days: Decimal | None = None  # None: no runway alert
+    remind_every: float | None = None  # seconds; None: no reminders
+    recovery_notice: bool = False
     log_format: str | None = None  # json | console; None = console on a terminal, json otherwise
     metrics_port: int | None = None  # None: no metrics/health HTTP endpoint
     # All interfaces: Prometheus usually scrapes from another host or from outside a container.
@@ -211,6 +217,35 @@ def _decimal(raw: object) -> Decimal:
     return value
 
 
+_DURATION = re.compile(r"([0-9]+(?:\.[0-9]+)?)\s*([smhd])")
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+_OFF_WORDS = {"", "off", "none", "0"}
+
+
+def _optional_duration(raw: object) -> float | None:
+    """Seconds, or a number with a unit (45s, 30m, 12h, 1d); empty, 0 or off = not set."""
+    if isinstance(raw, str):
+        text = raw.strip().lower()
+        if text in _OFF_WORDS:
+            return None
+        match = _DURATION.fullmatch(text)
+        if match:
+            return float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+    try:
+        seconds = _number(raw)
+    except _BadValue:
+        raise _BadValue(
+            f"{_show(raw)} is not a duration (seconds, or e.g. 30m, 12h, 1d; off to disable)"
+        ) from None
+    return seconds or None
+
+
+def _optional_decimal(raw: object) -> Decimal | None:
+    if isinstance(raw, str) and raw.strip().lower() in _OFF_WORDS:
+        return None
+    return _decimal(raw) or None
+
+
 def _one_secret(raw: object) -> Secret | None:
     """Never echoes the value: whatever the user typed here may be a real credential."""
     if isinstance(raw, Secret):
@@ -243,6 +278,10 @@ def _at_least(minimum: int | float | Decimal) -> Callable[[Any], str | None]:
 
 def _greater_than_zero(value: float) -> str | None:
     return None if value > 0 else f"must be greater than 0 (got {value})"
+
+
+def _unset_or_positive(value: float | Decimal | None) -> str | None:
+    return None if value is None else _greater_than_zero(value)
 
 
 def _port(value: int) -> str | None:
@@ -337,6 +376,11 @@ _SPECS: dict[str, _Spec] = {
         _Spec("jitter", _number, _at_least(0)),
         _Spec("rearm_margin", _decimal, _at_least(0)),
         _Spec("delivery_lease", _number, _greater_than_zero),
+        _Spec("history_retention_days", _whole_number, _at_least(7)),
+        _Spec("advice_days", _decimal, _greater_than_zero),
+        _Spec("runway_days", _optional_decimal, _unset_or_positive),
+        _Spec("remind_every", _optional_duration, _unset_or_positive),
+        _Spec("recovery_notice", _boolean),
         _Spec("log_format", _optional_choice("json", "console")),
         _Spec("metrics_port", _optional_whole_number, _optional_port),
         _Spec("metrics_host", _required_text),

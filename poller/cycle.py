@@ -10,7 +10,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from decimal import Decimal
 
@@ -19,6 +19,7 @@ import structlog
 from poller.cekura import ApiError, CekuraClient
 from poller.config import Settings
 from poller.delivery import Deliverer, DeliveryReport
+from poller.insights import InsightReport, Insights
 from poller.mail import AlertContent, render_subject
 from poller.records import OrgError, OrgSnapshot
 from poller.rules import Decision, Observation, StoredState, evaluate
@@ -74,6 +75,8 @@ class CycleReport:
     delivery: DeliveryReport | None = None
     duration: float = 0.0
     outcome: str = ""  # ok | partial | list_failed | abandoned, once the cycle has finished
+    # Forecasts computed this cycle and the optional notices it recorded.
+    insights: InsightReport = field(default_factory=InsightReport)
 
     @property
     def orgs_read(self) -> int:
@@ -228,7 +231,7 @@ def run_cycle(
                 now_fn(),
                 orgs_read=report.orgs_read,
                 orgs_failed=len(report.errors),
-                outcome=_outcome(report, cancel),
+                outcome=report.outcome,
             )
         _log_summary(cycle_log, report, cancel)
         return report
@@ -261,14 +264,23 @@ def _fetch_and_persist(
         log.warning("cycle.abandoned", reason="stop requested before any write")
         return
     now = now_fn()
+    stored = store.load_states()
     report.plans = plan_cycle(
-        fetched.snapshots, store.load_states(), settings=settings, baseline=baseline, now=now
+        fetched.snapshots, stored, settings=settings, baseline=baseline, now=now
     )
+    insights = Insights(store, settings)
+    changes = insights.before_persist(
+        report.plans, stored, baseline=baseline, now=now, report=report.insights
+    )
+    report.plans = [replace(plan, change=change) for plan, change in zip(report.plans, changes,
+                                                                           strict=True)]
     if dry_run:
         return
     result = store.apply_changes([p.change for p in report.plans if p.change], now)
     report.written, report.conflicts = result.written, result.conflicts
     store.record_errors([(e.org_id, e.message) for e in report.errors if e.org_id], now)
+    insights.after_persist(report.plans, stored, baseline=baseline, now=now,
+                           report=report.insights)
     for plan in report.plans:
         _log_plan(plan)
 

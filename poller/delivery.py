@@ -133,6 +133,10 @@ class Deliverer:
             detected_at=row.detected_at,
             billing_url=self._settings.billing_url,
             auto_refill=row.auto_refill,
+            reminder=row.kind == "reminder",
+            kind=row.kind,
+            burn_per_day=row.burn_per_day,
+            runs_out_at=row.runs_out_at,
         )
         return build_message(
             render_email(content),
@@ -146,6 +150,8 @@ class Deliverer:
         return message_id_for(
             row.org_id, row.breach_number, self._settings.mail_from or "",
             detected_at=row.detected_at,
+            # Each kind numbers its notices separately: the kind keeps their IDs apart.
+            kind=row.kind.replace("_", "-"),
         )
 
     def _mark_sent(self, row: ClaimedNotification, refused: dict, report: DeliveryReport) -> None:

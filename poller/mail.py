@@ -34,6 +34,14 @@ log = structlog.get_logger(__name__)
 SUBJECT_TEMPLATE = "low_credits_subject.txt.j2"
 TEXT_TEMPLATE = "low_credits.txt.j2"
 HTML_TEMPLATE = "low_credits.html.j2"
+# Notification kind -> (subject, text, html) templates; a reminder is the low-credits email
+# marked as a reminder.
+TEMPLATE_SETS = {
+    "low_credits": (SUBJECT_TEMPLATE, TEXT_TEMPLATE, HTML_TEMPLATE),
+    "reminder": (SUBJECT_TEMPLATE, TEXT_TEMPLATE, HTML_TEMPLATE),
+    "runway": ("runway_subject.txt.j2", "runway.txt.j2", "runway.html.j2"),
+    "recovery": ("recovery_subject.txt.j2", "recovery.txt.j2", "recovery.html.j2"),
+}
 
 # Long names must not push the balance and threshold out of the visible part of a subject line.
 SUBJECT_ORG_NAME_MAX = 60
@@ -68,6 +76,10 @@ class AlertContent:
     billing_url: str
     auto_refill: bool
     reminder: bool = False
+    kind: str = "low_credits"  # a key of TEMPLATE_SETS
+    # The forecast when the notice was detected; both None when there is no meaningful one.
+    burn_per_day: Decimal | None = None
+    runs_out_at: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -134,17 +146,54 @@ def render_subject(content: AlertContent) -> str:
     """One header-safe line: no CR/LF or control characters, at most SUBJECT_MAX characters."""
     context = _template_context(content)
     context["org_name"] = shorten(context["org_name"], SUBJECT_ORG_NAME_MAX)
-    subject = template_environment().get_template(SUBJECT_TEMPLATE).render(context)
+    subject_template = _templates(content)[0]
+    subject = template_environment().get_template(subject_template).render(context)
     return shorten(one_line(subject), SUBJECT_MAX)
 
 
 def render_email(content: AlertContent) -> RenderedEmail:
     context = _template_context(content)
     environment = template_environment()
+    _, text_template, html_template = _templates(content)
     return RenderedEmail(
         subject=render_subject(content),
-        text=environment.get_template(TEXT_TEMPLATE).render(context),
-        html=environment.get_template(HTML_TEMPLATE).render(context),
+        text=environment.get_template(text_template).render(context),
+        html=environment.get_template(html_template).render(context),
+    )
+
+
+def _templates(content: AlertContent) -> tuple[str, str, str]:
+    try:
+        return TEMPLATE_SETS[content.kind]
+    except KeyError:
+        raise ValueError(f"no email template for notification kind {content.kind!r}") from None
+
+
+def format_runway(days: Decimal) -> str:
+    """``"in about 3 days"``; under a day is said as such, not rounded to zero days."""
+    if days < 1:
+        return "in less than a day"
+    whole = int(days.to_integral_value(rounding=ROUND_HALF_EVEN))
+    return f"in about {whole} day{'s' if whole != 1 else ''}"
+
+
+def runway_phrase(content: AlertContent) -> str | None:
+    """``"in about 3 days"`` from detection to the estimated run-out, if there is an estimate."""
+    if content.burn_per_day is None or content.runs_out_at is None:
+        return None
+    days = Decimal((content.runs_out_at - content.detected_at).total_seconds()) / 86400
+    return format_runway(days)
+
+
+def forecast_line(content: AlertContent) -> str | None:
+    """The one sentence about when the credits run out, or None without a meaningful estimate."""
+    phrase = runway_phrase(content)
+    if phrase is None or content.burn_per_day is None or content.runs_out_at is None:
+        return None
+    utc = content.runs_out_at.astimezone(UTC)
+    return (
+        f"At your recent usage (\u2248 {format_credits(content.burn_per_day)}/day) you will run "
+        f"out around {utc.day} {_MONTHS[utc.month - 1]} {utc.year} ({phrase})."
     )
 
 
@@ -159,6 +208,8 @@ def _template_context(content: AlertContent) -> dict[str, Any]:
         "billing_url": _checked_billing_url(content.billing_url),
         "auto_refill": content.auto_refill,
         "reminder": content.reminder,
+        "forecast_line": forecast_line(content),
+        "runway": runway_phrase(content),
     }
 
 

@@ -200,6 +200,9 @@ notification = Table(
     Column("created_at", UTCDateTime, nullable=False),
     Column("updated_at", UTCDateTime, nullable=False),
     Column("sent_at", UTCDateTime),
+    # The forecast when the notice was detected (revision 0002); None: no meaningful estimate.
+    Column("burn_per_day", Money),
+    Column("runs_out_at", UTCDateTime),
 )
 
 cycle_run = Table(
@@ -288,6 +291,8 @@ class NewNotification:
     detected_at: datetime
     status: str  # 'pending' | 'suppressed' | 'no_recipients' | 'baseline'
     auto_refill: bool = False  # the org's auto-refill setting when the breach was detected
+    burn_per_day: Decimal | None = None
+    runs_out_at: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -296,6 +301,9 @@ class StateChange:
     expected: StoredState | None  # what the cycle loaded; None = the org was not stored
     new: StoredState
     notification: NewNotification | None
+    # More notifications written with the state change, only if its guarded write hits
+    # (the recovery notice of a re-arm).
+    also_notify: tuple[NewNotification, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -328,6 +336,8 @@ class NotificationRecord:
     created_at: datetime
     updated_at: datetime
     sent_at: datetime | None
+    burn_per_day: Decimal | None
+    runs_out_at: datetime | None
 
 
 # What claim_due hands out: a record whose lease the claiming worker now holds.
@@ -643,8 +653,10 @@ class Store:
         notification_ids = [
             notification_id
             for change in applied
-            if change.notification is not None
-            and (notification_id := self._add_notification(connection, change, now)) is not None
+            for new in (change.notification, *change.also_notify)
+            if new is not None
+            and (notification_id := self.add_notification(
+                connection, change.observed.org_id, new, now)) is not None
         ]
         conflicts = len(new_orgs) + len(transitions) - len(applied)
         return len(applied) + len(refreshes), notification_ids, conflicts
@@ -741,17 +753,16 @@ class Store:
             ],
         )
 
-    def _add_notification(
-        self, connection: Connection, change: StateChange, now: datetime
+    def add_notification(
+        self, connection: Connection, org_id: int, new: NewNotification, now: datetime
     ) -> int | None:
-        new = change.notification
-        assert new is not None
+        """Insert into the outbox within the caller's transaction; None if it already exists."""
         if new.status not in NOTIFICATION_STATUSES - {"sent", "failed"}:
             raise ValueError(f"a new notification cannot have status {new.status!r}")
         statement = (
             self._insert(notification)
             .values(
-                org_id=change.observed.org_id,
+                org_id=org_id,
                 breach_number=new.breach_number,
                 kind=new.kind,
                 org_name=new.org_name,
@@ -760,6 +771,8 @@ class Store:
                 balance=new.balance,
                 threshold=new.threshold,
                 auto_refill=new.auto_refill,
+                burn_per_day=new.burn_per_day,
+                runs_out_at=new.runs_out_at,
                 detected_at=new.detected_at,
                 status=new.status,
                 attempts=0,

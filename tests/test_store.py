@@ -30,7 +30,7 @@ from poller.store import (
 
 NOW = datetime(2024, 11, 24, 12, 0, tzinfo=UTC)
 ARMED = StoredState(AlertState.ARMED, 0)
-HEAD = "0001"
+HEAD = "0002"
 
 
 def observed(org_id: int, balance: str = "50.00", threshold: str = "100.00") -> ObservedOrg:
@@ -113,7 +113,7 @@ def test_upgrade_database_creates_the_schema_from_empty(database_url: str) -> No
 def test_it_refuses_an_outdated_schema_until_db_upgrade(
     database_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    open_database(database_url).close()  # at 0001
+    open_database(database_url).close()  # at HEAD
     # A later poller: the shipped migrations plus one more revision.
     migrations = tmp_path / "migrations"
     shutil.copytree(
@@ -121,9 +121,9 @@ def test_it_refuses_an_outdated_schema_until_db_upgrade(
         migrations,
         ignore=shutil.ignore_patterns("__pycache__"),
     )
-    (migrations / "versions" / "0002_cycle_note.py").write_text(
-        'import sqlalchemy as sa\nfrom alembic import op\n\nrevision = "0002"\n'
-        'down_revision = "0001"\nbranch_labels = None\ndepends_on = None\n\n\n'
+    (migrations / "versions" / "9999_cycle_note.py").write_text(
+        'import sqlalchemy as sa\nfrom alembic import op\n\nrevision = "9999"\n'
+        f'down_revision = "{HEAD}"\nbranch_labels = None\ndepends_on = None\n\n\n'
         "def upgrade():\n"
         '    op.add_column("cycle_run", sa.Column("note", sa.Text()))\n\n\n'
         "def downgrade():\n"
@@ -134,10 +134,10 @@ def test_it_refuses_an_outdated_schema_until_db_upgrade(
     with pytest.raises(SchemaOutdated) as refused:
         open_database(database_url)
     assert str(refused.value) == (
-        "database schema is at revision 0001, this poller needs 0002: run `poller db upgrade`"
+        f"database schema is at revision {HEAD}, this poller needs 9999: run `poller db upgrade`"
     )
 
-    assert upgrade_database(database_url) == ("0001", "0002")
+    assert upgrade_database(database_url) == (HEAD, "9999")
     upgraded = open_database(database_url)
     try:
         columns = {column["name"] for column in inspect(upgraded.engine).get_columns("cycle_run")}
@@ -150,11 +150,11 @@ def test_it_refuses_a_schema_from_a_newer_poller(database_url: str) -> None:
     store = open_database(database_url)
     version = Table("alembic_version", MetaData(), autoload_with=store.engine)
     with store.engine.begin() as connection:
-        connection.execute(update(version).values(version_num="9999"))
+        connection.execute(update(version).values(version_num="99999"))
     store.close()
 
     for attempt in (open_database, upgrade_database):
-        with pytest.raises(SchemaOutdated, match=r"revision 9999, which this poller does not"):
+        with pytest.raises(SchemaOutdated, match=r"revision 99999, which this poller does not"):
             attempt(database_url)
 
 
@@ -164,7 +164,8 @@ def test_a_non_empty_database_without_poller_schema_is_not_taken_over(database_u
     foreign.create(engine)
     engine.dispose()
 
-    with pytest.raises(SchemaOutdated, match=r"revision none, this poller needs 0001: run `poller"):
+    outdated = rf"revision none, this poller needs {HEAD}: run `poller"
+    with pytest.raises(SchemaOutdated, match=outdated):
         open_database(database_url)
 
 

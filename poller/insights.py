@@ -1,0 +1,297 @@
+"""The cycle's hooks for balance history, forecasts and the optional notices.
+
+``run_cycle`` calls two of them around its one write of alert states:
+
+- ``before_persist`` adds the forecast to this cycle's main alerts (the email's "you will run
+  out around ..." line) and the recovery notice to re-arms by a top-up;
+- ``after_persist`` records the changed balances, decides runway alerts and reminders with
+  guarded writes of their own, and downsamples / prunes the history now and then.
+
+Forecasts are computed only for organizations that need one this cycle (an alert, a balance
+change while the runway alert is on, a reminder), so an unchanged cycle reads no history and
+writes none. The main alert rule is never consulted or changed here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timedelta
+from decimal import Decimal
+from typing import Protocol
+
+import structlog
+
+from poller.config import Settings
+from poller.forecast import WEEK, Forecast, Point, forecast, needs_advice, suggest_threshold
+from poller.history import History
+from poller.notices import (
+    NOTICE_INITIAL,
+    NoticeChange,
+    NoticeState,
+    NoticeStore,
+    content_for,
+    forecast_fields,
+    notification_for,
+    reminder_due,
+    runway_transition,
+)
+from poller.records import OrgSnapshot
+from poller.rules import AlertState, Decision
+from poller.store import NewNotification, StateChange, Store, StoredRow
+
+log = structlog.get_logger(__name__)
+
+# `poller status` over more orgs than this reads the whole recent history in one query
+# instead of in batches of org ids.
+READ_ALL_ABOVE = 2000
+
+
+class PlanLike(Protocol):
+    """What the hooks read from a cycle's OrgPlan (structural: cycle imports this module)."""
+
+    snapshot: OrgSnapshot
+    decision: Decision
+    change: StateChange | None
+
+
+@dataclass
+class InsightReport:
+    forecasts: dict[int, Forecast] = field(default_factory=dict)
+    notices: list[int] = field(default_factory=list)  # outbox ids of runway alerts, reminders
+    conflicts: int = 0
+
+
+def with_current(points: Sequence[Point], current: Point) -> list[Point]:
+    """The recorded series followed by the latest observation (unless it is recorded already)."""
+    if points and points[-1].at >= current.at:
+        return list(points)
+    return [*points, current]
+
+
+class Insights:
+    def __init__(self, store: Store, settings: Settings) -> None:
+        self.settings = settings
+        self.history = History(store, retention=timedelta(days=settings.history_retention_days))
+        self.notices = NoticeStore(store)
+
+    def forecasts(
+        self, snapshots: Iterable[OrgSnapshot], now: datetime
+    ) -> dict[int, Forecast]:
+        """Each org's forecast from its stored history plus the balance observed at ``now``."""
+        by_id = {snapshot.id: snapshot for snapshot in snapshots}
+        if not by_id:
+            return {}
+        series = self.history.series(by_id, since=now - WEEK)
+        return {
+            org_id: forecast(with_current(series.get(org_id, []), Point(now, snapshot.balance)))
+            for org_id, snapshot in by_id.items()
+        }
+
+    def before_persist(
+        self,
+        plans: Sequence[PlanLike],
+        stored: Mapping[int, StoredRow],
+        *,
+        baseline: bool,
+        now: datetime,
+        report: InsightReport,
+    ) -> list[StateChange | None]:
+        """Each plan's change, with forecasts on its alert and a recovery notice on its re-arm."""
+        alerting = [plan.snapshot for plan in plans if _alert(plan) is not None]
+        report.forecasts.update(self.forecasts(alerting, now))
+        recovering = set()
+        if self.settings.recovery_notice and not baseline:
+            recovering = {plan.snapshot.id for plan in plans if _recovered(plan, stored)}
+        changes = []
+        for plan in plans:
+            change = plan.change
+            alert = _alert(plan)
+            if change is not None and alert is not None:
+                prediction = report.forecasts.get(plan.snapshot.id)
+                change = replace(change, notification=replace(alert,
+                                                              **forecast_fields(prediction)))
+            if change is not None and plan.snapshot.id in recovering:
+                content = content_for(plan.snapshot, kind="recovery",
+                                      number=plan.decision.breach_count,
+                                      billing_url=self.settings.billing_url, now=now)
+                change = replace(change, also_notify=(notification_for(
+                    content, plan.snapshot, baseline=False),))
+            changes.append(change)
+        return changes
+
+    def after_persist(
+        self,
+        plans: Sequence[PlanLike],
+        stored: Mapping[int, StoredRow],
+        *,
+        baseline: bool,
+        now: datetime,
+        report: InsightReport,
+    ) -> None:
+        changed = [
+            plan.snapshot for plan in plans
+            if (row := stored.get(plan.snapshot.id)) is None or row.balance != plan.snapshot.balance
+        ]
+        if not baseline and (self.settings.runway_days or self.settings.remind_every):
+            self._notices(plans, stored, changed, now, report)
+        self.history.record([(snapshot.id, snapshot.balance) for snapshot in changed], now)
+        self.history.maintain(now)
+
+    def _notices(
+        self,
+        plans: Sequence[PlanLike],
+        stored: Mapping[int, StoredRow],
+        changed: Collection[OrgSnapshot],
+        now: datetime,
+        report: InsightReport,
+    ) -> None:
+        states = self.notices.load()
+        last_alerts = self.notices.last_alerts() if self.settings.remind_every else {}
+        reminding = {
+            plan.snapshot.id for plan in plans
+            if self.settings.remind_every is not None
+            and not plan.decision.breached
+            and reminder_due(
+                states.get(plan.snapshot.id, NOTICE_INITIAL),
+                alerted=plan.decision.state == AlertState.ALERTED,
+                enabled=plan.snapshot.enabled,
+                last_alert_at=last_alerts.get(plan.snapshot.id),
+                every=timedelta(seconds=self.settings.remind_every),
+                now=now,
+            )
+        }
+        # Only a balance change can shorten the runway (or be the top-up that re-arms it).
+        runway_candidates = [s for s in changed if s.id in stored] if self.settings.runway_days \
+            else []
+        needed = [s for s in runway_candidates if s.id not in report.forecasts]
+        needed += [p.snapshot for p in plans if p.snapshot.id in reminding
+                   and p.snapshot.id not in report.forecasts]
+        report.forecasts.update(self.forecasts(needed, now))
+
+        runway_ids = {snapshot.id for snapshot in runway_candidates}
+        changes = []
+        for plan in plans:
+            org_id = plan.snapshot.id
+            if org_id not in runway_ids and org_id not in reminding:
+                continue
+            expected = states.get(org_id)
+            current = expected or NOTICE_INITIAL
+            new, notices = self._org_notices(plan, stored, current, org_id in runway_ids,
+                                             org_id in reminding, report.forecasts.get(org_id),
+                                             now)
+            if notices or new != current:
+                changes.append(NoticeChange(org_id, expected, new, tuple(notices)))
+        ids, conflicts = self.notices.apply(changes, now)
+        report.notices += ids
+        report.conflicts += conflicts
+        for change in changes:
+            for notice in change.notifications:
+                log.info(f"org.{notice.kind}_notice", org_id=change.org_id,
+                         number=notice.breach_number, status=notice.status)
+
+    def _org_notices(
+        self,
+        plan: PlanLike,
+        stored: Mapping[int, StoredRow],
+        state: NoticeState,
+        check_runway: bool,
+        remind: bool,
+        prediction: Forecast | None,
+        now: datetime,
+    ) -> tuple[NoticeState, list[NewNotification]]:
+        snapshot = plan.snapshot
+        notices: list[NewNotification] = []
+        new = state
+        if check_runway and self.settings.runway_days is not None:
+            moved = runway_transition(
+                state,
+                enabled=snapshot.enabled,
+                forecast=prediction,
+                topped_up=snapshot.balance > stored[snapshot.id].balance,
+                runway_days=self.settings.runway_days,
+            )
+            if moved is not None:
+                new = moved
+                if moved.runway_breaches > state.runway_breaches:
+                    notices.append(self._notice(snapshot, "runway", moved.runway_breaches,
+                                                prediction, now))
+        if remind:
+            new = replace(new, reminders=new.reminders + 1, reminded_at=now)
+            notices.append(self._notice(snapshot, "reminder", new.reminders, prediction, now))
+        return new, notices
+
+    def _notice(
+        self,
+        snapshot: OrgSnapshot,
+        kind: str,
+        number: int,
+        prediction: Forecast | None,
+        now: datetime,
+    ) -> NewNotification:
+        content = content_for(snapshot, kind=kind, number=number,
+                              billing_url=self.settings.billing_url, now=now)
+        return notification_for(replace(content, **forecast_fields(prediction)), snapshot,
+                                baseline=False)
+
+
+def _alert(plan: PlanLike) -> NewNotification | None:
+    notification = plan.change.notification if plan.change else None
+    return notification if notification is not None and notification.kind == "low_credits" \
+        else None
+
+
+def _recovered(plan: PlanLike, stored: Mapping[int, StoredRow]) -> bool:
+    """Re-armed because the balance went up (not because the threshold went down)."""
+    row = stored.get(plan.snapshot.id)
+    return (
+        plan.decision.rearmed
+        and plan.snapshot.enabled
+        and row is not None
+        and plan.snapshot.balance > row.balance
+    )
+
+
+@dataclass(frozen=True)
+class Outlook:
+    """One org's forecast as `poller status`, `check`, `forecast` and `configure` show it."""
+
+    forecast: Forecast
+    threshold: Decimal
+    advice_days: Decimal
+
+    @property
+    def suggested_threshold(self) -> Decimal | None:
+        """A threshold worth ``advice_days`` of typical usage, if the usage is known."""
+        rate = self.forecast.typical_rate
+        return None if rate is None else suggest_threshold(rate, self.advice_days)
+
+    @property
+    def threshold_too_low(self) -> bool:
+        return needs_advice(self.threshold, self.forecast.typical_rate, self.advice_days)
+
+    @property
+    def covered_days(self) -> Decimal | None:
+        rate = self.forecast.typical_rate
+        return None if rate is None else self.threshold / rate
+
+
+def outlooks(
+    store: Store, settings: Settings, orgs: Sequence[tuple[int, Decimal, Decimal, datetime]]
+) -> dict[int, Outlook]:
+    """(org id, balance, threshold, as of) → each org's outlook from its stored history.
+
+    ``as of`` is when the balance was last seen: the forecast is as of then, not of now.
+    """
+    if not orgs:
+        return {}
+    history = History(store, retention=timedelta(days=settings.history_retention_days))
+    wanted = None if len(orgs) > READ_ALL_ABOVE else [org_id for org_id, *_ in orgs]
+    since = min(as_of for *_, as_of in orgs) - WEEK
+    series = history.series(wanted, since=since)
+    result = {}
+    for org_id, balance, threshold, as_of in orgs:
+        points = [point for point in series.get(org_id, []) if point.at <= as_of]
+        prediction = forecast(with_current(points, Point(as_of, balance)))
+        result[org_id] = Outlook(prediction, threshold, settings.advice_days)
+    return result
