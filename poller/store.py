@@ -388,7 +388,10 @@ def _create_sqlite_engine(url: URL) -> Engine:
             raise DatabaseError(
                 f"cannot open SQLite database {database}: directory {parent} does not exist"
             )
-    engine = create_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_SECONDS})
+    # A `?timeout=SECONDS` in the URL (sqlite3's own parameter) overrides the default wait for
+    # another process's write lock; connect_args would otherwise silently win over it.
+    connect_args = {} if "timeout" in url.query else {"timeout": SQLITE_BUSY_TIMEOUT_SECONDS}
+    engine = create_engine(url, connect_args=connect_args)
 
     @event.listens_for(engine, "connect")
     def _configure_connection(dbapi_connection: Any, _record: Any) -> None:
