@@ -17,7 +17,9 @@ from tests.reliability.world import ProcessWorld
 def _world(database_url: str, smtp_server: SmtpTestServer) -> Iterator[ProcessWorld]:
     api = SimulatedApi(token=TOKEN)
     with SimulatorServer(api) as sim:
-        yield ProcessWorld(api, database_url, poller_env(sim.url, database_url, smtp_server.port))
+        world = ProcessWorld(api, database_url, poller_env(sim.url, database_url, smtp_server.port))
+        yield world
+        world.close()
 
 
 @pytest.fixture

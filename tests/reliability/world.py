@@ -5,14 +5,16 @@ and a store whose states and notifications still belong together."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
-from dataclasses import dataclass
+import sys
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from sqlalchemy import select, update
 
 from poller.simulator import SimulatedApi
-from poller.store import NotificationRecord, notification, open_database, org_state
+from poller.store import NotificationRecord, Store, notification, open_database, org_state
 from tests.engine_world import run_poller
 
 THRESHOLD = "1000.00"
@@ -62,6 +64,18 @@ class ProcessWorld:
     api: SimulatedApi
     database_url: str
     env: dict[str, str]
+    _store: Store | None = field(default=None, repr=False)
+
+    @property
+    def store(self) -> Store:
+        """The test's own view of the database (opened after poller created the schema)."""
+        if self._store is None:
+            self._store = open_database(self.database_url)
+        return self._store
+
+    def close(self) -> None:
+        if self._store is not None:
+            self._store.close()
 
     def poller(self, *args: str, timeout: float = 60, **extra_env: str) -> Run:
         started = datetime.now(UTC)
@@ -71,37 +85,34 @@ class ProcessWorld:
         seconds = (datetime.now(UTC) - started).total_seconds()
         return Run(done.returncode, done.stdout, done.stderr, seconds)
 
+    def start(self, *args: str, **extra_env: str) -> subprocess.Popen[str]:
+        """The real `poller` started in the background (for faults injected while it runs)."""
+        clean = {k: v for k, v in os.environ.items() if not k.startswith("POLLER_")}
+        return subprocess.Popen(  # noqa: S603 - our own command, no shell
+            [sys.executable, "-m", "poller", *args],
+            env={**clean, **self.env, **extra_env},
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+
     def states(self) -> dict[int, tuple[str, int]]:
-        store = open_database(self.database_url)
-        try:
-            return {
-                org_id: (row.stored.state.value, row.stored.breach_count)
-                for org_id, row in store.load_states().items()
-            }
-        finally:
-            store.close()
+        return {
+            org_id: (row.stored.state.value, row.stored.breach_count)
+            for org_id, row in self.store.load_states().items()
+        }
 
     def notifications(self) -> list[NotificationRecord]:
-        store = open_database(self.database_url)
-        try:
-            with store.engine.connect() as connection:
-                ids = connection.execute(select(org_state.c.org_id)).scalars().all()
-            return [record for org_id in ids for record in store.notifications_for(org_id)]
-        finally:
-            store.close()
+        with self.store.engine.connect() as connection:
+            ids = connection.execute(select(org_state.c.org_id)).scalars().all()
+        return [record for org_id in ids for record in self.store.notifications_for(org_id)]
 
     def make_retries_due(self) -> None:
         """Fast-forward the delivery backoff instead of waiting minutes for it."""
-        store = open_database(self.database_url)
-        try:
-            with store.engine.begin() as connection:
-                connection.execute(
-                    update(notification)
-                    .where(notification.c.status == "pending")
-                    .values(next_attempt_at=datetime.now(UTC), claim_expires_at=None)
-                )
-        finally:
-            store.close()
+        with self.store.engine.begin() as connection:
+            connection.execute(
+                update(notification)
+                .where(notification.c.status == "pending")
+                .values(next_attempt_at=datetime.now(UTC), claim_expires_at=None)
+            )
 
     def assert_states_and_notifications_agree(self) -> None:
         """No state change without its notification row, and no row without its state change:
