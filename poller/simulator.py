@@ -103,6 +103,7 @@ import re
 import secrets
 import signal
 import socket
+import ssl
 import sys
 import threading
 import time
@@ -1329,7 +1330,8 @@ class _Handler(BaseHTTPRequestHandler):
         count, results = api.list_payloads(
             caller.org, query.get("search"), start, start + page_size
         )
-        base = f"http://{self.headers.get('Host') or self.server.host_port}{path}"
+        scheme = "https" if isinstance(self.connection, ssl.SSLSocket) else "http"
+        base = f"{scheme}://{self.headers.get('Host') or self.server.host_port}{path}"
         return _json(
             200,
             {
@@ -1528,10 +1530,18 @@ class _SimHTTPServer(ThreadingHTTPServer):
 class SimulatorServer:
     """Serves a SimulatedApi over HTTP in a background thread."""
 
-    def __init__(self, api: SimulatedApi, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(
+        self,
+        api: SimulatedApi,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
         self.api = api
         self._host = host
         self._port = port
+        # Serves https with this (server-side) context: for tests of certificate checking.
+        self._ssl_context = ssl_context
         self._httpd: _SimHTTPServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -1539,7 +1549,8 @@ class SimulatorServer:
     def url(self) -> str:
         if self._httpd is None:
             raise RuntimeError("the simulator is not started")
-        return f"http://{self._httpd.host_port}"
+        scheme = "https" if self._ssl_context is not None else "http"
+        return f"{scheme}://{self._httpd.host_port}"
 
     def start(self) -> SimulatorServer:
         if self._httpd is not None:
@@ -1549,6 +1560,10 @@ class SimulatorServer:
         except OSError as exc:
             reason = exc.strerror or str(exc)
             raise SimulatorError(f"cannot listen on {self._host}:{self._port}: {reason}") from None
+        if self._ssl_context is not None:
+            self._httpd.socket = self._ssl_context.wrap_socket(
+                self._httpd.socket, server_side=True
+            )
         self._thread = threading.Thread(
             target=self._httpd.serve_forever,
             # stop() waits up to one poll interval; tests stop a server per test.

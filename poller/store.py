@@ -874,6 +874,26 @@ class Store:
         with self._errors(action), self.engine.begin() as connection:
             return connection.execute(statement).rowcount == 1
 
+    def renew_claim(
+        self, notification_id: int, *, worker: str, now: datetime, lease_seconds: float
+    ) -> bool:
+        """Restart the lease just before sending, so a long batch cannot outlive its claim.
+
+        False if ``worker`` no longer holds the row (its lease ran out and another took it).
+        """
+        values = {"claim_expires_at": now + timedelta(seconds=lease_seconds), "updated_at": now}
+        statement = (
+            update(notification)
+            .where(
+                notification.c.id == notification_id,
+                notification.c.status == "pending",
+                notification.c.claimed_by == worker,
+            )
+            .values(values)
+        )
+        with self._errors("renewing a delivery claim"), self.engine.begin() as connection:
+            return connection.execute(statement).rowcount == 1
+
     def mark_sent(
         self, notification_id: int, *, worker: str, message_id: str | None, now: datetime
     ) -> bool:
