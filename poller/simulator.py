@@ -1516,6 +1516,12 @@ class _SimHTTPServer(ThreadingHTTPServer):
             self._connections.discard(request)
         super().shutdown_request(request)
 
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # A client that went away mid-request (killed, timed out) is normal, not a traceback.
+        if isinstance(sys.exc_info()[1], ConnectionError):
+            return
+        super().handle_error(request, client_address)
+
     def close_connections(self) -> None:
         """Wake handler threads parked on idle keep-alive connections so they end now."""
         with self._connections_lock:
