@@ -77,8 +77,9 @@ def test_a_429_storm_is_waited_out_as_retry_after_asks(sqlite_world: ProcessWorl
 
 
 def test_when_the_list_fails_nothing_changes_and_the_exit_status_says_so(
-    world: ProcessWorld, smtp_server
+    sqlite_world: ProcessWorld, smtp_server
 ) -> None:
+    world = sqlite_world
     add_orgs(world.api, range(1, 4))
     assert world.poller("once").status == 0
     for org_id in world.api.org_ids():

@@ -34,10 +34,10 @@ def https_world(
     "attempt_to_disable",
     [
         {},
-        {"REQUESTS_CA_BUNDLE": "", "CURL_CA_BUNDLE": ""},
-        {"POLLER_ALLOW_INSECURE_HTTP": "true", "PYTHONHTTPSVERIFY": "0"},
+        {"REQUESTS_CA_BUNDLE": "", "CURL_CA_BUNDLE": "", "POLLER_ALLOW_INSECURE_HTTP": "true",
+         "PYTHONHTTPSVERIFY": "0"},
     ],
-    ids=["default", "empty_ca_bundles", "insecure_http_switch"],
+    ids=["default", "empty_ca_bundles_and_insecure_switches"],
 )
 def test_an_untrusted_api_certificate_is_refused_whatever_the_environment_says(
     https_world: ProcessWorld, attempt_to_disable: dict[str, str]
