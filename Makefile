@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo lint clean email-png
+.PHONY: test demo lint clean email-png chaos
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -15,6 +15,12 @@ $(STAMP): setup.cfg pyproject.toml
 test: $(STAMP)
 	$(PY) -m ruff check poller tests bench
 	$(PY) -m pytest -q
+
+# The crash/concurrency harness at a large size (tests/reliability/harness.py; a few minutes).
+CHAOS_ARGS ?= --processes 4 --cycles 15 --orgs 60 --kill-rate 0.3
+chaos: $(STAMP)
+	$(PY) -m tests.reliability.harness $(CHAOS_ARGS)
+	if [ -n "$$POLLER_TEST_DATABASE_URL" ]; then $(PY) -m tests.reliability.harness $(CHAOS_ARGS) --postgres; fi
 
 demo: $(STAMP)
 	$(PY) -m poller.demo

@@ -529,6 +529,12 @@ class CekuraClient:
                                       headers=headers)
             except requests.Timeout:
                 status, failure = None, "timed out"
+            except requests.exceptions.SSLError:
+                # Verification is always on; say how to trust a private CA, not just "failed".
+                status, failure = None, (
+                    "TLS failed: the server's certificate could not be verified (a private CA "
+                    "can be added with REQUESTS_CA_BUNDLE=/path/to/ca.pem)"
+                )
             except requests.ConnectionError:
                 status, failure = None, "connection failed"
             except requests.RequestException as exc:

@@ -120,6 +120,9 @@ def once(settings: Settings, baseline: bool) -> None:
     if not baseline:
         settings.require_mail_from()
     report = _run(settings, deliver=not baseline, show_progress=True, baseline=baseline)
+    if report.fatal:
+        # Cron mails stderr: say in one line why nothing happened, not only in the JSON log.
+        _fail(f"{report.fatal} (nothing was changed)", EXIT_INCOMPLETE)
     sys.exit(EXIT_OK if report.ok else EXIT_INCOMPLETE)
 
 

@@ -2,9 +2,11 @@
 
 At least once, made effectively once: a row is claimed with a conditional update (so two
 pollers never send the same row), marked sent only after the SMTP server accepted the message,
-and every attempt for the same breach carries the same Message-ID. The one duplicate window
-is a process dying after the server accepted the message and before the row is marked sent;
-the lease then expires and another poller sends it again, with the same Message-ID.
+and every attempt for the same breach carries the same Message-ID. The lease is renewed just
+before each message is handed to the server, so a long batch never outlives its claim. The one
+duplicate window is a process dying (or one send outlasting the whole lease) after the server
+has the message and before the row is marked sent; the lease then expires and another poller
+sends it again, with the same Message-ID.
 """
 
 from __future__ import annotations
@@ -98,7 +100,8 @@ class Deliverer:
         with self._transport_factory() as transport:
             for index, row in enumerate(claimed):
                 if cancel.is_set():
-                    self._release(claimed[index:], "stopped before sending", report)
+                    # Not the server's fault: due again at once for whichever poller runs next.
+                    self._release(claimed[index:], "stopped before sending", report, backoff=False)
                     return False
                 try:
                     message = self._message(row)
@@ -107,6 +110,12 @@ class Deliverer:
                     # address the API gave us that is not an address): fail it loudly.
                     self._fail(row, DeliveryError(f"cannot build the email: {exc}",
                                                   permanent=True), report)
+                    continue
+                if not self._store.renew_claim(row.id, worker=self.worker, now=self._now(),
+                                               lease_seconds=self._settings.delivery_lease):
+                    # The batch outlasted our lease and another poller took this row over:
+                    # sending it too would be a duplicate.
+                    log.info("email.handed_over", org_id=row.org_id, breach=row.breach_number)
                     continue
                 try:
                     refused = transport.send(message, row.recipients)
@@ -192,11 +201,17 @@ class Deliverer:
         )
 
     def _release(
-        self, rows: list[ClaimedNotification], error: str, report: DeliveryReport
+        self,
+        rows: list[ClaimedNotification],
+        error: str,
+        report: DeliveryReport,
+        *,
+        backoff: bool = True,
     ) -> None:
         now = self._now()
         for row in rows:
-            next_attempt = now + timedelta(seconds=retry_delay(row.attempts))
+            delay = retry_delay(row.attempts) if backoff else 0.0
+            next_attempt = now + timedelta(seconds=delay)
             self._store.mark_retry(
                 row.id, worker=self.worker, error=error, next_attempt_at=next_attempt, now=now
             )

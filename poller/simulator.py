@@ -103,6 +103,7 @@ import re
 import secrets
 import signal
 import socket
+import ssl
 import sys
 import threading
 import time
@@ -438,6 +439,9 @@ class SimulatedApi:
         self._sorted_ids: list[int] | None = []
         self._faults: list[_ActiveFault] = []
         self._history: list[tuple[datetime, int, Decimal]] = []
+        # Test-only raw values served in place of validated ones (see corrupt_organization).
+        self._raw_org_fields: dict[int, dict[str, Any]] = {}
+        self._raw_billing_fields: dict[int, dict[str, Any]] = {}
         self._request_counts: Counter[str] = Counter()
         self._next_member_id = 1
         self._subscriptions = _subscription_variants(self._clock())
@@ -595,6 +599,26 @@ class SimulatedApi:
             self._apply(record, settings, now)
             record.omitted = (record.omitted - settings.keys()) | omitted
 
+    def corrupt_organization(self, org_id: int, field: str, raw_value: Any) -> None:
+        """Test-only: serve ``raw_value`` (any JSON value, never validated) as ``field`` of the
+        organization's Organization JSON, e.g. ``low_credits_threshold="abc"``, until
+        clear_corruption(). A real API would not do this; a client must survive it anyway."""
+        with self._lock:
+            self._record(org_id)
+            self._raw_org_fields.setdefault(org_id, {})[field] = raw_value
+
+    def corrupt_billing(self, org_id: int, field: str, raw_value: Any) -> None:
+        """Test-only: like corrupt_organization, for the BillingInfo JSON (e.g.
+        ``credits_remaining=None``)."""
+        with self._lock:
+            self._record(org_id)
+            self._raw_billing_fields.setdefault(org_id, {})[field] = raw_value
+
+    def clear_corruption(self) -> None:
+        with self._lock:
+            self._raw_org_fields.clear()
+            self._raw_billing_fields.clear()
+
     def add_fault(self, fault: Fault) -> None:
         with self._lock:
             self._faults.append(_ActiveFault(fault))
@@ -624,7 +648,7 @@ class SimulatedApi:
     def organization(self, org_id: int) -> dict[str, Any]:
         """The Organization JSON the API serves for this id (a fresh copy)."""
         with self._lock:
-            return self._record(org_id).payload()
+            return self._payload(self._record(org_id))
 
     def billing(self, org_id: int) -> dict[str, Any]:
         """The BillingInfo JSON the API serves for this id (a fresh copy)."""
@@ -692,7 +716,7 @@ class SimulatedApi:
                 ids = self._ordered_ids()
             if terms:
                 ids = [i for i in ids if all(t in self._orgs[i].name.lower() for t in terms)]
-            return len(ids), [self._orgs[i].payload() for i in ids[start:stop]]
+            return len(ids), [self._payload(self._orgs[i]) for i in ids[start:stop]]
 
     def patch(self, org_id: int, data: Mapping[str, Any]) -> dict[str, Any]:
         """Apply a PATCH body from the API; raises FieldValidationError with DRF errors."""
@@ -700,13 +724,14 @@ class SimulatedApi:
         with self._lock:
             record = self._record(org_id)
             self._apply(record, settings, _timestamp(self._clock()))
-            return record.payload()
+            return self._payload(record)
 
     def billing_body(self, org_id: int) -> bytes:
         """The BillingInfo JSON as served, formatted straight to bytes (the hot path)."""
         with self._lock:
             record = self._record(org_id)
-            return (
+            raw = self._raw_billing_fields.get(org_id)
+            body = (
                 _BILLING_TEMPLATE
                 % (
                     record.id,
@@ -719,8 +744,18 @@ class SimulatedApi:
                     record.billing_updated_at,
                 )
             ).encode()
+            if raw:
+                return _dumps({**json.loads(body), **raw})
+            return body
 
     # ---- internals (callers hold the lock) ------------------------------------------------------
+
+    def _payload(self, record: _OrgRecord) -> dict[str, Any]:
+        body = record.payload()
+        raw = self._raw_org_fields.get(record.id)
+        if raw:
+            body.update(raw)
+        return body
 
     def _insert(self, record: _OrgRecord) -> None:
         self._orgs[record.id] = record
@@ -1295,7 +1330,8 @@ class _Handler(BaseHTTPRequestHandler):
         count, results = api.list_payloads(
             caller.org, query.get("search"), start, start + page_size
         )
-        base = f"http://{self.headers.get('Host') or self.server.host_port}{path}"
+        scheme = "https" if isinstance(self.connection, ssl.SSLSocket) else "http"
+        base = f"{scheme}://{self.headers.get('Host') or self.server.host_port}{path}"
         return _json(
             200,
             {
@@ -1480,6 +1516,12 @@ class _SimHTTPServer(ThreadingHTTPServer):
             self._connections.discard(request)
         super().shutdown_request(request)
 
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # A client that went away mid-request (killed, timed out) is normal, not a traceback.
+        if isinstance(sys.exc_info()[1], ConnectionError):
+            return
+        super().handle_error(request, client_address)
+
     def close_connections(self) -> None:
         """Wake handler threads parked on idle keep-alive connections so they end now."""
         with self._connections_lock:
@@ -1494,10 +1536,18 @@ class _SimHTTPServer(ThreadingHTTPServer):
 class SimulatorServer:
     """Serves a SimulatedApi over HTTP in a background thread."""
 
-    def __init__(self, api: SimulatedApi, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(
+        self,
+        api: SimulatedApi,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
         self.api = api
         self._host = host
         self._port = port
+        # Serves https with this (server-side) context: for tests of certificate checking.
+        self._ssl_context = ssl_context
         self._httpd: _SimHTTPServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -1505,7 +1555,8 @@ class SimulatorServer:
     def url(self) -> str:
         if self._httpd is None:
             raise RuntimeError("the simulator is not started")
-        return f"http://{self._httpd.host_port}"
+        scheme = "https" if self._ssl_context is not None else "http"
+        return f"{scheme}://{self._httpd.host_port}"
 
     def start(self) -> SimulatorServer:
         if self._httpd is not None:
@@ -1515,6 +1566,10 @@ class SimulatorServer:
         except OSError as exc:
             reason = exc.strerror or str(exc)
             raise SimulatorError(f"cannot listen on {self._host}:{self._port}: {reason}") from None
+        if self._ssl_context is not None:
+            self._httpd.socket = self._ssl_context.wrap_socket(
+                self._httpd.socket, server_side=True
+            )
         self._thread = threading.Thread(
             target=self._httpd.serve_forever,
             # stop() waits up to one poll interval; tests stop a server per test.

@@ -398,7 +398,10 @@ def _create_sqlite_engine(url: URL) -> Engine:
             raise DatabaseError(
                 f"cannot open SQLite database {database}: directory {parent} does not exist"
             )
-    engine = create_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_SECONDS})
+    # A `?timeout=SECONDS` in the URL (sqlite3's own parameter) overrides the default wait for
+    # another process's write lock; connect_args would otherwise silently win over it.
+    connect_args = {} if "timeout" in url.query else {"timeout": SQLITE_BUSY_TIMEOUT_SECONDS}
+    engine = create_engine(url, connect_args=connect_args)
 
     @event.listens_for(engine, "connect")
     def _configure_connection(dbapi_connection: Any, _record: Any) -> None:
@@ -882,6 +885,26 @@ class Store:
             .values(claimed_by=None, claim_expires_at=None, **values)
         )
         with self._errors(action), self.engine.begin() as connection:
+            return connection.execute(statement).rowcount == 1
+
+    def renew_claim(
+        self, notification_id: int, *, worker: str, now: datetime, lease_seconds: float
+    ) -> bool:
+        """Restart the lease just before sending, so a long batch cannot outlive its claim.
+
+        False if ``worker`` no longer holds the row (its lease ran out and another took it).
+        """
+        values = {"claim_expires_at": now + timedelta(seconds=lease_seconds), "updated_at": now}
+        statement = (
+            update(notification)
+            .where(
+                notification.c.id == notification_id,
+                notification.c.status == "pending",
+                notification.c.claimed_by == worker,
+            )
+            .values(values)
+        )
+        with self._errors("renewing a delivery claim"), self.engine.begin() as connection:
             return connection.execute(statement).rowcount == 1
 
     def mark_sent(
