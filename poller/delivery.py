@@ -45,7 +45,8 @@ class DeliveryReport:
     sent: int = 0
     retried: int = 0
     failed: int = 0
-    # Pending rows left after this run (waiting for a retry, or not claimable by us).
+    # Pending rows left after this run (waiting for a retry), not counting rows another
+    # poller holds a live lease on: they are being delivered right now.
     undelivered: int = 0
 
 
@@ -90,7 +91,7 @@ class Deliverer:
                 break
             if not self._send_batch(claimed, report, cancel):
                 break
-        report.undelivered = self._store.pending_count(self._now())
+        report.undelivered = self._store.pending_count(self._now(), exclude_in_flight=True)
         return report
 
     def _send_batch(

@@ -76,7 +76,7 @@ def last_successful_cycle(store: Store) -> datetime | None:
     )
     query = select(func.max(cycle_run.c.finished_at)).where(successful)
     # The store's own error wrapping: a database problem is one line, password hidden.
-    with store._errors("reading the cycle history"), store.engine.connect() as connection:
+    with store.database_errors("reading the cycle history"), store.engine.connect() as connection:
         return connection.execute(query).scalar_one_or_none()
 
 

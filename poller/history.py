@@ -76,13 +76,13 @@ class History:
         if not balances:
             return
         statement = (
-            self._store._insert(balance_history)
+            self._store.dialect_insert(balance_history)
             .on_conflict_do_nothing(
                 index_elements=[balance_history.c.org_id, balance_history.c.observed_at]
             )
         )
         for batch in _batches(balances, BATCH_SIZE):
-            with self._store._errors("recording balance history"), \
+            with self._store.database_errors("recording balance history"), \
                     self._store.engine.begin() as connection:
                 connection.execute(
                     statement,
@@ -107,8 +107,8 @@ class History:
         points: dict[int, list[Point]] = defaultdict(list)
         columns = (balance_history.c.org_id, balance_history.c.observed_at,
                    balance_history.c.balance)
-        with self._store._errors("reading balance history"), \
-                self._store._reader.connect() as connection:
+        with self._store.database_errors("reading balance history"), \
+                self._store.reader.connect() as connection:
             for batch in batches:
                 chosen = [] if batch is None else [balance_history.c.org_id.in_(batch)]
                 last_before = (
@@ -136,8 +136,8 @@ class History:
             exists().where(balance_history.c.raw, balance_history.c.observed_at < raw_cutoff),
             exists().where(balance_history.c.observed_at < prune_cutoff),
         )
-        with self._store._errors("reading balance history"), \
-                self._store._reader.connect() as connection:
+        with self._store.database_errors("reading balance history"), \
+                self._store.reader.connect() as connection:
             downsample_due, prune_due = connection.execute(due).one()
         downsampled = self._downsample(raw_cutoff) if downsample_due else 0
         pruned = self._prune(prune_cutoff) if prune_due else 0
@@ -193,7 +193,7 @@ class History:
     def _in_batches(self, statement, action: str) -> int:
         total = 0
         for _ in range(MAINTENANCE_MAX_BATCHES):
-            with self._store._errors(action), self._store.engine.begin() as connection:
+            with self._store.database_errors(action), self._store.engine.begin() as connection:
                 count = connection.execute(statement).rowcount
             total += count
             if count < MAINTENANCE_BATCH:

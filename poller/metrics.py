@@ -63,7 +63,10 @@ def read_store_counts(store: Store) -> StoreCounts:
         org_state.c.state, org_state.c.enabled
     )
     notes = select(notification.c.status, func.count()).group_by(notification.c.status)
-    with store._errors("counting organizations for metrics"), store.engine.connect() as conn:
+    with (
+        store.database_errors("counting organizations for metrics"),
+        store.engine.connect() as conn,
+    ):
         return StoreCounts(
             organizations={(state, bool(enabled)): n for state, enabled, n in conn.execute(orgs)},
             notifications={status: n for status, n in conn.execute(notes)},

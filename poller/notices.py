@@ -183,8 +183,8 @@ class NoticeStore:
 
     def load(self) -> dict[int, NoticeState]:
         query = select(notice_state)
-        with self._store._errors("loading notice states"), \
-                self._store._reader.connect() as connection:
+        with self._store.database_errors("loading notice states"), \
+                self._store.reader.connect() as connection:
             return {
                 row.org_id: NoticeState(
                     AlertState(row.runway_state), row.runway_breaches, row.reminders,
@@ -199,8 +199,8 @@ class NoticeStore:
             org_state.c.state == AlertState.ALERTED.value,
             org_state.c.last_alert_at.is_not(None),
         )
-        with self._store._errors("loading alert times"), \
-                self._store._reader.connect() as connection:
+        with self._store.database_errors("loading alert times"), \
+                self._store.reader.connect() as connection:
             return {row.org_id: row.last_alert_at for row in connection.execute(query)}
 
     def apply(self, changes: Sequence[NoticeChange], now: datetime) -> tuple[list[int], int]:
@@ -209,7 +209,10 @@ class NoticeStore:
         conflicts = 0
         ordered = sorted(changes, key=lambda change: change.org_id)
         for start in range(0, len(ordered), BATCH_SIZE):
-            with self._store._errors("saving notices"), self._store.engine.begin() as connection:
+            with (
+                self._store.database_errors("saving notices"),
+                self._store.engine.begin() as connection,
+            ):
                 for change in ordered[start : start + BATCH_SIZE]:
                     if not self._write(connection, change, now):
                         conflicts += 1
@@ -234,7 +237,7 @@ class NoticeStore:
         }
         if change.expected is None:
             statement = (
-                self._store._insert(notice_state)
+                self._store.dialect_insert(notice_state)
                 .values(org_id=change.org_id, **values)
                 .on_conflict_do_nothing(index_elements=[notice_state.c.org_id])
             )

@@ -563,14 +563,14 @@ class Store:
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
-        self._reader = engine.execution_options(**{_READ_ONLY: True})
+        self.reader = engine.execution_options(**{_READ_ONLY: True})
         dialect_insert = {"postgresql": postgresql.insert, "sqlite": sqlite.insert}
-        self._insert = dialect_insert[engine.dialect.name]
+        self.dialect_insert = dialect_insert[engine.dialect.name]
 
     def close(self) -> None:
         self.engine.dispose()
 
-    def _errors(self, action: str) -> Any:
+    def database_errors(self, action: str) -> Any:
         return _database_errors(self.engine.url, action)
 
     # --- alert states -------------------------------------------------------------------
@@ -586,7 +586,7 @@ class Store:
             org_state.c.balance,
             org_state.c.last_error,
         )
-        with self._errors("loading alert states"), self._reader.connect() as connection:
+        with self.database_errors("loading alert states"), self.reader.connect() as connection:
             return {
                 row.org_id: StoredRow(
                     row.org_id,
@@ -624,7 +624,7 @@ class Store:
         attempt = 1
         while True:
             try:
-                with self._errors("saving alert states"), self.engine.begin() as connection:
+                with self.database_errors("saving alert states"), self.engine.begin() as connection:
                     return self._apply_batch(connection, batch, now)
             except DatabaseError as error:
                 cause = getattr(error.__cause__, "orig", None)
@@ -671,7 +671,7 @@ class Store:
         if not changes:
             return []
         statement = (
-            self._insert(org_state)
+            self.dialect_insert(org_state)
             .on_conflict_do_nothing(index_elements=[org_state.c.org_id])
             .returning(org_state.c.org_id)
         )
@@ -763,7 +763,7 @@ class Store:
         if new.status not in NOTIFICATION_STATUSES - {"sent", "failed"}:
             raise ValueError(f"a new notification cannot have status {new.status!r}")
         statement = (
-            self._insert(notification)
+            self.dialect_insert(notification)
             .values(
                 org_id=org_id,
                 breach_number=new.breach_number,
@@ -806,7 +806,7 @@ class Store:
             .values(last_error=bindparam("b_error"), last_error_at=bindparam("b_now"))
         )
         for batch in _batches(errors, BATCH_SIZE):
-            with self._errors("recording org errors"), self.engine.begin() as connection:
+            with self.database_errors("recording org errors"), self.engine.begin() as connection:
                 connection.execute(
                     statement,
                     [
@@ -819,7 +819,7 @@ class Store:
 
     def start_cycle(self, now: datetime, shard: str | None) -> int:
         statement = cycle_run.insert().values(started_at=now, shard=shard).returning(cycle_run.c.id)
-        with self._errors("recording the cycle start"), self.engine.begin() as connection:
+        with self.database_errors("recording the cycle start"), self.engine.begin() as connection:
             return connection.execute(statement).scalar_one()
 
     def finish_cycle(
@@ -830,7 +830,7 @@ class Store:
             .where(cycle_run.c.id == cycle_id)
             .values(finished_at=now, orgs_read=orgs_read, orgs_failed=orgs_failed, outcome=outcome)
         )
-        with self._errors("recording the cycle end"), self.engine.begin() as connection:
+        with self.database_errors("recording the cycle end"), self.engine.begin() as connection:
             connection.execute(statement)
 
     # --- delivery -----------------------------------------------------------------------
@@ -862,7 +862,7 @@ class Store:
             .returning(*notification.c)
         )
         claimed: list[ClaimedNotification] = []
-        with self._errors("claiming notifications"), self.engine.begin() as connection:
+        with self.database_errors("claiming notifications"), self.engine.begin() as connection:
             for notification_id in connection.execute(candidates).scalars().all():
                 # Repeating the conditions makes the UPDATE the arbiter: a concurrent claimer
                 # that got the row first leaves it unmatched here (PostgreSQL re-checks the
@@ -884,7 +884,7 @@ class Store:
             )
             .values(claimed_by=None, claim_expires_at=None, **values)
         )
-        with self._errors(action), self.engine.begin() as connection:
+        with self.database_errors(action), self.engine.begin() as connection:
             return connection.execute(statement).rowcount == 1
 
     def renew_claim(
@@ -904,7 +904,7 @@ class Store:
             )
             .values(values)
         )
-        with self._errors("renewing a delivery claim"), self.engine.begin() as connection:
+        with self.database_errors("renewing a delivery claim"), self.engine.begin() as connection:
             return connection.execute(statement).rowcount == 1
 
     def mark_sent(
@@ -944,19 +944,31 @@ class Store:
 
     # --- reporting ----------------------------------------------------------------------
 
-    def pending_count(self, now: datetime) -> int:
-        """Notifications created by ``now`` and not delivered yet: due, leased or awaiting retry."""
-        query = select(func.count()).where(
-            notification.c.status == "pending", notification.c.created_at <= now
-        )
-        with self._errors("counting pending notifications"), self._reader.connect() as connection:
+    def pending_count(self, now: datetime, *, exclude_in_flight: bool = False) -> int:
+        """Notifications created by ``now`` and not delivered yet: due, leased or awaiting retry.
+
+        ``exclude_in_flight`` leaves out rows another poller holds a live lease on: they are
+        that poller's to deliver (or anyone's once the lease expires), so a `poller once`
+        running beside it should not report them as left undone.
+        """
+        conditions = [notification.c.status == "pending", notification.c.created_at <= now]
+        if exclude_in_flight:
+            conditions.append(
+                or_(notification.c.claim_expires_at.is_(None),
+                    notification.c.claim_expires_at <= now)
+            )
+        query = select(func.count()).where(*conditions)
+        with (
+            self.database_errors("counting pending notifications"),
+            self.reader.connect() as connection,
+        ):
             return connection.execute(query).scalar_one()
 
     def notifications_for(self, org_id: int) -> list[NotificationRecord]:
         query = (
             select(notification).where(notification.c.org_id == org_id).order_by(notification.c.id)
         )
-        with self._errors("reading notifications"), self._reader.connect() as connection:
+        with self.database_errors("reading notifications"), self.reader.connect() as connection:
             return [_record(row) for row in connection.execute(query)]
 
     def status_rows(self) -> list[StatusRow]:
@@ -976,7 +988,7 @@ class Store:
             .order_by(org_state.c.org_id)
         )
         last_cycle = select(func.max(cycle_run.c.finished_at)).where(cycle_run.c.orgs_read > 0)
-        with self._errors("reading the status"), self._reader.connect() as connection:
+        with self.database_errors("reading the status"), self.reader.connect() as connection:
             last_cycle_at = connection.execute(last_cycle).scalar_one_or_none()
             return [
                 StatusRow(

@@ -469,6 +469,18 @@ def test_an_expired_lease_can_be_taken_over(store: Store) -> None:
     assert (taken.id, taken.claimed_by, taken.attempts) == (notification_id, "b", 2)
 
 
+def test_rows_another_poller_is_delivering_can_be_left_out_of_the_pending_count(
+    store: Store,
+) -> None:
+    seed_pending(store, 2)
+    store.claim_due(worker="a", now=NOW, lease_seconds=60, limit=1)
+
+    assert store.pending_count(NOW) == 2
+    assert store.pending_count(NOW, exclude_in_flight=True) == 1
+    # Once the lease has run out the row is anyone's again, and counts as left undone.
+    assert store.pending_count(NOW + timedelta(seconds=61), exclude_in_flight=True) == 2
+
+
 def test_mark_sent_counts_only_for_the_worker_holding_the_claim(store: Store) -> None:
     [notification_id] = seed_pending(store, 1)
     store.claim_due(worker="a", now=NOW, lease_seconds=60)
