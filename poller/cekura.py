@@ -19,7 +19,7 @@ import json
 import random
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -247,6 +247,7 @@ class CekuraClient:
     def _fetch_with_token(
         self, token: _Credential, only_org: int | None, counter: _RequestCounter
     ) -> list[OrgSnapshot | OrgError]:
+        raw_orgs: Iterable[object]
         if only_org is None:
             raw_orgs = self._list_organizations(token, counter)
         else:
@@ -285,12 +286,17 @@ class CekuraClient:
         )
         return results
 
-    def _list_organizations(self, token: _Credential, counter: _RequestCounter) -> list[object]:
-        """Raw organization objects from the v2 (paginated) listing, or v1 if v2 is absent."""
+    def _list_organizations(
+        self, token: _Credential, counter: _RequestCounter
+    ) -> Iterator[object]:
+        """Raw organization objects from the v2 (paginated) listing, or v1 if v2 is absent.
+
+        A generator, so only one page of raw JSON is alive at a time: the caller parses each
+        page before the next is read (100,000 raw organizations would take gigabytes).
+        """
         url = self._url(LIST_V2_PATH)
         params: dict[str, object] | None = {"page_size": self._page_size}
         followed: set[str] = set()
-        organizations: list[object] = []
         while True:
             try:
                 page = self._request(
@@ -302,7 +308,8 @@ class CekuraClient:
                         f"GET {LIST_V2_PATH}: a later page answered 404", status=404
                     ) from None
                 log.info("api.list_v2_missing", endpoint=LIST_V2_PATH)
-                return self._list_organizations_v1(token, counter)
+                yield from self._list_organizations_v1(token, counter)
+                return
             except AuthError:
                 raise
             except ApiError as exc:
@@ -311,10 +318,10 @@ class CekuraClient:
                 raise ApiUnavailable(
                     f"GET {LIST_V2_PATH}: expected a page with a results list"
                 )
-            organizations.extend(page["results"])
             next_url = page.get("next")
+            yield from page["results"]
             if next_url is None:
-                return organizations
+                return
             if not isinstance(next_url, str):
                 raise ApiUnavailable(f"GET {LIST_V2_PATH}: the next link is not a string")
             url, params = urljoin(url, next_url), None
