@@ -247,7 +247,7 @@ def _refresh_from_arrays() -> Update:
 _REFRESH_FROM_ARRAYS = _refresh_from_arrays()
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ObservedOrg:
     org_id: int
     name: str
@@ -276,7 +276,7 @@ class StoredRow:
         )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class NewNotification:
     kind: str
     breach_number: int
@@ -290,7 +290,7 @@ class NewNotification:
     auto_refill: bool = False  # the org's auto-refill setting when the breach was detected
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class StateChange:
     observed: ObservedOrg
     expected: StoredState | None  # what the cycle loaded; None = the org was not stored

@@ -28,8 +28,10 @@ def test_the_benchmark_runs_at_a_thousand_orgs_and_writes_a_sane_table(tmp_path:
     first, changes, unchanged = (dict(zip(header, cells[k], strict=True))
                                  for k in ("first sight", "changes", "unchanged"))
     assert first["rows written"] == "1,000"
-    # 3% of the fleet dropped to 1.00 credits: the enabled, armed ones alert and get an email.
-    assert 10 <= int(changes["breaches"]) <= 30 and changes["emails"] == changes["breaches"]
+    # 3% of the fleet dropped to 1.00 credits: the enabled, armed ones alert; those with an
+    # eligible admin and emails switched on get their email.
+    assert 10 <= int(changes["breaches"]) <= 30
+    assert 0 < int(changes["emails"]) <= int(changes["breaches"])
     assert unchanged["rows written"] == "0" and unchanged["breaches"] == "0"
     for row in (first, changes, unchanged):
         assert float(row["wall s"]) > 0 and 0 < float(row["peak RSS MB"]) < 1000

@@ -8,6 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from poller.config import ConfigError, load_settings
 from poller.delivery import Deliverer
 from poller.simulator import SimulatedApi, SimulatorServer
 from poller.store import open_database
@@ -65,3 +66,8 @@ def test_two_pollers_delivering_in_parallel_still_send_each_email_once(
 
     assert sum(r.sent for r in reports) == ORGS
     assert sorted(message_ids(smtp_server).values()) == [1] * ORGS
+
+
+def test_smtp_connections_must_be_at_least_one() -> None:
+    with pytest.raises(ConfigError, match="^POLLER_SMTP_CONNECTIONS: must be at least 1"):
+        load_settings(env={"POLLER_SMTP_CONNECTIONS": "0"})

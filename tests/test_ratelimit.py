@@ -9,7 +9,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from poller.cekura import CekuraClient
-from poller.config import Secret, Settings
+from poller.config import ConfigError, Secret, Settings, load_settings
 from poller.ratelimit import MIN_RATE, RequestRateLimiter
 from poller.simulator import Fault, SimulatedApi, SimulatorServer
 
@@ -197,3 +197,10 @@ def test_repeated_429s_slow_the_workers_down_and_the_cycle_completes() -> None:
             slowed_to = limiter.rate
     assert result.errors == [] and len(result.snapshots) == 40
     assert slowed_to is not None and slowed_to < 200
+
+
+def test_the_rate_cap_is_a_setting_where_zero_means_no_cap() -> None:
+    assert load_settings(env={}).max_requests_per_second == 100.0
+    assert load_settings(env={"POLLER_MAX_REQUESTS_PER_SECOND": "0"}).max_requests_per_second == 0
+    with pytest.raises(ConfigError, match="^POLLER_MAX_REQUESTS_PER_SECOND: must be at least 0"):
+        load_settings(env={"POLLER_MAX_REQUESTS_PER_SECOND": "-5"})
