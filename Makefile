@@ -1,10 +1,10 @@
-# The README's two commands: `make demo` and `make test`. Both build .venv on first use.
+# The README's commands: `make demo`, `make test`, `make bench`. All build .venv on first use.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo lint clean email-png chaos
+.PHONY: test demo bench lint clean email-png chaos
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,10 @@ chaos: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) -m poller.demo
+
+# 1k/10k/100k orgs on SQLite and PostgreSQL (POLLER_TEST_DATABASE_URL); see docs/benchmarks.md.
+bench: $(STAMP)
+	$(PY) -m bench
 
 lint: $(STAMP)
 	$(PY) -m ruff check poller tests bench

@@ -19,7 +19,7 @@ import json
 import random
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -34,6 +34,7 @@ import structlog
 from poller import __version__
 from poller.config import ConfigError, Secret, Settings
 from poller.parsing import ParseError, parse_billing, parse_organization
+from poller.ratelimit import RequestRateLimiter
 from poller.records import Billing, Organization, OrgError, OrgSnapshot
 
 log = structlog.get_logger(__name__)
@@ -163,6 +164,7 @@ class CekuraClient:
         page_size: int = DEFAULT_PAGE_SIZE,
         on_request: RequestObserver | None = None,
         on_progress: ProgressObserver | None = None,
+        rate_limiter: RequestRateLimiter | None = None,
     ) -> None:
         settings.require_credentials()
         self._base_url = settings.api_url.rstrip("/")
@@ -185,6 +187,8 @@ class CekuraClient:
         self._backoff_base = backoff_base
         self._max_wait = max_wait
         self._page_size = page_size
+        # One budget for every worker: the API's limit is per client, not per connection.
+        self._rate_limiter = rate_limiter or RequestRateLimiter(settings.max_requests_per_second)
         self._local = threading.local()
         self._sessions: list[requests.Session] = []
         self._lock = threading.Lock()
@@ -192,6 +196,8 @@ class CekuraClient:
         self._key_for_org: dict[int, _Credential] = {}
         self._on_request = on_request
         self._on_progress = on_progress
+        self._org_of_key: dict[_Credential, int] = {}
+        self._shard = settings.shard
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -213,7 +219,10 @@ class CekuraClient:
     # --- public operations -----------------------------------------------------------------
 
     def fetch_snapshots(self, only_org: int | None = None) -> FetchResult:
-        """Every visible organization (or just ``only_org``) with its balance, or its error."""
+        """Every visible organization of this shard (or just ``only_org``) with its balance.
+
+        Organizations that could not be read come back as errors instead.
+        """
         counter = _RequestCounter(self._on_progress)
         snapshots: dict[int, OrgSnapshot] = {}
         errors: list[OrgError] = []
@@ -229,7 +238,10 @@ class CekuraClient:
                 snapshots.setdefault(snapshot.id, snapshot)
             errors.extend(key_errors)
         # An org read through one credential needs no error about another credential.
-        errors = [e for e in errors if e.org_id is None or e.org_id not in snapshots]
+        errors = [
+            e for e in errors
+            if e.org_id is None or (e.org_id not in snapshots and self._owns(e.org_id, only_org))
+        ]
         for error in errors:
             log.warning("api.error", org_id=error.org_id, error=error.message)
         return FetchResult(
@@ -266,6 +278,7 @@ class CekuraClient:
     def _fetch_with_token(
         self, token: _Credential, only_org: int | None, counter: _RequestCounter
     ) -> list[OrgSnapshot | OrgError]:
+        raw_orgs: Iterable[object]
         if only_org is None:
             raw_orgs = self._list_organizations(token, counter)
         else:
@@ -294,7 +307,8 @@ class CekuraClient:
                 results.append(OrgError(org_id, f"{where} in the list: {exc}"))
                 continue
             # Pages can shift while we read them; the same org may be listed twice.
-            organizations.setdefault(org.id, org)
+            if self._owns(org.id, only_org):
+                organizations.setdefault(org.id, org)
 
         def read(org: Organization) -> OrgSnapshot | OrgError:
             snapshot = self._snapshot_with_token(token, org, counter)
@@ -304,12 +318,17 @@ class CekuraClient:
         results.extend(self._map(read, organizations.values()))
         return results
 
-    def _list_organizations(self, token: _Credential, counter: _RequestCounter) -> list[object]:
-        """Raw organization objects from the v2 (paginated) listing, or v1 if v2 is absent."""
+    def _list_organizations(
+        self, token: _Credential, counter: _RequestCounter
+    ) -> Iterator[object]:
+        """Raw organization objects from the v2 (paginated) listing, or v1 if v2 is absent.
+
+        A generator, so only one page of raw JSON is alive at a time: the caller parses each
+        page before the next is read (100,000 raw organizations would take gigabytes).
+        """
         url = self._url(LIST_V2_PATH)
         params: dict[str, object] | None = {"page_size": self._page_size}
         followed: set[str] = set()
-        organizations: list[object] = []
         while True:
             try:
                 page = self._request(
@@ -321,7 +340,8 @@ class CekuraClient:
                         f"GET {LIST_V2_PATH}: a later page answered 404", status=404
                     ) from None
                 log.info("api.list_v2_missing", endpoint=LIST_V2_PATH)
-                return self._list_organizations_v1(token, counter)
+                yield from self._list_organizations_v1(token, counter)
+                return
             except AuthError:
                 raise
             except ApiError as exc:
@@ -330,10 +350,10 @@ class CekuraClient:
                 raise ApiUnavailable(
                     f"GET {LIST_V2_PATH}: expected a page with a results list"
                 )
-            organizations.extend(page["results"])
             next_url = page.get("next")
+            yield from page["results"]
             if next_url is None:
-                return organizations
+                return
             if not isinstance(next_url, str):
                 raise ApiUnavailable(f"GET {LIST_V2_PATH}: the next link is not a string")
             url, params = urljoin(url, next_url), None
@@ -385,7 +405,9 @@ class CekuraClient:
         self, only_org: int | None, covered: set[int], counter: _RequestCounter
     ) -> tuple[list[OrgSnapshot], list[OrgError]]:
         def wanted(org_id: int) -> bool:
-            return org_id not in covered and (only_org is None or org_id == only_org)
+            if only_org is not None:
+                return org_id == only_org and org_id not in covered
+            return org_id not in covered and self._owns(org_id, None)
 
         def read(key: _Credential) -> _KeyOutcome:
             outcome = self._fetch_with_key(key, wanted, counter)
@@ -426,6 +448,11 @@ class CekuraClient:
     def _fetch_with_key(
         self, key: _Credential, wanted: Callable[[int], bool], counter: _RequestCounter
     ) -> _KeyOutcome:
+        with self._lock:
+            known_org = self._org_of_key.get(key)
+        if known_org is not None and not wanted(known_org):
+            # An org-scoped key belongs to one org for good: no need to ask again (daemon).
+            return _KeyOutcome()
         try:
             billing = self._billing_for_key(key, counter)
         except AuthError as exc:
@@ -463,6 +490,7 @@ class CekuraClient:
         billing = parse_billing(data)
         with self._lock:
             self._key_for_org.setdefault(billing.organization_id, key)
+            self._org_of_key[key] = billing.organization_id
         return billing
 
     def _key_belonging_to(self, org_id: int, counter: _RequestCounter) -> _Credential | None:
@@ -522,6 +550,9 @@ class CekuraClient:
         failure = ""
         status: int | None = None
         for attempt in range(1, self._attempts + 1):
+            wait = self._rate_limiter.delay()
+            if wait > 0:
+                self._sleep(wait)
             counter.add()
             retry_after: float | None = None
             try:
@@ -562,12 +593,17 @@ class CekuraClient:
                     log.warning("api.request_failed", status=status, attempt=attempt, **context)
                     message = f"{method} {endpoint} was refused ({status})"
                     raise ApiError(f"{message}: {detail}" if detail else message, status=status)
+            delay = self._delay(attempt, retry_after)
+            if status == 429:
+                # Every worker pauses, this one included: the limiter's delay() before the
+                # next attempt covers the pause, so sleeping here as well would double it.
+                self._rate_limiter.throttled(delay)
             if attempt == self._attempts:
                 break
-            delay = self._delay(attempt, retry_after)
             log.info("api.retry", status=status, reason=failure, attempt=attempt,
                      delay=round(delay, 3), **context)
-            self._sleep(delay)
+            if status != 429:
+                self._sleep(delay)
         log.warning("api.request_failed", status=status, reason=failure,
                     attempt=self._attempts, **context)
         raise ApiError(
@@ -627,6 +663,10 @@ class CekuraClient:
                 )
             executor = self._executor
         return list(executor.map(function, items))
+
+    def _owns(self, org_id: int, only_org: int | None) -> bool:
+        """Whether this shard handles the org; ``--org`` asks for one org whatever its shard."""
+        return only_org is not None or self._shard is None or self._shard.owns(org_id)
 
     def _url(self, path: str) -> str:
         return self._base_url + path

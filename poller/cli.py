@@ -27,6 +27,7 @@ from poller.logs import configure_logging
 from poller.mail import format_credits, format_detected_at, format_runway, render_email
 from poller.ops_commands import health, preview, send_test
 from poller.progress import terminal_progress
+from poller.sharding import Shard, parse_shard
 from poller.store import (
     DatabaseError,
     SchemaOutdated,
@@ -101,11 +102,31 @@ def _run(settings: Settings, *, deliver: bool, show_progress: bool = False,
                          **cycle_args)
 
 
+def _shard_option(ctx: click.Context, param: click.Parameter, value: str | None) -> Shard | None:
+    if value is None:
+        return None
+    try:
+        return parse_shard(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+shard_option = click.option(
+    "--shard", metavar="K/N", callback=_shard_option,
+    help="Handle only this replica's share of the organizations (POLLER_SHARD), e.g. 2/3.",
+)
+
+
+def _sharded(settings: Settings, shard: Shard | None) -> Settings:
+    return settings if shard is None else dataclasses.replace(settings, shard=shard)
+
+
 @cli.command()
 @click.option("--baseline", is_flag=True,
               help="Record every organization's current state without sending anything.")
+@shard_option
 @click.pass_obj
-def once(settings: Settings, baseline: bool) -> None:
+def once(settings: Settings, baseline: bool, shard: Shard | None) -> None:
     """Run one full cycle: fetch every organization, diff, persist, deliver.
 
     Exit status 0 when every organization was read and every due email delivered, 1 when
@@ -116,6 +137,7 @@ def once(settings: Settings, baseline: bool) -> None:
       poller once --baseline
       poller once
     """
+    settings = _sharded(settings, shard)
     settings.require_credentials()
     if not baseline:
         settings.require_mail_from()
@@ -131,19 +153,21 @@ def once(settings: Settings, baseline: bool) -> None:
               help="First cycle records the current state without sending anything.")
 @click.option("--metrics-port", type=click.IntRange(1, 65535), metavar="PORT",
               help="Serve Prometheus /metrics and /healthz on PORT (POLLER_METRICS_PORT).")
+@shard_option
 @click.pass_obj
-def run(settings: Settings, baseline: bool, metrics_port: int | None) -> None:
+def run(settings: Settings, baseline: bool, metrics_port: int | None, shard: Shard | None) -> None:
     """Run as a daemon: a cycle at start and every POLLER_INTERVAL seconds.
 
     SIGTERM or Ctrl-C stops after the current step; a second one stops at once.
 
     \b
-    Example:
-      POLLER_INTERVAL=300 poller run --metrics-port 9102
+    Example (the second of three replicas, with metrics):
+      POLLER_INTERVAL=300 poller run --shard 2/3 --metrics-port 9102
     """
     from poller.daemon import run_daemon
     from poller.metrics import MetricsServer, PollerMetrics
 
+    settings = _sharded(settings, shard)
     settings.require_credentials()
     settings.require_mail_from()
     store = _open_store(settings)

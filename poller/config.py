@@ -22,6 +22,8 @@ from urllib.parse import urlsplit
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
+from poller.sharding import Shard, parse_shard
+
 
 class ConfigError(Exception):
     """Bad configuration; the message is one line naming the setting (exit status 2)."""
@@ -61,6 +63,10 @@ class Settings:
     api_read_timeout: float = 30.0
     api_retries: int = 4
     concurrency: int = 8
+    # Client-side cap on API requests per second across all workers; 0 = no cap.
+    max_requests_per_second: float = 100.0
+    # This replica's share of the organizations ("K/N"); None = all of them.
+    shard: Shard | None = None
     database_url: str = "sqlite:///poller.db"
     smtp_host: str = "localhost"
     smtp_port: int = 587
@@ -68,6 +74,8 @@ class Settings:
     smtp_username: str | None = None
     smtp_password: Secret | None = None
     smtp_timeout: float = 30.0
+    # SMTP connections delivering in parallel, each reused for a batch of messages.
+    smtp_connections: int = 2
     mail_from: str | None = None
     billing_url: str = "https://dashboard.cekura.ai/settings/org/billing"
     interval: float = 300.0
@@ -244,6 +252,16 @@ def _optional_decimal(raw: object) -> Decimal | None:
     if isinstance(raw, str) and raw.strip().lower() in _OFF_WORDS:
         return None
     return _decimal(raw) or None
+def _shard(raw: object) -> Shard | None:
+    if isinstance(raw, Shard):
+        return raw
+    text = _text(raw)
+    if not text:
+        return None
+    try:
+        return parse_shard(text)
+    except ValueError as problem:
+        raise _BadValue(str(problem)) from None
 
 
 def _one_secret(raw: object) -> Secret | None:
@@ -363,6 +381,8 @@ _SPECS: dict[str, _Spec] = {
         _Spec("api_read_timeout", _number, _greater_than_zero),
         _Spec("api_retries", _whole_number, _at_least(0)),
         _Spec("concurrency", _whole_number, _at_least(1)),
+        _Spec("max_requests_per_second", _number, _at_least(0)),
+        _Spec("shard", _shard),
         _Spec("database_url", _required_text, _database_url),
         _Spec("smtp_host", _required_text),
         _Spec("smtp_port", _whole_number, _port),
@@ -370,6 +390,7 @@ _SPECS: dict[str, _Spec] = {
         _Spec("smtp_username", _optional_text),
         _Spec("smtp_password", _one_secret, secret=True),
         _Spec("smtp_timeout", _number, _greater_than_zero),
+        _Spec("smtp_connections", _whole_number, _at_least(1)),
         _Spec("mail_from", _optional_text, _plausible_address),
         _Spec("billing_url", _required_text, _http_url),
         _Spec("interval", _number, _greater_than_zero),

@@ -9,7 +9,8 @@ from __future__ import annotations
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -32,7 +33,7 @@ def utc_now() -> datetime:
     return datetime.now(UTC)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class OrgPlan:
     """What the cycle decided for one organization, before anything is written."""
 
@@ -77,6 +78,8 @@ class CycleReport:
     outcome: str = ""  # ok | partial | list_failed | abandoned, once the cycle has finished
     # Forecasts computed this cycle and the optional notices it recorded.
     insights: InsightReport = field(default_factory=InsightReport)
+    # Seconds spent in each phase: fetch, diff (load states + rule), persist, deliver.
+    phases: dict[str, float] = field(default_factory=dict)
 
     @property
     def orgs_read(self) -> int:
@@ -217,12 +220,15 @@ def run_cycle(
     cycle_log = log.bind(cycle_id=report.cycle_id)
     structlog.contextvars.bind_contextvars(cycle_id=report.cycle_id)
     try:
-        cycle_log.info("cycle.started", only_org=only_org, baseline=baseline, dry_run=dry_run)
-        run_id = None if dry_run else store.start_cycle(report.started_at, shard=None)
+        shard = str(settings.shard) if settings.shard is not None and only_org is None else None
+        cycle_log.info("cycle.started", only_org=only_org, baseline=baseline, dry_run=dry_run,
+                       shard=shard)
+        run_id = None if dry_run else store.start_cycle(report.started_at, shard=shard)
         _fetch_and_persist(report, settings, client, store, baseline, only_org, dry_run, cancel,
                            now_fn)
         if deliverer is not None and not dry_run and not cancel.is_set():
-            report.delivery = deliverer.deliver_due(cancel=cancel)
+            with _phase(report, "deliver"):
+                report.delivery = deliverer.deliver_due(cancel=cancel)
         report.duration = time.monotonic() - started
         report.outcome = _outcome(report, cancel)
         if run_id is not None:
@@ -251,7 +257,8 @@ def _fetch_and_persist(
     now_fn: Callable[[], datetime],
 ) -> None:
     try:
-        fetched = client.fetch_snapshots(only_org=only_org)
+        with _phase(report, "fetch"):
+            fetched = client.fetch_snapshots(only_org=only_org)
     except ApiError as exc:
         # No list means no data: every stored state stays exactly as it was.
         report.fatal = str(exc)
@@ -264,25 +271,38 @@ def _fetch_and_persist(
         log.warning("cycle.abandoned", reason="stop requested before any write")
         return
     now = now_fn()
-    stored = store.load_states()
-    report.plans = plan_cycle(
-        fetched.snapshots, stored, settings=settings, baseline=baseline, now=now
-    )
-    insights = Insights(store, settings)
-    changes = insights.before_persist(
-        report.plans, stored, baseline=baseline, now=now, report=report.insights
-    )
-    report.plans = [replace(plan, change=change) for plan, change in zip(report.plans, changes,
-                                                                           strict=True)]
+    with _phase(report, "diff"):
+        stored = store.load_states()
+        report.plans = plan_cycle(
+            fetched.snapshots, stored, settings=settings, baseline=baseline, now=now
+        )
+        insights = Insights(store, settings)
+        changes = insights.before_persist(
+            report.plans, stored, baseline=baseline, now=now, report=report.insights
+        )
+        report.plans = [
+            replace(plan, change=change)
+            for plan, change in zip(report.plans, changes, strict=True)
+        ]
     if dry_run:
         return
-    result = store.apply_changes([p.change for p in report.plans if p.change], now)
-    report.written, report.conflicts = result.written, result.conflicts
-    store.record_errors([(e.org_id, e.message) for e in report.errors if e.org_id], now)
-    insights.after_persist(report.plans, stored, baseline=baseline, now=now,
-                           report=report.insights)
+    with _phase(report, "persist"):
+        result = store.apply_changes([p.change for p in report.plans if p.change], now)
+        report.written, report.conflicts = result.written, result.conflicts
+        store.record_errors([(e.org_id, e.message) for e in report.errors if e.org_id], now)
+        insights.after_persist(report.plans, stored, baseline=baseline, now=now,
+                               report=report.insights)
     for plan in report.plans:
         _log_plan(plan)
+
+
+@contextmanager
+def _phase(report: CycleReport, name: str) -> Iterator[None]:
+    started = time.monotonic()
+    try:
+        yield
+    finally:
+        report.phases[name] = time.monotonic() - started
 
 
 def _log_plan(plan: OrgPlan) -> None:
@@ -325,4 +345,5 @@ def _log_summary(cycle_log, report: CycleReport, cancel: threading.Event) -> Non
         emails_failed=delivery.failed,
         undelivered=delivery.undelivered,
         seconds=round(report.duration, 3),
+        **{f"{name}_seconds": round(seconds, 3) for name, seconds in report.phases.items()},
     )

@@ -11,12 +11,14 @@ sends it again, with the same Message-ID.
 
 from __future__ import annotations
 
+import math
 import os
 import random
 import socket
 import threading
 import uuid
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
@@ -49,6 +51,11 @@ class DeliveryReport:
     # poller holds a live lease on: they are being delivered right now.
     undelivered: int = 0
 
+    def add(self, other: DeliveryReport) -> None:
+        self.sent += other.sent
+        self.retried += other.retried
+        self.failed += other.failed
+
 
 def retry_delay(attempts: int, rng: random.Random | None = None) -> float:
     """Exponential backoff with jitter: ~1 min, 2, 4, ... capped at an hour."""
@@ -78,20 +85,42 @@ class Deliverer:
         self.worker = worker or worker_name()
 
     def deliver_due(self, cancel: threading.Event | None = None) -> DeliveryReport:
+        """Send every due notification over up to ``smtp_connections`` parallel connections."""
         report = DeliveryReport()
         cancel = cancel or threading.Event()
-        while not cancel.is_set():
+        connections = max(1, self._settings.smtp_connections)
+        # Batches no bigger than a fair share, so a few due emails still use every connection.
+        due = self._store.pending_count(self._now()) if connections > 1 else CLAIM_BATCH
+        batch = max(1, min(CLAIM_BATCH, math.ceil(due / connections)))
+        # The first unusable-server answer stops every connection, not only the one that saw it.
+        halt = threading.Event()
+        if connections == 1:
+            report.add(self._deliver_loop(batch, cancel, halt))
+        else:
+            with ThreadPoolExecutor(connections, thread_name_prefix="smtp") as pool:
+                parts = [pool.submit(self._deliver_loop, batch, cancel, halt)
+                         for _ in range(connections)]
+                for part in parts:
+                    report.add(part.result())
+        report.undelivered = self._store.pending_count(self._now(), exclude_in_flight=True)
+        return report
+
+    def _deliver_loop(
+        self, batch: int, cancel: threading.Event, halt: threading.Event
+    ) -> DeliveryReport:
+        """One connection's work: claim a batch, send it, repeat; claims keep rows exclusive."""
+        report = DeliveryReport()
+        while not cancel.is_set() and not halt.is_set():
             claimed = self._store.claim_due(
                 worker=self.worker,
                 now=self._now(),
                 lease_seconds=self._settings.delivery_lease,
-                limit=CLAIM_BATCH,
+                limit=batch,
             )
             if not claimed:
                 break
             if not self._send_batch(claimed, report, cancel):
-                break
-        report.undelivered = self._store.pending_count(self._now(), exclude_in_flight=True)
+                halt.set()
         return report
 
     def _send_batch(

@@ -14,7 +14,7 @@ DEFAULT_THRESHOLD = Decimal("1000")
 _PLAIN_ADDRESS = re.compile(r"[^@\s<>,;\"]+@[^@\s<>,;\"]+")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Member:
     membership_id: int
     user_id: int
@@ -25,13 +25,13 @@ class Member:
     email_notify_enabled: bool | None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Recipient:
     name: str
     email: str
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Organization:
     id: int
     name: str
@@ -60,14 +60,14 @@ class Organization:
         return tuple(recipients)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Billing:
     organization_id: int
     credits_remaining: Decimal
     credits_used: Decimal | None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class OrgSnapshot:
     """Everything one cycle needs about one organization, read successfully."""
 
@@ -91,7 +91,7 @@ class OrgSnapshot:
         return self.org.low_credits_threshold
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class OrgError:
     """An organization whose data could not be read this cycle; its state stays untouched."""
 

@@ -26,7 +26,7 @@ class AlertState(StrEnum):
     ALERTED = "alerted"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class StoredState:
     state: AlertState
     breach_count: int
@@ -35,14 +35,14 @@ class StoredState:
 INITIAL = StoredState(AlertState.ARMED, 0)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Observation:
     enabled: bool
     threshold: Decimal
     balance: Decimal
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Decision:
     state: AlertState
     breach_count: int

@@ -1,0 +1,209 @@
+"""`python -m bench`: full `poller once` cycles against a simulated fleet, measured from outside.
+
+For each size N and database: a fresh simulator process seeded with N organizations, a local
+SMTP capture, a fresh database. Then, in order:
+
+1. the floor: one billing request per org from the simplest keep-alive client (bench.floor);
+2. ``poller once --baseline``: first sight, every org inserted (row "first sight");
+3. ``cycles - 1`` cycles after moving ``--drop-percent`` of the orgs below any threshold
+   through the simulator's /_sim/ control endpoint (rows "changes");
+4. one cycle with no balance change (row "unchanged": what it wrote should be ~0).
+
+Each cycle is a `poller once` subprocess: wall time and peak RSS (wait4) come from outside,
+the per-phase seconds and counts from its ``cycle.finished`` JSON log line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import requests
+
+from bench.floor import measure_floor
+from bench.report import Row, write_report
+from poller.smtp_capture import SmtpCapture
+
+TOKEN = "bench-token-0123456789"
+MAIL_FROM = "bench@poller.example.com"
+DEFAULT_OUTPUT = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
+
+
+@dataclass
+class Simulator:
+    url: str
+    org_ids: list[int]
+
+
+@contextmanager
+def simulator_process(orgs: int, workdir: Path) -> Iterator[Simulator]:
+    ids_file = workdir / "ids.txt"
+    command = [sys.executable, "-m", "bench.simulator_process", "--orgs", str(orgs),
+               "--token", TOKEN, "--ids-file", str(ids_file)]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+    try:
+        assert process.stdout is not None
+        line = process.stdout.readline().split()
+        if line[:1] != ["ready"]:
+            raise RuntimeError("the simulator process did not start")
+        org_ids = [int(text) for text in ids_file.read_text(encoding="ascii").split()]
+        yield Simulator(url=line[1], org_ids=org_ids)
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+@contextmanager
+def database(kind: str, workdir: Path, postgres_url: str | None) -> Iterator[str]:
+    if kind == "sqlite":
+        yield f"sqlite:///{workdir / 'bench.db'}"
+        return
+    if not postgres_url:
+        raise SystemExit("bench: --db postgresql needs --postgres-url or POLLER_TEST_DATABASE_URL")
+    import psycopg2
+    from sqlalchemy.engine import make_url
+
+    admin = make_url(postgres_url)
+    name = f"poller_bench_{uuid.uuid4().hex[:12]}"
+    connect = {"host": admin.host, "port": admin.port or 5432, "user": admin.username,
+               "password": admin.password, "dbname": admin.database}
+
+    def execute(statement: str) -> None:
+        connection = psycopg2.connect(**connect)
+        connection.autocommit = True
+        try:
+            connection.cursor().execute(statement)
+        finally:
+            connection.close()
+
+    execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield admin.set(database=name).render_as_string(hide_password=False)
+    finally:
+        execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@dataclass
+class CycleRun:
+    wall: float
+    peak_rss_mb: float
+    summary: dict
+    requests: int
+
+
+def run_cycle(env: dict[str, str], workdir: Path, api_url: str, *args: str) -> CycleRun:
+    before = _request_count(api_url)
+    log_path = workdir / "poller.log"
+    with open(log_path, "w") as log_file:
+        started = time.monotonic()
+        process = subprocess.Popen([sys.executable, "-m", "poller", "once", *args], env=env,
+                                   stdout=subprocess.DEVNULL, stderr=log_file)
+        # wait4 gives this child's own peak RSS, not the simulator's.
+        _, status, usage = os.wait4(process.pid, 0)
+        wall = time.monotonic() - started
+        process.returncode = os.waitstatus_to_exitcode(status)
+    summaries = [json.loads(line) for line in log_path.read_text().splitlines()
+                 if '"cycle.finished"' in line]
+    if not summaries:
+        tail = log_path.read_text()[-2000:]
+        raise RuntimeError(f"poller once {' '.join(args)} exited {process.returncode}:\n{tail}")
+    return CycleRun(wall=wall, peak_rss_mb=usage.ru_maxrss / 1024, summary=summaries[-1],
+                    requests=_request_count(api_url) - before)
+
+
+def _request_count(api_url: str) -> int:
+    return sum(requests.get(api_url + "/_sim/requests", timeout=30).json().values())
+
+
+def drop_balances(api_url: str, org_ids: list[int]) -> None:
+    """Move these orgs to 1.00 credits: below every threshold the simulator generates."""
+    with requests.Session() as session, ThreadPoolExecutor(8) as pool:
+        def drop(org_id: int) -> None:
+            response = session.post(f"{api_url}/_sim/orgs/{org_id}",
+                                    json={"credits_remaining": "1.00"}, timeout=30)
+            response.raise_for_status()
+
+        list(pool.map(drop, org_ids))
+
+
+def poller_env(api_url: str, database_url: str, smtp_port: int, concurrency: int) -> dict[str, str]:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("POLLER_")}
+    return {
+        **clean,
+        "POLLER_API_URL": api_url,
+        "POLLER_API_TOKEN": TOKEN,
+        "POLLER_DATABASE_URL": database_url,
+        "POLLER_SMTP_HOST": "127.0.0.1",
+        "POLLER_SMTP_PORT": str(smtp_port),
+        "POLLER_SMTP_SECURITY": "none",
+        "POLLER_MAIL_FROM": MAIL_FROM,
+        "POLLER_CONCURRENCY": str(concurrency),
+        # The benchmark measures poller's own cost; the client-side cap would dominate it.
+        "POLLER_MAX_REQUESTS_PER_SECOND": "0",
+        "POLLER_LOG_FORMAT": "json",
+    }
+
+
+def bench_one(orgs: int, db: str, args: argparse.Namespace) -> list[Row]:
+    rows: list[Row] = []
+    rng = random.Random(orgs)
+    with tempfile.TemporaryDirectory(prefix="poller-bench-") as tmp:
+        workdir = Path(tmp)
+        with simulator_process(orgs, workdir) as sim, SmtpCapture() as smtp, \
+                database(db, workdir, args.postgres_url) as database_url:
+            floor_seconds = measure_floor(sim.url, TOKEN, sim.org_ids, args.concurrency)
+            floor_rps = orgs / floor_seconds
+            env = poller_env(sim.url, database_url, smtp.port, args.concurrency)
+
+            def record(kind: str, run: CycleRun) -> None:
+                rows.append(Row.from_cycle(orgs, db, kind, run.wall, run.peak_rss_mb,
+                                           run.summary, run.requests, floor_rps))
+                print(rows[-1].one_line(), file=sys.stderr, flush=True)
+
+            record("first sight", run_cycle(env, workdir, sim.url, "--baseline"))
+            untouched = list(sim.org_ids)
+            rng.shuffle(untouched)
+            per_cycle = max(1, round(orgs * args.drop_percent / 100))
+            for _ in range(args.cycles - 1):
+                dropped, untouched = untouched[:per_cycle], untouched[per_cycle:]
+                drop_balances(sim.url, dropped)
+                record("changes", run_cycle(env, workdir, sim.url))
+            record("unchanged", run_cycle(env, workdir, sim.url))
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
+    parser.add_argument("--orgs", type=int, action="append",
+                        help="fleet size; repeat for several (default 1000, 10000, 100000)")
+    parser.add_argument("--db", choices=["sqlite", "postgresql"], action="append",
+                        help="database; repeat for both (default both)")
+    parser.add_argument("--cycles", type=int, default=2,
+                        help="measured cycles after first sight; the last has no changes (>= 2)")
+    parser.add_argument("--drop-percent", type=float, default=3.0,
+                        help="orgs moved below their threshold before each changing cycle")
+    parser.add_argument("--concurrency", type=int, default=8, help="poller and floor workers")
+    parser.add_argument("--postgres-url", default=os.environ.get("POLLER_TEST_DATABASE_URL"),
+                        help="server to create a scratch database on")
+    parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT,
+                        help="Markdown file whose table is replaced (default docs/benchmarks.md)")
+    args = parser.parse_args(argv)
+    if args.cycles < 2:
+        parser.error("--cycles must be at least 2 (one with changes, one without)")
+    sizes = args.orgs or [1_000, 10_000, 100_000]
+    dbs = args.db or ["sqlite", "postgresql"]
+    rows = [row for orgs in sizes for db in dbs for row in bench_one(orgs, db, args)]
+    table = write_report(rows, args.output, argv if argv is not None else sys.argv[1:])
+    print(table)

@@ -1,0 +1,41 @@
+"""The benchmark's Cekura API: the simulator in a process of its own, so it never shares a GIL
+with the poller or with the floor client.
+
+    python -m bench.simulator_process --orgs 100000 --seed 1 --token T --ids-file ids.txt
+
+Prints ``ready <url>`` on stdout once it serves, then runs until SIGTERM/SIGINT. The ids file
+lists every organization id (ids have random gaps), so the driver can move balances through
+the ``/_sim/`` control endpoints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import threading
+
+from poller.simulator import SimulatedApi, SimulatorServer
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.simulator_process")
+    parser.add_argument("--orgs", type=int, required=True)
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--token", required=True)
+    parser.add_argument("--ids-file", required=True)
+    args = parser.parse_args()
+
+    api = SimulatedApi.generate(args.orgs, seed=args.seed, token=args.token)
+    with open(args.ids_file, "w", encoding="ascii") as ids:
+        ids.writelines(f"{org_id}\n" for org_id in api.org_ids())
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda _signum, _frame: stop.set())
+    with SimulatorServer(api) as server:
+        print(f"ready {server.url}", flush=True)
+        while not stop.wait(0.5):
+            pass
+
+
+if __name__ == "__main__":
+    main()
