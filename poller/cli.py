@@ -15,6 +15,7 @@ from decimal import Decimal, InvalidOperation
 from typing import Any
 
 import click
+from sqlalchemy.engine import make_url
 
 from poller import __version__
 from poller.cekura import ApiError, CekuraClient
@@ -82,6 +83,10 @@ def cli(ctx: click.Context, config_path, api_url, database_url, log_format, verb
     settings = load_settings(flags=flags, config_path=config_path)
     secrets = [key.reveal() for key in settings.api_keys]
     secrets += [s.reveal() for s in (settings.api_token, settings.smtp_password) if s]
+    # A password inside the database URL is a secret too (config validated the URL already).
+    database_password = make_url(settings.database_url).password
+    if database_password:
+        secrets.append(str(database_password))
     configure_logging(log_format=settings.log_format, verbosity=verbose - quiet, secrets=secrets)
     for warning in settings.warnings:
         click.echo(f"poller: warning: {warning}", err=True)
