@@ -8,8 +8,9 @@ read, so one bad org never aborts the others. Only a failure to learn *which* or
 Credentials are never part of a message, a log line or a URL: a key is named by its
 position in POLLER_API_KEYS. As defence in depth (config.py already checks api_url) the
 client refuses to send a credential over plain http to a non-loopback host, never follows
-redirects (requests would forward our X-CEKURA-API-KEY header to any host), and follows
-pagination links only on the api_url's own scheme, host and port.
+redirects (that would forward our X-CEKURA-API-KEY header to any host), and follows
+pagination links only on the api_url's own scheme, host and port. HTTP itself (keep-alive
+pool, proxies, CA bundle) is poller.transport's job.
 """
 
 from __future__ import annotations
@@ -28,7 +29,6 @@ from email.utils import parsedate_to_datetime
 from typing import TypeVar
 from urllib.parse import urljoin, urlsplit
 
-import requests
 import structlog
 
 from poller import __version__
@@ -36,6 +36,13 @@ from poller.config import ConfigError, Secret, Settings
 from poller.parsing import ParseError, parse_billing, parse_organization
 from poller.ratelimit import RequestRateLimiter
 from poller.records import Billing, Organization, OrgError, OrgSnapshot
+from poller.transport import (
+    HttpResponse,
+    HttpTransport,
+    TransportError,
+    TransportTimeout,
+    TransportTlsError,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -150,7 +157,7 @@ class _KeyOutcome:
 
 
 class CekuraClient:
-    """Thread-safe client; one requests.Session per worker thread for keep-alive."""
+    """Thread-safe client; the workers share one pool of keep-alive connections."""
 
     def __init__(
         self,
@@ -178,7 +185,6 @@ class CekuraClient:
         self._secrets = tuple(
             value for value in (c.secret.reveal() for c in self._credentials()) if value
         )
-        self._timeout = (settings.api_connect_timeout, settings.api_read_timeout)
         self._attempts = 1 + max(0, settings.api_retries)
         self._concurrency = max(1, settings.concurrency)
         self._sleep = sleep
@@ -189,8 +195,14 @@ class CekuraClient:
         self._page_size = page_size
         # One budget for every worker: the API's limit is per client, not per connection.
         self._rate_limiter = rate_limiter or RequestRateLimiter(settings.max_requests_per_second)
-        self._local = threading.local()
-        self._sessions: list[requests.Session] = []
+        # Built last: the checks above must refuse a bad api_url before any connection exists.
+        self._http = HttpTransport(
+            self._base_url,
+            pool_size=self._concurrency,
+            connect_timeout=settings.api_connect_timeout,
+            read_timeout=settings.api_read_timeout,
+            user_agent=f"poller/{__version__}",
+        )
         self._lock = threading.Lock()
         self._executor: ThreadPoolExecutor | None = None
         self._key_for_org: dict[int, _Credential] = {}
@@ -210,11 +222,9 @@ class CekuraClient:
     def close(self) -> None:
         with self._lock:
             executor, self._executor = self._executor, None
-            sessions, self._sessions = self._sessions, []
         if executor is not None:
             executor.shutdown(wait=True, cancel_futures=True)
-        for session in sessions:
-            session.close()
+        self._http.close()
 
     # --- public operations -----------------------------------------------------------------
 
@@ -556,22 +566,20 @@ class CekuraClient:
             counter.add()
             retry_after: float | None = None
             try:
-                response = self._send(method, url, endpoint, params=params, data=body,
+                response = self._send(method, url, endpoint, params=params, body=body,
                                       headers=headers)
-            except requests.Timeout:
+            except TransportTimeout:
                 status, failure = None, "timed out"
-            except requests.exceptions.SSLError:
+            except TransportTlsError:
                 # Verification is always on; say how to trust a private CA, not just "failed".
                 status, failure = None, (
                     "TLS failed: the server's certificate could not be verified (a private CA "
                     "can be added with REQUESTS_CA_BUNDLE=/path/to/ca.pem)"
                 )
-            except requests.ConnectionError:
-                status, failure = None, "connection failed"
-            except requests.RequestException as exc:
-                status, failure = None, f"request failed ({type(exc).__name__})"
+            except TransportError as exc:
+                status, failure = None, str(exc)
             else:
-                status = response.status_code
+                status = response.status
                 if 200 <= status < 300:
                     try:
                         return json.loads(response.content)
@@ -585,9 +593,7 @@ class CekuraClient:
                     raise ApiNotFound(f"{method} {endpoint}: not found (404)", status=404)
                 elif status == 429 or status >= 500:
                     failure = f"HTTP {status}"
-                    retry_after = _retry_after_seconds(
-                        response.headers.get("Retry-After"), self._clock()
-                    )
+                    retry_after = _retry_after_seconds(response.retry_after, self._clock())
                 else:
                     detail = self._detail(response.content)
                     log.warning("api.request_failed", status=status, attempt=attempt, **context)
@@ -611,19 +617,26 @@ class CekuraClient:
             status=status,
         )
 
-    def _send(self, method: str, url: str, endpoint: str, **options: object) -> requests.Response:
+    def _send(
+        self,
+        method: str,
+        url: str,
+        endpoint: str,
+        *,
+        headers: dict[str, str],
+        params: dict[str, object] | None,
+        body: str | None,
+    ) -> HttpResponse:
         """One HTTP attempt, reported to the request observer (for metrics)."""
         try:
-            response = self._session().request(
-                method, url, timeout=self._timeout, allow_redirects=False, **options
-            )
-        except requests.Timeout:
+            response = self._http.request(method, url, headers=headers, params=params, body=body)
+        except TransportTimeout:
             self._observe(endpoint, "timeout")
             raise
-        except requests.RequestException:
+        except TransportError:
             self._observe(endpoint, "connection_error")
             raise
-        self._observe(endpoint, str(response.status_code))
+        self._observe(endpoint, str(response.status))
         return response
 
     def _observe(self, endpoint: str, outcome: str) -> None:
@@ -644,16 +657,6 @@ class CekuraClient:
         for secret in self._secrets:
             text = text.replace(secret, "***")
         return text
-
-    def _session(self) -> requests.Session:
-        session: requests.Session | None = getattr(self._local, "session", None)
-        if session is None:
-            session = requests.Session()
-            session.headers["User-Agent"] = f"poller/{__version__}"
-            self._local.session = session
-            with self._lock:
-                self._sessions.append(session)
-        return session
 
     def _map(self, function: Callable[[T], R], items: Iterable[T]) -> list[R]:
         with self._lock:
