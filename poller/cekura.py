@@ -20,8 +20,9 @@ import json
 import random
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -55,6 +56,7 @@ DEFAULT_PAGE_SIZE = 200
 DEFAULT_MAX_WAIT = 60.0
 DEFAULT_BACKOFF_BASE = 0.5
 _DETAIL_LIMIT = 300
+_FUTURES_PER_WORKER = 16
 _KEYS_SETTING = "POLLER_API_KEYS"
 
 T = TypeVar("T")
@@ -318,7 +320,7 @@ class CekuraClient:
                 continue
             # Pages can shift while we read them; the same org may be listed twice.
             if self._owns(org.id, only_org):
-                organizations.setdefault(org.id, org)
+                organizations.setdefault(org.id, org.for_alerts())
 
         def read(org: Organization) -> OrgSnapshot | OrgError:
             snapshot = self._snapshot_with_token(token, org, counter)
@@ -492,7 +494,9 @@ class CekuraClient:
         if org.id != org_id:
             message = f"{where}: the API answered with organization {org.id}"
             return _KeyOutcome(error=OrgError(org_id, message), failure="data")
-        return _KeyOutcome(snapshot=OrgSnapshot(org=org, balance=billing.credits_remaining))
+        return _KeyOutcome(
+            snapshot=OrgSnapshot(org=org.for_alerts(), balance=billing.credits_remaining)
+        )
 
     def _billing_for_key(self, key: _Credential, counter: _RequestCounter) -> Billing:
         # No organization_id: an org-scoped key's organization comes from the key itself.
@@ -665,7 +669,23 @@ class CekuraClient:
                     max_workers=self._concurrency, thread_name_prefix="cekura"
                 )
             executor = self._executor
-        return list(executor.map(function, items))
+        # A sliding window of futures, not executor.map: map submits every item at once, which
+        # keeps one Future (with its lock and condition) per organization alive, about
+        # 100,000 at a time; a few per worker keep the workers just as busy.
+        window = self._concurrency * _FUTURES_PER_WORKER
+        results: list[R] = []
+        pending: deque[Future[R]] = deque()
+        try:
+            for item in items:
+                if len(pending) >= window:
+                    results.append(pending.popleft().result())
+                pending.append(executor.submit(function, item))
+            while pending:
+                results.append(pending.popleft().result())
+        finally:
+            for future in pending:
+                future.cancel()
+        return results
 
     def _owns(self, org_id: int, only_org: int | None) -> bool:
         """Whether this shard handles the org; ``--org`` asks for one org whatever its shard."""
