@@ -3,7 +3,8 @@
 For each size N and database: a fresh simulator process seeded with N organizations, a local
 SMTP capture, a fresh database. Then, in order:
 
-1. the floor: one billing request per org from the simplest keep-alive client (bench.floor);
+1. the floor: one billing request per org from each of the simplest keep-alive clients
+   (bench.floor: http.client and requests); the faster one is the floor the cycle is held to;
 2. ``poller once --baseline``: first sight, every org inserted (row "first sight");
 3. ``cycles - 1`` cycles after moving ``--drop-percent`` of the orgs below any threshold
    through the simulator's /_sim/ control endpoint (rows "changes");
@@ -32,7 +33,7 @@ from pathlib import Path
 
 import requests
 
-from bench.floor import measure_floor
+from bench.floor import FLOOR_CLIENTS, measure_floor
 from bench.report import Row, write_report
 from poller.smtp_capture import SmtpCapture
 
@@ -163,8 +164,10 @@ def bench_one(orgs: int, db: str, args: argparse.Namespace) -> list[Row]:
         workdir = Path(tmp)
         with simulator_process(orgs, workdir) as sim, SmtpCapture() as smtp, \
                 database(db, workdir, args.postgres_url) as database_url:
-            floor_seconds = measure_floor(sim.url, TOKEN, sim.org_ids, args.concurrency)
-            floor_rps = orgs / floor_seconds
+            floor_rps = {
+                client: orgs / measure_floor(sim.url, TOKEN, sim.org_ids, args.concurrency, client)
+                for client in FLOOR_CLIENTS
+            }
             env = poller_env(sim.url, database_url, smtp.port, args.concurrency)
 
             def record(kind: str, run: CycleRun) -> None:

@@ -8,8 +8,9 @@ read, so one bad org never aborts the others. Only a failure to learn *which* or
 Credentials are never part of a message, a log line or a URL: a key is named by its
 position in POLLER_API_KEYS. As defence in depth (config.py already checks api_url) the
 client refuses to send a credential over plain http to a non-loopback host, never follows
-redirects (requests would forward our X-CEKURA-API-KEY header to any host), and follows
-pagination links only on the api_url's own scheme, host and port.
+redirects (that would forward our X-CEKURA-API-KEY header to any host), and follows
+pagination links only on the api_url's own scheme, host and port. HTTP itself (keep-alive
+pool, proxies, CA bundle) is poller.transport's job.
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ import json
 import random
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -28,7 +30,6 @@ from email.utils import parsedate_to_datetime
 from typing import TypeVar
 from urllib.parse import urljoin, urlsplit
 
-import requests
 import structlog
 
 from poller import __version__
@@ -36,6 +37,13 @@ from poller.config import ConfigError, Secret, Settings
 from poller.parsing import ParseError, parse_billing, parse_organization
 from poller.ratelimit import RequestRateLimiter
 from poller.records import Billing, Organization, OrgError, OrgSnapshot
+from poller.transport import (
+    HttpResponse,
+    HttpTransport,
+    TransportError,
+    TransportTimeout,
+    TransportTlsError,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -48,6 +56,7 @@ DEFAULT_PAGE_SIZE = 200
 DEFAULT_MAX_WAIT = 60.0
 DEFAULT_BACKOFF_BASE = 0.5
 _DETAIL_LIMIT = 300
+_FUTURES_PER_WORKER = 16
 _KEYS_SETTING = "POLLER_API_KEYS"
 
 T = TypeVar("T")
@@ -150,7 +159,7 @@ class _KeyOutcome:
 
 
 class CekuraClient:
-    """Thread-safe client; one requests.Session per worker thread for keep-alive."""
+    """Thread-safe client; the workers share one pool of keep-alive connections."""
 
     def __init__(
         self,
@@ -178,7 +187,6 @@ class CekuraClient:
         self._secrets = tuple(
             value for value in (c.secret.reveal() for c in self._credentials()) if value
         )
-        self._timeout = (settings.api_connect_timeout, settings.api_read_timeout)
         self._attempts = 1 + max(0, settings.api_retries)
         self._concurrency = max(1, settings.concurrency)
         self._sleep = sleep
@@ -189,8 +197,14 @@ class CekuraClient:
         self._page_size = page_size
         # One budget for every worker: the API's limit is per client, not per connection.
         self._rate_limiter = rate_limiter or RequestRateLimiter(settings.max_requests_per_second)
-        self._local = threading.local()
-        self._sessions: list[requests.Session] = []
+        # Built last: the checks above must refuse a bad api_url before any connection exists.
+        self._http = HttpTransport(
+            self._base_url,
+            pool_size=self._concurrency,
+            connect_timeout=settings.api_connect_timeout,
+            read_timeout=settings.api_read_timeout,
+            user_agent=f"poller/{__version__}",
+        )
         self._lock = threading.Lock()
         self._executor: ThreadPoolExecutor | None = None
         self._key_for_org: dict[int, _Credential] = {}
@@ -210,11 +224,9 @@ class CekuraClient:
     def close(self) -> None:
         with self._lock:
             executor, self._executor = self._executor, None
-            sessions, self._sessions = self._sessions, []
         if executor is not None:
             executor.shutdown(wait=True, cancel_futures=True)
-        for session in sessions:
-            session.close()
+        self._http.close()
 
     # --- public operations -----------------------------------------------------------------
 
@@ -308,7 +320,7 @@ class CekuraClient:
                 continue
             # Pages can shift while we read them; the same org may be listed twice.
             if self._owns(org.id, only_org):
-                organizations.setdefault(org.id, org)
+                organizations.setdefault(org.id, org.for_alerts())
 
         def read(org: Organization) -> OrgSnapshot | OrgError:
             snapshot = self._snapshot_with_token(token, org, counter)
@@ -482,7 +494,9 @@ class CekuraClient:
         if org.id != org_id:
             message = f"{where}: the API answered with organization {org.id}"
             return _KeyOutcome(error=OrgError(org_id, message), failure="data")
-        return _KeyOutcome(snapshot=OrgSnapshot(org=org, balance=billing.credits_remaining))
+        return _KeyOutcome(
+            snapshot=OrgSnapshot(org=org.for_alerts(), balance=billing.credits_remaining)
+        )
 
     def _billing_for_key(self, key: _Credential, counter: _RequestCounter) -> Billing:
         # No organization_id: an org-scoped key's organization comes from the key itself.
@@ -556,22 +570,20 @@ class CekuraClient:
             counter.add()
             retry_after: float | None = None
             try:
-                response = self._send(method, url, endpoint, params=params, data=body,
+                response = self._send(method, url, endpoint, params=params, body=body,
                                       headers=headers)
-            except requests.Timeout:
+            except TransportTimeout:
                 status, failure = None, "timed out"
-            except requests.exceptions.SSLError:
+            except TransportTlsError:
                 # Verification is always on; say how to trust a private CA, not just "failed".
                 status, failure = None, (
                     "TLS failed: the server's certificate could not be verified (a private CA "
                     "can be added with REQUESTS_CA_BUNDLE=/path/to/ca.pem)"
                 )
-            except requests.ConnectionError:
-                status, failure = None, "connection failed"
-            except requests.RequestException as exc:
-                status, failure = None, f"request failed ({type(exc).__name__})"
+            except TransportError as exc:
+                status, failure = None, str(exc)
             else:
-                status = response.status_code
+                status = response.status
                 if 200 <= status < 300:
                     try:
                         return json.loads(response.content)
@@ -585,9 +597,7 @@ class CekuraClient:
                     raise ApiNotFound(f"{method} {endpoint}: not found (404)", status=404)
                 elif status == 429 or status >= 500:
                     failure = f"HTTP {status}"
-                    retry_after = _retry_after_seconds(
-                        response.headers.get("Retry-After"), self._clock()
-                    )
+                    retry_after = _retry_after_seconds(response.retry_after, self._clock())
                 else:
                     detail = self._detail(response.content)
                     log.warning("api.request_failed", status=status, attempt=attempt, **context)
@@ -611,19 +621,26 @@ class CekuraClient:
             status=status,
         )
 
-    def _send(self, method: str, url: str, endpoint: str, **options: object) -> requests.Response:
+    def _send(
+        self,
+        method: str,
+        url: str,
+        endpoint: str,
+        *,
+        headers: dict[str, str],
+        params: dict[str, object] | None,
+        body: str | None,
+    ) -> HttpResponse:
         """One HTTP attempt, reported to the request observer (for metrics)."""
         try:
-            response = self._session().request(
-                method, url, timeout=self._timeout, allow_redirects=False, **options
-            )
-        except requests.Timeout:
+            response = self._http.request(method, url, headers=headers, params=params, body=body)
+        except TransportTimeout:
             self._observe(endpoint, "timeout")
             raise
-        except requests.RequestException:
+        except TransportError:
             self._observe(endpoint, "connection_error")
             raise
-        self._observe(endpoint, str(response.status_code))
+        self._observe(endpoint, str(response.status))
         return response
 
     def _observe(self, endpoint: str, outcome: str) -> None:
@@ -645,16 +662,6 @@ class CekuraClient:
             text = text.replace(secret, "***")
         return text
 
-    def _session(self) -> requests.Session:
-        session: requests.Session | None = getattr(self._local, "session", None)
-        if session is None:
-            session = requests.Session()
-            session.headers["User-Agent"] = f"poller/{__version__}"
-            self._local.session = session
-            with self._lock:
-                self._sessions.append(session)
-        return session
-
     def _map(self, function: Callable[[T], R], items: Iterable[T]) -> list[R]:
         with self._lock:
             if self._executor is None:
@@ -662,7 +669,23 @@ class CekuraClient:
                     max_workers=self._concurrency, thread_name_prefix="cekura"
                 )
             executor = self._executor
-        return list(executor.map(function, items))
+        # A sliding window of futures, not executor.map: map submits every item at once, which
+        # keeps one Future (with its lock and condition) per organization alive, about
+        # 100,000 at a time; a few per worker keep the workers just as busy.
+        window = self._concurrency * _FUTURES_PER_WORKER
+        results: list[R] = []
+        pending: deque[Future[R]] = deque()
+        try:
+            for item in items:
+                if len(pending) >= window:
+                    results.append(pending.popleft().result())
+                pending.append(executor.submit(function, item))
+            while pending:
+                results.append(pending.popleft().result())
+        finally:
+            for future in pending:
+                future.cancel()
+        return results
 
     def _owns(self, org_id: int, only_org: int | None) -> bool:
         """Whether this shard handles the org; ``--org`` asks for one org whatever its shard."""

@@ -7,7 +7,7 @@ Parsing from API JSON lives in ``poller.parsing``; these are plain values.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from decimal import Decimal
 
 DEFAULT_THRESHOLD = Decimal("1000")
@@ -42,13 +42,23 @@ class Organization:
     auto_refill: bool
     members: tuple[Member, ...]
 
+    def for_alerts(self) -> Organization:
+        """This organization with only the members ``alert_recipients`` can choose from.
+
+        A cycle holds every organization of the fleet at once and only ever reads admins who
+        have not opted out, so the client drops the other members as soon as an org is parsed
+        (less memory at 100,000 orgs); the recipients are exactly the same.
+        """
+        members = tuple(member for member in self.members if _may_receive_alerts(member))
+        return self if len(members) == len(self.members) else replace(self, members=members)
+
     def alert_recipients(self) -> tuple[Recipient, ...]:
         """Admins with a non-empty email who have not opted out of email, in API order."""
         seen: set[str] = set()
         recipients = []
         for member in self.members:
             email = member.email.strip()
-            if member.role != "admin" or member.email_notify_enabled is False:
+            if not _may_receive_alerts(member):
                 continue
             if not _PLAIN_ADDRESS.fullmatch(email):
                 # Empty or malformed (spaces, no '@', CR/LF): nothing can be delivered there.
@@ -97,3 +107,7 @@ class OrgError:
 
     org_id: int | None
     message: str
+
+
+def _may_receive_alerts(member: Member) -> bool:
+    return member.role == "admin" and member.email_notify_enabled is not False

@@ -36,4 +36,7 @@ def test_the_benchmark_runs_at_a_thousand_orgs_and_writes_a_sane_table(tmp_path:
     for row in (first, changes, unchanged):
         assert float(row["wall s"]) > 0 and 0 < float(row["peak RSS MB"]) < 1000
         assert re.fullmatch(r"[\d,]+", row["floor req/s"])
+        # Both floor clients ran; the faster one is the floor the cycle is compared with.
+        assert row["floor client"] in ("http.client", "requests")
+        assert re.fullmatch(r"[\d,]+", row["requests floor req/s"])
     assert "cores" in output.read_text() and "Python 3." in output.read_text()

@@ -124,3 +124,7 @@ def test_recipients_come_only_from_the_org_s_own_opted_in_admins(members: list) 
     assert set(recipients) <= allowed
     assert len(recipients) == len(set(recipients))
     assert all("\n" not in r and "\r" not in r and "@" in r for r in recipients)
+    # The cycle keeps only this slimmer copy of every org: it must pick the same people.
+    slim = org.for_alerts()
+    assert slim.alert_recipients() == org.alert_recipients()
+    assert all(m.role == "admin" and m.email_notify_enabled is not False for m in slim.members)
