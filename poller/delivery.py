@@ -16,6 +16,7 @@ import os
 import random
 import socket
 import threading
+import time
 import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -33,13 +34,15 @@ from poller.mail import (
     message_id_for,
     render_email,
 )
-from poller.store import ClaimedNotification, Store
+from poller.store import ClaimedNotification, DatabaseError, Store
 
 log = structlog.get_logger(__name__)
 
 CLAIM_BATCH = 50
 RETRY_BASE_SECONDS = 60.0
 RETRY_CAP_SECONDS = 3600.0
+# Waits between attempts to record an accepted email as sent (see Deliverer._record_sent).
+MARK_SENT_RETRY_DELAYS = (0.1, 0.5, 1.0)
 
 
 @dataclass
@@ -195,8 +198,7 @@ class Deliverer:
 
     def _mark_sent(self, row: ClaimedNotification, refused: dict, report: DeliveryReport) -> None:
         message_id = self._message_id(row)
-        if not self._store.mark_sent(row.id, worker=self.worker, message_id=message_id,
-                                     now=self._now()):
+        if not self._record_sent(row, message_id):
             # Our lease ran out while sending and someone else took the row over; they
             # will send it again with the same Message-ID. Say so: it is a duplicate.
             log.warning("email.lease_lost", org_id=row.org_id, breach=row.breach_number)
@@ -217,6 +219,34 @@ class Deliverer:
                 smtp_code=code,
                 answer=answer.decode("utf-8", "replace") if isinstance(answer, bytes) else answer,
             )
+
+    def _record_sent(self, row: ClaimedNotification, message_id: str) -> bool:
+        """Mark the row sent, trying again on a fresh connection if the database hiccups.
+
+        The server has the message already: every failed attempt here widens the one window
+        in which an email can be sent twice, so a dropped connection is worth a few retries.
+        """
+        for delay in MARK_SENT_RETRY_DELAYS:
+            try:
+                return self._store.mark_sent(row.id, worker=self.worker, message_id=message_id,
+                                             now=self._now())
+            except DatabaseError as exc:
+                log.warning("email.mark_sent_retry", org_id=row.org_id,
+                            breach=row.breach_number, error=str(exc))
+                time.sleep(delay)
+        try:
+            return self._store.mark_sent(row.id, worker=self.worker, message_id=message_id,
+                                         now=self._now())
+        except DatabaseError:
+            log.error(
+                "email.unrecorded",
+                org_id=row.org_id,
+                breach=row.breach_number,
+                message_id=message_id,
+                hint="the SMTP server accepted this email but the database could not record "
+                "it; it will be sent again, with the same Message-ID, once its lease expires",
+            )
+            raise
 
     def _fail(self, row: ClaimedNotification, exc: DeliveryError, report: DeliveryReport) -> None:
         self._store.mark_failed(row.id, worker=self.worker, error=str(exc), now=self._now())

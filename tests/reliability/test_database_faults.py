@@ -98,7 +98,7 @@ def test_a_sqlite_write_lock_shorter_than_the_busy_timeout_is_waited_for(
 
 
 @pytest.mark.postgres
-def test_postgres_connections_killed_mid_cycle_lose_and_double_nothing(
+def test_postgres_connections_killed_mid_cycle_lose_nothing_and_double_only_unrecorded_sends(
     postgres_url: str, smtp_server: SmtpTestServer
 ) -> None:
     api = SimulatedApi(token=TOKEN)
@@ -144,5 +144,9 @@ def test_postgres_connections_killed_mid_cycle_lose_and_double_nothing(
         world.close()
     assert killed > 0
     assert len(rows) == 6 and all(row.status == "sent" for row in rows)
-    ids = sorted(email.message["Message-ID"] for email in smtp_server.received)
-    assert ids == sorted(row.message_id for row in rows)  # each delivered exactly once
+    ids = [email.message["Message-ID"] for email in smtp_server.received]
+    assert set(ids) == {row.message_id for row in rows}  # every breach delivered
+    # A second copy is allowed only inside the documented window: the server accepted the
+    # email and every attempt to record that failed (logged as email.unrecorded).
+    unrecorded = run.output.count("email.unrecorded")
+    assert len(ids) - len(set(ids)) <= unrecorded
