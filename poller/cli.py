@@ -20,12 +20,13 @@ from sqlalchemy.engine import make_url
 from poller import __version__
 from poller.cekura import ApiError, CekuraClient
 from poller.config import ConfigError, Settings, load_settings
-from poller.cycle import CycleReport, OrgPlan, alert_content, run_cycle
+from poller.cycle import CycleReport, OrgPlan, run_cycle
 from poller.delivery import Deliverer
 from poller.forecast import MIN_POINTS, MIN_SPAN, Window
 from poller.insights import Outlook, outlooks
 from poller.logs import configure_logging
 from poller.mail import format_credits, format_detected_at, format_runway, render_email
+from poller.notifications import content_for
 from poller.ops_commands import health, preview, send_test
 from poller.progress import terminal_progress
 from poller.sharding import Shard, parse_shard
@@ -237,8 +238,10 @@ def _email_preview(plan: OrgPlan, settings: Settings) -> dict[str, Any] | None:
     notification = plan.notification
     if notification is None:
         return None
-    content = alert_content(plan.snapshot, notification.breach_number, settings.billing_url,
-                            notification.detected_at)
+    content = content_for(
+        plan.snapshot, kind="low_credits", number=notification.breach_number,
+        billing_url=settings.billing_url, now=notification.detected_at,
+    )
     rendered = render_email(dataclasses.replace(
         content, burn_per_day=notification.burn_per_day, runs_out_at=notification.runs_out_at))
     return {"to": list(notification.recipients), "subject": rendered.subject,

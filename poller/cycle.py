@@ -21,7 +21,7 @@ from poller.cekura import ApiError, CekuraClient
 from poller.config import Settings
 from poller.delivery import Deliverer, DeliveryReport
 from poller.insights import InsightReport, Insights
-from poller.mail import AlertContent, render_subject
+from poller.notifications import content_for, notification_for
 from poller.records import OrgError, OrgSnapshot
 from poller.rules import Decision, Observation, StoredState, evaluate
 from poller.store import NewNotification, ObservedOrg, StateChange, Store, StoredRow
@@ -129,55 +129,15 @@ def plan_org(
     )
     notification = None
     if decision.breached:
-        notification = _new_notification(snapshot, decision, baseline, billing_url, now)
+        content = content_for(snapshot, kind="low_credits", number=decision.breach_count,
+                              billing_url=billing_url, now=now)
+        notification = notification_for(content, snapshot, baseline)
     change = None
     if stored is None or notification is not None or stored.differs_from(observed, decision.stored):
         change = StateChange(
             observed=observed, expected=before, new=decision.stored, notification=notification
         )
     return OrgPlan(snapshot=snapshot, before=before, decision=decision, change=change)
-
-
-def _new_notification(
-    snapshot: OrgSnapshot, decision: Decision, baseline: bool, billing_url: str, now: datetime
-) -> NewNotification:
-    recipients = snapshot.org.alert_recipients()
-    if baseline:
-        status = "baseline"
-    elif not snapshot.org.send_emails_enabled:
-        status = "suppressed"
-    elif not recipients:
-        status = "no_recipients"
-    else:
-        status = "pending"
-    content = alert_content(snapshot, decision.breach_count, billing_url, now)
-    return NewNotification(
-        kind="low_credits",
-        breach_number=decision.breach_count,
-        org_name=snapshot.name,
-        recipients=tuple(r.email for r in recipients),
-        subject=render_subject(content),
-        balance=snapshot.balance,
-        threshold=snapshot.threshold,
-        detected_at=now,
-        status=status,
-        auto_refill=snapshot.org.auto_refill,
-    )
-
-
-def alert_content(
-    snapshot: OrgSnapshot, breach_number: int, billing_url: str, now: datetime
-) -> AlertContent:
-    return AlertContent(
-        org_id=snapshot.id,
-        org_name=snapshot.name,
-        breach_number=breach_number,
-        balance=snapshot.balance,
-        threshold=snapshot.threshold,
-        detected_at=now,
-        billing_url=billing_url,
-        auto_refill=snapshot.org.auto_refill,
-    )
 
 
 def plan_cycle(

@@ -175,7 +175,6 @@ class Deliverer:
             detected_at=row.detected_at,
             billing_url=self._settings.billing_url,
             auto_refill=row.auto_refill,
-            reminder=row.kind == "reminder",
             kind=row.kind,
             burn_per_day=row.burn_per_day,
             runs_out_at=row.runs_out_at,

@@ -30,12 +30,11 @@ from poller.notices import (
     NoticeChange,
     NoticeState,
     NoticeStore,
-    content_for,
     forecast_fields,
-    notification_for,
     reminder_due,
     runway_transition,
 )
+from poller.notifications import content_for, notification_for
 from poller.records import OrgSnapshot
 from poller.rules import AlertState, Decision
 from poller.store import NewNotification, StateChange, Store, StoredRow

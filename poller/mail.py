@@ -75,11 +75,14 @@ class AlertContent:
     detected_at: datetime  # timezone-aware
     billing_url: str
     auto_refill: bool
-    reminder: bool = False
     kind: str = "low_credits"  # a key of TEMPLATE_SETS
     # The forecast when the notice was detected; both None when there is no meaningful one.
     burn_per_day: Decimal | None = None
     runs_out_at: datetime | None = None
+
+    @property
+    def reminder(self) -> bool:
+        return self.kind == "reminder"
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,6 @@ import click
 
 from poller.cekura import CekuraClient
 from poller.config import Settings
-from poller.cycle import alert_content
 from poller.delivery import smtp_transport
 from poller.health import judge, last_successful_cycle
 from poller.mail import (
@@ -28,6 +27,7 @@ from poller.mail import (
     message_id_for,
     render_email,
 )
+from poller.notifications import content_for
 from poller.records import Member, Organization, OrgSnapshot
 from poller.store import open_database
 
@@ -55,7 +55,7 @@ def _fail(message: str, status: int = 1) -> NoReturn:
 
 def sample_content(billing_url: str, now: datetime) -> AlertContent:
     snapshot = OrgSnapshot(org=SAMPLE_ORG, balance=SAMPLE_BALANCE)
-    return alert_content(snapshot, 1, billing_url, now)
+    return content_for(snapshot, kind="low_credits", number=1, billing_url=billing_url, now=now)
 
 
 @click.command()
@@ -82,7 +82,10 @@ def preview(settings: Settings, org_id: int | None, sample: bool, html_file: str
     else:
         assert org_id is not None
         snapshot = _live_snapshot(settings, org_id)
-    rendered = render_email(alert_content(snapshot, 1, settings.billing_url, now))
+    rendered = render_email(
+        content_for(snapshot, kind="low_credits", number=1, billing_url=settings.billing_url,
+                    now=now)
+    )
     recipients = [r.email for r in snapshot.org.alert_recipients()]
     click.echo(f"To: {', '.join(recipients) or '(nobody: no admin with an email address)'}")
     click.echo(f"Subject: {rendered.subject}")

@@ -140,7 +140,7 @@ def test_the_subject_names_the_org_the_balance_and_the_threshold() -> None:
 
 
 def test_a_reminder_says_so_in_the_subject() -> None:
-    assert render_subject(alert(reminder=True)).startswith("Reminder: Low credits: Acme Voice")
+    assert render_subject(alert(kind="reminder")).startswith("Reminder: Low credits: Acme Voice")
 
 
 @pytest.mark.parametrize(
@@ -259,8 +259,8 @@ def test_the_html_works_in_mail_clients_without_scripts_stylesheets_or_remote_im
 
 
 def test_the_text_body_has_no_template_leftovers() -> None:
-    for reminder in (False, True):
-        rendered = render_email(alert(reminder=reminder))
+    for kind in ("low_credits", "reminder", "runway", "recovery"):
+        rendered = render_email(alert(kind=kind))
         for body in (rendered.text, rendered.html):
             assert "{{" not in body and "{%" not in body and "&amp;gt;" not in body
 
