@@ -4,4 +4,5 @@ pytest_plugins = [
     "tests.fixtures.database",
     "tests.fixtures.smtp",
     "tests.fixtures.api",
+    "tests.fixtures.world",
 ]

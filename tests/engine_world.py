@@ -6,7 +6,8 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from decimal import Decimal
 
@@ -15,7 +16,7 @@ from poller.config import Settings, load_settings
 from poller.cycle import CycleReport, run_cycle
 from poller.delivery import Deliverer
 from poller.simulator import SimulatedApi, SimulatorServer
-from poller.store import Store
+from poller.store import Store, open_database
 
 TOKEN = "engine-test-token-0123456789"
 MAIL_FROM = "alerts@poller.example.com"
@@ -92,6 +93,21 @@ class World:
     def state(self, org_id: int) -> tuple[str, int]:
         row = self.store.load_states()[org_id]
         return row.stored.state.value, row.stored.breach_count
+
+
+@contextmanager
+def open_world(
+    database_url: str, smtp_port: int, seed: Callable[[SimulatedApi], None] = seed_organizations
+) -> Iterator[World]:
+    """A simulator seeded by ``seed``, serving over HTTP, and an opened store, closed after."""
+    api = SimulatedApi(token=TOKEN)
+    seed(api)
+    store = open_database(database_url)
+    try:
+        with SimulatorServer(api) as sim:
+            yield World(sim=sim, store=store, env=poller_env(sim.url, database_url, smtp_port))
+    finally:
+        store.close()
 
 
 def run_poller(

@@ -8,32 +8,21 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
-from poller.simulator import Fault, SimulatedApi, SimulatorServer
+from poller.simulator import Fault
 from poller.store import open_database
 from tests.engine_world import (
     ACME,
     ACME_ADMINS,
     GLOBEX,
     INITECH,
-    TOKEN,
     poller_env,
     run_poller,
-    seed_organizations,
 )
-
-
-@pytest.fixture
-def sim() -> Iterator[SimulatorServer]:
-    api = SimulatedApi(token=TOKEN)
-    seed_organizations(api)
-    with SimulatorServer(api) as server:
-        yield server
 
 
 @pytest.fixture

@@ -2,34 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
-import pytest
-
-from poller.simulator import Fault, SimulatedApi, SimulatorServer
-from poller.store import notification, open_database
+from poller.simulator import Fault
+from poller.store import notification
 from tests.engine_world import (
     ACME,
     ACME_ADMINS,
     GLOBEX,
     INITECH,
     MAIL_FROM,
-    TOKEN,
-    World,
-    poller_env,
-    seed_organizations,
 )
-
-
-@pytest.fixture
-def world(database_url: str, smtp_server) -> Iterator[World]:
-    api = SimulatedApi(token=TOKEN)
-    seed_organizations(api)
-    store = open_database(database_url)
-    with SimulatorServer(api) as sim:
-        yield World(sim=sim, store=store, env=poller_env(sim.url, database_url, smtp_server.port))
-    store.close()
 
 
 def acme_emails(smtp_server) -> list:

@@ -22,7 +22,6 @@ from poller.health import judge, last_successful_cycle
 from poller.metrics import endpoint_label, read_store_counts
 from poller.simulator import Fault, SimulatedApi, SimulatorServer
 from poller.smtp_capture import free_port
-from poller.store import open_database
 from tests.engine_world import ACME, TOKEN, World, poller_env, run_poller, seed_organizations
 
 NOW = datetime(2026, 5, 1, 12, 0, tzinfo=UTC)
@@ -67,16 +66,6 @@ def test_organization_ids_do_not_become_metric_labels(endpoint: str, label: str)
 
 
 # --- database queries, on SQLite and PostgreSQL ---
-
-
-@pytest.fixture
-def world(database_url: str, smtp_server) -> Iterator[World]:
-    api = SimulatedApi(token=TOKEN)
-    seed_organizations(api)
-    store = open_database(database_url)
-    with SimulatorServer(api) as sim:
-        yield World(sim=sim, store=store, env=poller_env(sim.url, database_url, smtp_server.port))
-    store.close()
 
 
 def test_store_counts_group_organizations_by_state_and_enabled(world: World) -> None:

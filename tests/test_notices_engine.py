@@ -19,40 +19,24 @@ from poller.forecast import Point
 from poller.history import History
 from poller.notices import NOTICE_INITIAL, NoticeChange, NoticeState, NoticeStore
 from poller.rules import AlertState
-from poller.simulator import SimulatedApi, SimulatorServer
-from poller.store import NewNotification, open_database
+from poller.store import NewNotification
 from tests.engine_world import (
     ACME,
     ACME_ADMINS,
-    TOKEN,
     World,
-    poller_env,
+    open_world,
     run_poller,
-    seed_organizations,
 )
 from tests.test_store import count_writes
 
 T0 = datetime(2024, 5, 1, tzinfo=UTC)
 
 
-def make_world(database_url: str, smtp_server) -> Iterator[World]:
-    api = SimulatedApi(token=TOKEN)
-    seed_organizations(api)
-    store = open_database(database_url)
-    with SimulatorServer(api) as sim:
-        yield World(sim=sim, store=store, env=poller_env(sim.url, database_url, smtp_server.port))
-    store.close()
-
-
-@pytest.fixture
-def world(database_url: str, smtp_server) -> Iterator[World]:
-    yield from make_world(database_url, smtp_server)
-
-
 @pytest.fixture
 def sqlite_world(tmp_path, smtp_server) -> Iterator[World]:
     """For what the database kind cannot change (forecast maths, CLI output): SQLite only."""
-    yield from make_world(f"sqlite:///{tmp_path / 'poller.db'}", smtp_server)
+    with open_world(f"sqlite:///{tmp_path / 'poller.db'}", smtp_server.port) as opened:
+        yield opened
 
 
 def cycle_at(world: World, when: datetime, **extra: str) -> CycleReport:

@@ -10,24 +10,23 @@ import pytest
 
 from poller.config import ConfigError, load_settings
 from poller.delivery import Deliverer
-from poller.simulator import SimulatedApi, SimulatorServer
-from poller.store import open_database
-from tests.engine_world import TOKEN, World, poller_env
+from poller.simulator import SimulatedApi
+from tests.engine_world import World, open_world
 
 ORGS = 6
 
 
-@pytest.fixture
-def world(database_url: str, smtp_server) -> Iterator[World]:
-    api = SimulatedApi(token=TOKEN)
+def seed_alike_orgs(api: SimulatedApi) -> None:
     for number in range(1, ORGS + 1):
         api.add_org(f"Org {number}", org_id=number, credits_remaining="5000.00",
                     notify_low_credits=True, low_credits_threshold="1000.00",
                     members=[{"name": "Ops", "email": f"ops@org{number}.example"}])
-    store = open_database(database_url)
-    with SimulatorServer(api) as sim:
-        yield World(sim=sim, store=store, env=poller_env(sim.url, database_url, smtp_server.port))
-    store.close()
+
+
+@pytest.fixture
+def world(database_url: str, smtp_server) -> Iterator[World]:
+    with open_world(database_url, smtp_server.port, seed=seed_alike_orgs) as opened:
+        yield opened
 
 
 def every_org_drops_below(world: World) -> None:

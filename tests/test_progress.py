@@ -8,14 +8,13 @@ import pty
 import select
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from poller.progress import TerminalProgress, progress_line
-from poller.simulator import Fault, SimulatedApi, SimulatorServer
-from tests.engine_world import ACME, TOKEN, poller_env, run_poller, seed_organizations
+from poller.simulator import Fault, SimulatorServer
+from tests.engine_world import ACME, poller_env, run_poller
 
 
 def test_progress_line_shows_read_of_total_and_errors() -> None:
@@ -35,14 +34,6 @@ def test_progress_redraws_in_place_at_most_ten_times_a_second_and_ends_the_line(
     assert stream.getvalue() == (
         "\r\x1b[K" + progress_line(1, 3, 0) + "\r\x1b[K" + progress_line(3, 3, 1) + "\n"
     )
-
-
-@pytest.fixture
-def sim() -> Iterator[SimulatorServer]:
-    api = SimulatedApi(token=TOKEN)
-    seed_organizations(api)
-    with SimulatorServer(api) as server:
-        yield server
 
 
 @pytest.fixture
