@@ -199,7 +199,7 @@ def run_cycle(
                 orgs_failed=len(report.errors),
                 outcome=report.outcome,
             )
-        _log_summary(cycle_log, report, cancel)
+        _log_summary(cycle_log, report)
         return report
     finally:
         structlog.contextvars.unbind_contextvars("cycle_id")
@@ -289,11 +289,11 @@ def _outcome(report: CycleReport, cancel: threading.Event) -> str:
     return "ok" if report.ok else "partial"
 
 
-def _log_summary(cycle_log, report: CycleReport, cancel: threading.Event) -> None:
+def _log_summary(cycle_log, report: CycleReport) -> None:
     delivery = report.delivery or DeliveryReport()
     cycle_log.info(
         "cycle.finished",
-        outcome=_outcome(report, cancel),
+        outcome=report.outcome,
         orgs_read=report.orgs_read,
         orgs_failed=len(report.errors),
         breaches=report.breaches,
