@@ -53,7 +53,7 @@ class Organization:
         return self if len(members) == len(self.members) else replace(self, members=members)
 
     def alert_recipients(self) -> tuple[Recipient, ...]:
-        """Admins with a non-empty email who have not opted out of email, in API order."""
+        """Admins with a well-formed email who have not opted out of email, in API order."""
         seen: set[str] = set()
         recipients = []
         for member in self.members:
