@@ -1,15 +1,27 @@
-"""Turn decoded API JSON into the typed records of ``poller.records``.
+"""Turn API response bodies into the typed records of ``poller.records``.
 
 Pure functions, no I/O. Whatever JSON value comes in, the result is a record or a
 ``ParseError`` whose message names the offending field; nothing else may escape, because
 one odd organization must become an error for that organization, never a crashed cycle.
 Money is parsed into ``Decimal`` straight from the text, never through binary floats.
+
+Two steps, because at 100,000 organizations per cycle decoding is most of the client's CPU:
+``loads_page`` / ``loads_billing`` decode a body with msgspec straight into structs of just the
+fields poller reads (about five times faster than ``json.loads`` plus checking dicts, and the
+other fields are skipped instead of built). A body that does not fit those structs exactly (a
+wrong type anywhere, invalid UTF-8, a NaN) is decoded again with ``json.loads`` instead, and
+``parse_*`` check that generic value field by field. So the fast path only ever accepts what
+the field-by-field checks accept, and every error message comes from those checks
+(tests/test_parsing.py holds both paths to the same answers).
 """
 
 from __future__ import annotations
 
+import json
 import re
 from decimal import Decimal, InvalidOperation
+
+import msgspec
 
 from poller.records import DEFAULT_THRESHOLD, Billing, Member, Organization
 
@@ -56,8 +68,75 @@ def parse_decimal(value: object, field: str) -> Decimal:
     return number
 
 
+# --- the fast path: structs of exactly the fields read, with the types the checks demand ---
+
+
+class _UserBody(msgspec.Struct):
+    id: int
+    name: str | None = None
+    email: str | None = None
+
+
+class _MemberBody(msgspec.Struct):
+    id: int
+    user: _UserBody
+    role: str
+    is_email_notify_enabled: bool | None = None
+
+
+class OrganizationBody(msgspec.Struct):
+    """One organization as the fast decoder read it; ``parse_organization`` finishes it."""
+
+    id: int
+    name: str
+    notify_low_credits: bool | None = None
+    low_credits_threshold: str | int | float | None = None
+    is_send_emails_enabled: bool | None = None
+    auto_refill: bool | None = None
+    members: list[_MemberBody] | None = None
+
+
+class PageBody(msgspec.Struct):
+    """A v2 listing page as the fast decoder read it."""
+
+    results: list[OrganizationBody]
+    next: str | None = None
+
+
+class BillingBody(msgspec.Struct):
+    organization: int
+    credits_remaining: str | int | float
+    credits_used: str | int | float | None = None
+
+
+_PAGE = msgspec.json.Decoder(PageBody)
+_BILLING = msgspec.json.Decoder(BillingBody)
+
+
+def loads_page(content: bytes) -> object:
+    """A v2 listing page: a ``PageBody`` if it fits, else the JSON value (ValueError if none)."""
+    return _loads(_PAGE, content)
+
+
+def loads_billing(content: bytes) -> object:
+    """A billing-info body: a ``BillingBody`` if it fits, else the JSON value."""
+    return _loads(_BILLING, content)
+
+
+def _loads(decoder: msgspec.json.Decoder, content: bytes) -> object:
+    try:
+        return decoder.decode(content)
+    except msgspec.DecodeError:  # also ValidationError: the body does not fit the struct
+        return json.loads(content)
+
+
+# --- records --------------------------------------------------------------------------------
+
+
 def parse_organization(data: object) -> Organization:
     """An Organization from one element of the list/retrieve responses."""
+    if isinstance(data, OrganizationBody):
+        return _organization_from_body(data)
     obj = _object(data, "organization")
     threshold = obj.get("low_credits_threshold")
     return Organization(
@@ -75,8 +154,46 @@ def parse_organization(data: object) -> Organization:
     )
 
 
+def _organization_from_body(body: OrganizationBody) -> Organization:
+    # The decoder checked every type; only what a type cannot say is checked here, in the
+    # same order as the field-by-field path, so the first problem named is the same one.
+    threshold = body.low_credits_threshold
+    return Organization(
+        id=body.id,
+        name=body.name,
+        notify_low_credits=bool(body.notify_low_credits),
+        low_credits_threshold=(
+            DEFAULT_THRESHOLD
+            if threshold is None
+            else parse_decimal(threshold, "low_credits_threshold")
+        ),
+        send_emails_enabled=body.is_send_emails_enabled is not False,
+        auto_refill=bool(body.auto_refill),
+        members=tuple(
+            Member(
+                membership_id=member.id,
+                user_id=member.user.id,
+                name=member.user.name or "",
+                email=member.user.email or "",
+                role=member.role,
+                email_notify_enabled=member.is_email_notify_enabled,
+            )
+            for member in body.members or ()
+        ),
+    )
+
+
 def parse_billing(data: object) -> Billing:
     """A Billing from the body of GET /test_framework/billing/info/."""
+    if isinstance(data, BillingBody):
+        return Billing(
+            organization_id=data.organization,
+            credits_remaining=parse_decimal(data.credits_remaining, "credits_remaining"),
+            credits_used=(
+                None if data.credits_used is None
+                else parse_decimal(data.credits_used, "credits_used")
+            ),
+        )
     obj = _object(data, "billing")
     credits_used = obj.get("credits_used")
     return Billing(

@@ -113,6 +113,33 @@ def test_a_pagination_link_to_another_host_is_refused_and_never_followed() -> No
     assert [path for path, _ in seen] == ["/user/v2/organizations/?page_size=200"]
 
 
+def test_the_listing_is_read_to_its_end_without_waiting_for_the_billing_reads() -> None:
+    # Pages shift when orgs come and go while they are read: the listing must not be held up
+    # by the billing reads it feeds. Here no billing answer comes before the last page has
+    # been served (or 5 s have passed); 70 orgs are more than the client keeps in flight.
+    pages = 35
+    last_page_served = threading.Event()
+    waited_in_vain: list[str] = []
+
+    def answer(path: str, headers: dict[str, str]) -> Reply:
+        if path.startswith("/user/v2/organizations/"):
+            number = int(path.split("page=")[1]) if "page=" in path else 1
+            if number == pages:
+                last_page_served.set()
+            following = None if number == pages else f"/user/v2/organizations/?page={number + 1}"
+            return 200, {}, {"count": 2 * pages, "previous": None, "next": following,
+                             "results": [org_json(2 * number - 1), org_json(2 * number)]}
+        if not last_page_served.wait(timeout=5):
+            waited_in_vain.append(path)
+        org_id = int(path.rsplit("=", 1)[1])
+        return 200, {}, {"organization": org_id, "credits_remaining": "5.00"}
+
+    with scripted_server(answer) as (url, _), make_client(url, token=TOKEN, page_size=2) as client:
+        result = client.fetch_snapshots()
+    assert waited_in_vain == []
+    assert [s.id for s in result.snapshots] == list(range(1, 2 * pages + 1))
+
+
 def test_a_redirect_is_not_followed_so_the_key_cannot_travel_elsewhere() -> None:
     def answer(path: str, headers: dict[str, str]) -> Reply:
         return 302, {"Location": "http://127.0.0.2:9/steal"}, {}

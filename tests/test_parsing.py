@@ -3,13 +3,23 @@
 from __future__ import annotations
 
 import copy
+import json
 from decimal import Decimal
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from poller.parsing import ParseError, parse_billing, parse_decimal, parse_organization
+from poller.parsing import (
+    BillingBody,
+    PageBody,
+    ParseError,
+    loads_billing,
+    loads_page,
+    parse_billing,
+    parse_decimal,
+    parse_organization,
+)
 from poller.records import DEFAULT_THRESHOLD, Billing, Member, Organization
 
 FULL_ORG = {
@@ -293,3 +303,95 @@ def test_any_json_becomes_billing_or_a_parse_error(data: object) -> None:
     else:
         assert isinstance(billing.credits_remaining, Decimal)
         assert billing.credits_remaining.is_finite()
+
+
+# --- the fast decoders give exactly the answers of the field-by-field checks ------------------
+
+
+def outcome(parse, data: object) -> object:
+    """What a parse function makes of ``data``: the record, or the message it refused with."""
+    try:
+        return parse(data)
+    except ParseError as error:
+        return f"ParseError: {error}"
+
+
+valid_member = st.fixed_dictionaries(
+    {
+        "id": st.integers(),
+        "user": st.fixed_dictionaries(
+            {"id": st.integers()},
+            optional={"name": st.none() | st.text(max_size=8),
+                      "email": st.none() | st.text(max_size=8)},
+        ),
+        "role": st.sampled_from(["admin", "member", ""]),
+    },
+    optional={"is_email_notify_enabled": st.none() | st.booleans()},
+)
+valid_org = st.fixed_dictionaries(
+    {"id": st.integers(), "name": st.text(max_size=8)},
+    optional={
+        "notify_low_credits": st.none() | st.booleans(),
+        "low_credits_threshold": json_scalars,
+        "is_send_emails_enabled": st.none() | st.booleans(),
+        "auto_refill": st.none() | st.booleans(),
+        "members": st.none() | st.lists(valid_member, max_size=3),
+    },
+)
+
+
+@st.composite
+def nearly_valid_org(draw: st.DrawFn) -> dict:
+    """A well-formed organization, sometimes with one value (at any depth) swapped for any JSON."""
+    org = draw(valid_org)
+    places = [(org, key) for key in [*org, "id", "name"]]
+    for member in org.get("members") or []:
+        places += [(member, key) for key in [*member, "id", "role"]]
+        places += [(member["user"], key) for key in [*member["user"], "id"]]
+    if draw(st.booleans()):
+        where, key = draw(st.sampled_from(places))
+        where[key] = draw(json_values)
+    return org
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.one_of(nearly_valid_org(), org_like, json_values))
+def test_an_organization_decoded_fast_is_read_exactly_as_the_checks_read_it(data: object) -> None:
+    body = json.dumps({"count": 1, "next": None, "previous": None, "results": [data]}).encode()
+    page = loads_page(body)
+    fast = page.results[0] if isinstance(page, PageBody) else page["results"][0]
+    checked = json.loads(body)["results"][0]
+    assert outcome(parse_organization, fast) == outcome(parse_organization, checked)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(billing_like, json_values))
+def test_billing_decoded_fast_is_read_exactly_as_the_checks_read_it(data: object) -> None:
+    body = json.dumps(data).encode()
+    assert outcome(parse_billing, loads_billing(body)) == outcome(parse_billing, json.loads(body))
+
+
+def test_the_fast_decoders_take_the_bodies_the_api_documents() -> None:
+    page = loads_page(json.dumps({"count": 1, "next": None, "previous": None,
+                                  "results": [FULL_ORG]}).encode())
+    assert isinstance(page, PageBody)
+    assert parse_organization(page.results[0]) == parse_organization(FULL_ORG)
+    billing = loads_billing(json.dumps(BILLING).encode())
+    assert isinstance(billing, BillingBody)
+    assert parse_billing(billing) == parse_billing(BILLING)
+
+
+@pytest.mark.parametrize("body", [
+    b'{"organization": 1, "credits_remaining": NaN}',  # json.loads reads NaN; msgspec refuses
+    b'{"organization": 1, "credits_remaining": "\\ud800"}',  # a lone surrogate
+    '{"organization": 1, "credits_remaining": "5"}'.encode("utf-16"),
+])
+def test_a_body_the_fast_decoder_refuses_is_read_by_json_instead(body: bytes) -> None:
+    assert loads_billing(body) == json.loads(body)
+
+
+def test_invalid_json_is_still_a_value_error_so_the_client_retries_it() -> None:
+    with pytest.raises(ValueError):
+        loads_billing(b'{"organization": 1, "credits_remai')
+    with pytest.raises(ValueError):
+        loads_page(b"")

@@ -26,13 +26,29 @@ def test_progress_line_shows_read_of_total_and_errors() -> None:
 def test_progress_redraws_in_place_at_most_ten_times_a_second_and_ends_the_line() -> None:
     stream, now = io.StringIO(), [0.0]
     progress = TerminalProgress(stream, clock=lambda: now[0])
-    progress(0, 0, 0)  # nothing known yet: nothing drawn
-    progress(1, 3, 0)
-    progress(2, 3, 0)  # same instant: skipped
+    progress(0, 0, 0, True)  # nothing known yet: nothing drawn
+    progress(1, 3, 0, False)
+    progress(2, 3, 0, False)  # same instant: skipped
     now[0] = 0.2
-    progress(3, 3, 1)  # the last one is always drawn
+    progress(3, 3, 1, False)  # the last one is always drawn
     assert stream.getvalue() == (
         "\r\x1b[K" + progress_line(1, 3, 0) + "\r\x1b[K" + progress_line(3, 3, 1) + "\n"
+    )
+
+
+def test_while_the_listing_goes_on_the_total_is_a_lower_bound_and_the_line_stays_open() -> None:
+    assert progress_line(200, 200, 0, listing=True).endswith(" 200/200+  0 errors")
+    stream, now = io.StringIO(), [0.0]
+    progress = TerminalProgress(stream, clock=lambda: now[0])
+    progress(200, 200, 0, True)  # every org listed so far is read, but more pages may follow
+    now[0] = 0.2
+    progress(200, 400, 0, True)
+    now[0] = 0.4
+    progress(400, 400, 0, False)
+    assert stream.getvalue() == (
+        "\r\x1b[K" + progress_line(200, 200, 0, listing=True)
+        + "\r\x1b[K" + progress_line(200, 400, 0, listing=True)
+        + "\r\x1b[K" + progress_line(400, 400, 0) + "\n"
     )
 
 
