@@ -73,6 +73,16 @@ Faults
 * ``malformed``: serves the request, then sends 200 with only the first half of the body;
 * ``drop``: closes the connection without any response.
 
+HTTP
+----
+HTTP/1.1 with keep-alive (HTTP/1.0 only with ``Connection: keep-alive``) and pipelining, read
+as http.server reads it. A request body needs a Content-Length of at most 1,000,000 bytes: a
+chunked body is 411, a bad length 400. A bad request line is 400 (an HTTP version of 2 or more
+505), an unknown method 501, a request line over 64 KiB 414, more than 100 header lines or one
+over 64 KiB 431; these answers are DRF-style JSON too, and the connection is closed after them.
+One thread serves every connection (a non-blocking selector loop): latency delays only the
+connection it applies to. ``SimulatorServer(ssl_context=...)`` serves https.
+
 Seed file (``--seed-file``)
 ---------------------------
 ::
@@ -96,27 +106,30 @@ expired, inactive) active, ``members`` one admin, a member's ``role`` admin and
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import json
 import os
 import random
 import re
 import secrets
+import selectors
 import signal
 import socket
 import ssl
 import sys
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal, InvalidOperation
+from functools import lru_cache, partial
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import parse_qs, urlencode, urlsplit
 
 import structlog
@@ -368,6 +381,10 @@ class _OrgRecord:
         "balance_expiry",
         "subscription",
         "billing_updated_at",
+        # The JSON served for this record, built on first use and dropped on every change:
+        # serialising an Organization costs more than the rest of a list request per org.
+        "org_json",
+        "billing_json",
     )
 
     def __init__(
@@ -400,6 +417,8 @@ class _OrgRecord:
         self.balance_expiry = balance_expiry
         self.subscription = subscription
         self.billing_updated_at = created_at
+        self.org_json: bytes | None = None
+        self.billing_json: bytes | None = None
 
     def payload(self) -> dict[str, Any]:
         body: dict[str, Any] = {"id": self.id, "name": self.name, **_ORG_DEFAULTS}
@@ -581,6 +600,7 @@ class SimulatedApi:
                 record.credits_used += record.balance - balance
             record.balance = balance
             record.billing_updated_at = _timestamp(now)
+            record.billing_json = None
             self._history.append((now, org_id, balance))
 
     def update_org(self, org_id: int, **fields: Any) -> None:
@@ -604,18 +624,24 @@ class SimulatedApi:
         organization's Organization JSON, e.g. ``low_credits_threshold="abc"``, until
         clear_corruption(). A real API would not do this; a client must survive it anyway."""
         with self._lock:
-            self._record(org_id)
+            self._record(org_id).org_json = None
             self._raw_org_fields.setdefault(org_id, {})[field] = raw_value
 
     def corrupt_billing(self, org_id: int, field: str, raw_value: Any) -> None:
         """Test-only: like corrupt_organization, for the BillingInfo JSON (e.g.
         ``credits_remaining=None``)."""
         with self._lock:
-            self._record(org_id)
+            self._record(org_id).billing_json = None
             self._raw_billing_fields.setdefault(org_id, {})[field] = raw_value
 
     def clear_corruption(self) -> None:
         with self._lock:
+            for org_id in self._raw_org_fields:
+                if record := self._orgs.get(org_id):
+                    record.org_json = None
+            for org_id in self._raw_billing_fields:
+                if record := self._orgs.get(org_id):
+                    record.billing_json = None
             self._raw_org_fields.clear()
             self._raw_billing_fields.clear()
 
@@ -704,10 +730,10 @@ class SimulatedApi:
         """Whether a caller (None: the token; else a key's org) may see org_id."""
         return (viewer_org is None or viewer_org == org_id) and org_id in self._orgs
 
-    def list_payloads(
+    def list_bodies(
         self, viewer_org: int | None, search: str | None, start: int = 0, stop: int | None = None
-    ) -> tuple[int, list[dict[str, Any]]]:
-        """(how many orgs the caller sees, the payloads of those in [start:stop])."""
+    ) -> tuple[int, list[bytes]]:
+        """(how many orgs the caller sees, the Organization JSON of those in [start:stop])."""
         terms = search.lower().split() if search else []
         with self._lock:
             if viewer_org is not None:
@@ -716,7 +742,20 @@ class SimulatedApi:
                 ids = self._ordered_ids()
             if terms:
                 ids = [i for i in ids if all(t in self._orgs[i].name.lower() for t in terms)]
-            return len(ids), [self._payload(self._orgs[i]) for i in ids[start:stop]]
+            return len(ids), [self._org_json(self._orgs[i]) for i in ids[start:stop]]
+
+    def organization_body(self, org_id: int) -> bytes:
+        """The Organization JSON as served."""
+        with self._lock:
+            return self._org_json(self._record(org_id))
+
+    def prepare_responses(self) -> None:
+        """Build the JSON served for every organization and its billing now instead of at its
+        first read (the benchmark does, so that no request it measures pays for it)."""
+        with self._lock:
+            for record in self._orgs.values():
+                self._org_json(record)
+                self._billing_json(record)
 
     def patch(self, org_id: int, data: Mapping[str, Any]) -> dict[str, Any]:
         """Apply a PATCH body from the API; raises FieldValidationError with DRF errors."""
@@ -727,28 +766,40 @@ class SimulatedApi:
             return self._payload(record)
 
     def billing_body(self, org_id: int) -> bytes:
-        """The BillingInfo JSON as served, formatted straight to bytes (the hot path)."""
+        """The BillingInfo JSON as served (the hot path: built once per change of balance)."""
         with self._lock:
-            record = self._record(org_id)
-            raw = self._raw_billing_fields.get(org_id)
-            body = (
-                _BILLING_TEMPLATE
-                % (
-                    record.id,
-                    record.balance,
-                    record.credits_used,
-                    record.initial_balance,
-                    "null" if record.balance_expiry is None else f'"{record.balance_expiry}"',
-                    record.subscription,
-                    record.created_at,
-                    record.billing_updated_at,
-                )
-            ).encode()
-            if raw:
-                return _dumps({**json.loads(body), **raw})
-            return body
+            return self._billing_json(self._record(org_id))
 
     # ---- internals (callers hold the lock) ------------------------------------------------------
+
+    def _billing_json(self, record: _OrgRecord) -> bytes:
+        if record.billing_json is None:
+            record.billing_json = self._build_billing_json(record)
+        return record.billing_json
+
+    def _build_billing_json(self, record: _OrgRecord) -> bytes:
+        body = (
+            _BILLING_TEMPLATE
+            % (
+                record.id,
+                record.balance,
+                record.credits_used,
+                record.initial_balance,
+                "null" if record.balance_expiry is None else f'"{record.balance_expiry}"',
+                record.subscription,
+                record.created_at,
+                record.billing_updated_at,
+            )
+        ).encode()
+        raw = self._raw_billing_fields.get(record.id)
+        if raw:
+            return _dumps({**json.loads(body), **raw})
+        return body
+
+    def _org_json(self, record: _OrgRecord) -> bytes:
+        if record.org_json is None:
+            record.org_json = _dumps(self._payload(record))
+        return record.org_json
 
     def _payload(self, record: _OrgRecord) -> dict[str, Any]:
         body = record.payload()
@@ -784,6 +835,7 @@ class SimulatedApi:
         record.settings = {**record.settings, **settings}
         record.omitted = record.omitted - settings.keys()
         record.updated_at = now
+        record.org_json = None
 
     def _members_from_specs(
         self, specs: Iterable[Mapping[str, Any]], created_at: str
@@ -1130,14 +1182,36 @@ def _dumps(body: object) -> bytes:
     return json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
 
 
-# ---- HTTP --------------------------------------------------------------------------------
+# ---- HTTP: what each request gets ----------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class _Response:
+# Named tuples rather than dataclasses for the values made per request: cheapest to build.
+class _Response(NamedTuple):
     status: int
     body: bytes
     headers: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class _Delayed:
+    """An answer a latency fault holds back: ``then()`` makes it once ``seconds`` have passed."""
+
+    seconds: float
+    then: Callable[[], _Response]
+
+
+class _Request(NamedTuple):
+    """A request as parsed; the last three fields are for the connection, not the API."""
+
+    method: str
+    target: str
+    headers: Mapping[str, str]  # names lower-cased; of a repeated header the first one counts
+    tls: bool
+    keep_alive: bool
+    body: bytes = b""
+    length: int = 0  # of the body still to be read
+    expects_continue: bool = False
+    refusal: _Response | None = None  # answered instead, then the server hangs up
 
 
 def _json(status: int, body: object, *headers: tuple[str, str]) -> _Response:
@@ -1160,82 +1234,46 @@ _ORG_PATH = re.compile(r"^/user/organizations/([^/]+)/$")
 _SIM_ORG_PATH = re.compile(r"^/_sim/orgs/(-?\d+)$")
 
 
-@dataclass(frozen=True, slots=True)
-class _Caller:
+class _Caller(NamedTuple):
     """Who is asking: ``org`` is the key's organization, None for the token."""
 
     org: int | None
 
 
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    # Keep-alive with small responses stalls ~40 ms per request on Nagle + delayed ACK.
-    disable_nagle_algorithm = True
-    server: _SimHTTPServer
+_TOKEN_CALLER = _Caller(None)
 
-    def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
-        self._serve("GET")
 
-    def do_PATCH(self) -> None:  # noqa: N802
-        self._serve("PATCH")
+class _ApiHandler:
+    """The API and the control endpoints over parsed requests; knows nothing of sockets."""
 
-    def do_POST(self) -> None:  # noqa: N802
-        self._serve("POST")
+    def __init__(self, api: SimulatedApi, host_port: str) -> None:
+        self.api = api
+        self.host_port = host_port
 
-    def do_PUT(self) -> None:  # noqa: N802
-        self._serve("PUT")
-
-    def do_DELETE(self) -> None:  # noqa: N802
-        self._serve("DELETE")
-
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
-        """Silenced: one stderr line per request would drown a benchmark's output."""
-
-    def _serve(self, method: str) -> None:
+    def respond(self, request: _Request) -> _Response | _Delayed:
         try:
-            body = self._read_body()
-            response = body if isinstance(body, _Response) else self._respond(method, body)
+            return self._respond(request)
         except Exception as exc:  # noqa: BLE001 (answer 500 rather than drop the connection)
-            log.exception("simulator.error", method=method, path=self.path.split("?")[0])
-            response = _detail(500, f"Simulator error: {type(exc).__name__}")
-        if response is _DROP:
-            self.close_connection = True
-            return
-        self._send(response)
+            return self._failed(request, exc)
 
-    def _read_body(self) -> bytes | _Response:
-        if self.headers.get("Transfer-Encoding"):
-            self.close_connection = True
-            return _detail(411, "Send a Content-Length; chunked bodies are not supported.")
+    def _delayed_answer(self, request: _Request, *answer: Any) -> _Response:
         try:
-            length = int(self.headers.get("Content-Length") or 0)
-        except ValueError:
-            length = -1
-        if not 0 <= length <= _MAX_BODY:
-            self.close_connection = True
-            return _detail(400, "Bad Content-Length.")
-        return self.rfile.read(length) if length else b""
+            return self._answer(request, *answer)
+        except Exception as exc:  # noqa: BLE001 (as in respond)
+            return self._failed(request, exc)
 
-    def _send(self, response: _Response) -> None:
-        lines = [
-            f"HTTP/1.1 {response.status} {HTTPStatus(response.status).phrase}",
-            "Content-Type: application/json",
-            f"Content-Length: {len(response.body)}",
-        ]
-        lines.extend(f"{name}: {value}" for name, value in response.headers)
-        if self.close_connection:
-            lines.append("Connection: close")
-        head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
-        # One write: headers and body in separate segments would wait on delayed ACKs.
-        self.wfile.write(head + response.body)
+    @staticmethod
+    def _failed(request: _Request, exc: Exception) -> _Response:
+        log.exception("simulator.error", method=request.method, path=_split(request.target)[0])
+        return _detail(500, f"Simulator error: {type(exc).__name__}")
 
-    def _respond(self, method: str, body: bytes) -> _Response:
-        api = self.server.api
-        url = urlsplit(self.path)
-        path = url.path
+    def _respond(self, request: _Request) -> _Response | _Delayed:
+        api = self.api
+        method = request.method
+        path, query_string = _split(request.target)
         if path.startswith("/_sim/"):
-            return self._control(method, path, body)
-        query = {k: v[-1] for k, v in parse_qs(url.query, keep_blank_values=True).items()}
+            return self._control(method, path, request.body)
+        query = _query(query_string)
 
         if path == "/test_framework/billing/info/":
             endpoint, allowed = "billing", ("GET",)
@@ -1250,12 +1288,27 @@ class _Handler(BaseHTTPRequestHandler):
         if method not in allowed:
             return _detail(405, f'Method "{method}" not allowed.', ("Allow", ", ".join(allowed)))
 
-        caller = self._caller()
+        caller = self._caller(request.headers)
         path_org = _int_or_none(match.group(1)) if endpoint in ("retrieve", "patch") else None
         fault_org = self._fault_org(endpoint, caller, path_org, query)
         delay, fault = api.take_faults(endpoint, fault_org)
         if delay:
-            time.sleep(delay)
+            # Only this connection waits: the server goes on serving the others meanwhile.
+            answer = (endpoint, caller, path_org, query, path, fault)
+            return _Delayed(delay, partial(self._delayed_answer, request, *answer))
+        return self._answer(request, endpoint, caller, path_org, query, path, fault)
+
+    def _answer(
+        self,
+        request: _Request,
+        endpoint: str,
+        caller: _Caller | _Response,
+        path_org: int | None,
+        query: dict[str, str],
+        path: str,
+        fault: Fault | None,
+    ) -> _Response:
+        api = self.api
         if fault is not None and fault.kind != "malformed":
             return _fault_response(fault)
         if not isinstance(caller, _Caller):
@@ -1263,29 +1316,30 @@ class _Handler(BaseHTTPRequestHandler):
         elif endpoint == "billing":
             response = self._billing(caller, query)
         elif endpoint == "list":
-            response = _json(200, api.list_payloads(caller.org, query.get("search"))[1])
+            bodies = api.list_bodies(caller.org, query.get("search"))[1]
+            response = _Response(200, b"[" + b",".join(bodies) + b"]")
         elif endpoint == "list_v2":
-            response = self._list_v2(caller, query, url.path)
+            response = self._list_v2(request, caller, query, path)
         elif path_org is None or not api.visible(caller.org, path_org):
             response = _ORG_NOT_FOUND
         elif endpoint == "patch":
-            response = self._patch(path_org, body)
+            response = self._patch(path_org, request)
         else:
             response = self._organization(path_org)
         if fault is not None:  # malformed: the request took effect, the answer is cut short
             return _Response(200, response.body[: len(response.body) // 2], response.headers)
         return response
 
-    def _caller(self) -> _Caller | _Response:
-        api = self.server.api
-        key = self.headers.get("X-CEKURA-API-KEY")
+    def _caller(self, headers: Mapping[str, str]) -> _Caller | _Response:
+        api = self.api
+        key = headers.get("x-cekura-api-key")
         if key is not None:
             org = api.org_for_key(key.strip())
             return _BAD_KEY if org is None else _Caller(org)
-        scheme, _, credential = (self.headers.get("Authorization") or "").partition(" ")
+        scheme, _, credential = (headers.get("authorization") or "").partition(" ")
         if scheme.lower() != "bearer" or not credential.strip():
             return _NO_CREDENTIALS
-        return _Caller(None) if credential.strip() == api.token else _BAD_TOKEN
+        return _TOKEN_CALLER if credential.strip() == api.token else _BAD_TOKEN
 
     @staticmethod
     def _fault_org(
@@ -1299,7 +1353,6 @@ class _Handler(BaseHTTPRequestHandler):
         return key_org
 
     def _billing(self, caller: _Caller, query: dict[str, str]) -> _Response:
-        api = self.server.api
         raw = query.get("organization_id")
         requested = _int_or_none(raw)
         if raw is not None and requested is None:
@@ -1312,44 +1365,45 @@ class _Handler(BaseHTTPRequestHandler):
         if org_id is None or (requested is not None and requested != org_id):
             return _BILLING_NOT_FOUND
         try:
-            return _Response(200, api.billing_body(org_id))
+            return _Response(200, self.api.billing_body(org_id))
         except UnknownOrganizationError:
             return _BILLING_NOT_FOUND
 
-    def _list_v2(self, caller: _Caller, query: dict[str, str], path: str) -> _Response:
-        api = self.server.api
+    def _list_v2(
+        self, request: _Request, caller: _Caller, query: dict[str, str], path: str
+    ) -> _Response:
+        api = self.api
         page_size = _positive_int(query.get("page_size"))
         page_size = min(page_size, MAX_PAGE_SIZE) if page_size else DEFAULT_PAGE_SIZE
-        count, _ = api.list_payloads(caller.org, query.get("search"), 0, 0)
+        count, _ = api.list_bodies(caller.org, query.get("search"), 0, 0)
         pages = max(1, -(-count // page_size))
         raw_page = query.get("page", "1")
         page = pages if raw_page == "last" else _positive_int(raw_page)
         if page is None or page > pages:
             return _detail(404, "Invalid page.")
         start = (page - 1) * page_size
-        count, results = api.list_payloads(
-            caller.org, query.get("search"), start, start + page_size
-        )
-        scheme = "https" if isinstance(self.connection, ssl.SSLSocket) else "http"
-        base = f"{scheme}://{self.headers.get('Host') or self.server.host_port}{path}"
-        return _json(
-            200,
+        count, results = api.list_bodies(caller.org, query.get("search"), start, start + page_size)
+        scheme = "https" if request.tls else "http"
+        base = f"{scheme}://{request.headers.get('host') or self.host_port}{path}"
+        envelope = _dumps(
             {
                 "count": count,
                 "next": _page_url(base, query, page + 1) if page < pages else None,
                 "previous": _page_url(base, query, page - 1) if page > 1 else None,
-                "results": results,
-            },
+                "results": [],
+            }
         )
+        # The organizations' JSON is cached as bytes: splice it in where "[]}" ends the envelope.
+        return _Response(200, envelope[:-2] + b",".join(results) + b"]}")
 
     def _organization(self, org_id: int) -> _Response:
         try:
-            return _json(200, self.server.api.organization(org_id))
+            return _Response(200, self.api.organization_body(org_id))
         except UnknownOrganizationError:  # removed between the visibility check and now
             return _ORG_NOT_FOUND
 
-    def _patch(self, org_id: int, body: bytes) -> _Response:
-        data = self._parse_body(body)
+    def _patch(self, org_id: int, request: _Request) -> _Response:
+        data = self._parse_body(request)
         if isinstance(data, _Response):
             return data
         if not isinstance(data, dict):
@@ -1358,16 +1412,18 @@ class _Handler(BaseHTTPRequestHandler):
                 400, {"non_field_errors": [f"Invalid data. Expected a dictionary, but got {kind}."]}
             )
         try:
-            return _json(200, self.server.api.patch(org_id, data))
+            return _json(200, self.api.patch(org_id, data))
         except FieldValidationError as exc:
             return _json(400, exc.errors)
         except UnknownOrganizationError:
             return _ORG_NOT_FOUND
 
-    def _parse_body(self, body: bytes) -> object:
+    @staticmethod
+    def _parse_body(request: _Request) -> object:
+        body = request.body
         if not body:
             return {}
-        content_type = (self.headers.get("Content-Type") or "").split(";")[0].strip().lower()
+        content_type = (request.headers.get("content-type") or "").split(";")[0].strip().lower()
         if content_type == "application/json" or content_type.endswith("+json"):
             try:
                 return json.loads(body, parse_float=Decimal)
@@ -1381,7 +1437,7 @@ class _Handler(BaseHTTPRequestHandler):
     # ---- /_sim/ control endpoints ----------------------------------------------------------
 
     def _control(self, method: str, path: str, body: bytes) -> _Response:
-        api = self.server.api
+        api = self.api
         data: object = {}
         if body:
             try:
@@ -1420,21 +1476,21 @@ class _Handler(BaseHTTPRequestHandler):
     def _settings(self, data: object) -> _Response:
         if not isinstance(data, dict) or not isinstance(data.get("v2_enabled"), bool):
             return _detail(400, 'Send {"v2_enabled": true|false}.')
-        self.server.api.v2_enabled = data["v2_enabled"]
-        return _json(200, {"v2_enabled": self.server.api.v2_enabled})
+        self.api.v2_enabled = data["v2_enabled"]
+        return _json(200, {"v2_enabled": self.api.v2_enabled})
 
     def _add_org(self, data: object) -> _Response:
         if not isinstance(data, dict) or not isinstance(data.get("name"), str):
             return _detail(400, "Send an organization object with a name.")
         spec = dict(data)
-        api = self.server.api
+        api = self.api
         org_id = api.add_org(spec.pop("name"), org_id=spec.pop("id", None), **spec)
         return _json(201, {"id": org_id, "api_key": api.keys()[org_id]})
 
     def _change_org(self, org_id: int, data: object) -> _Response:
         if not isinstance(data, dict):
             return _detail(400, "Send an object of organization fields.")
-        api = self.server.api
+        api = self.api
         changes = dict(data)
         balance = changes.pop("credits_remaining", None)
         if balance is not None:
@@ -1467,6 +1523,31 @@ def _history_json(history: list[tuple[datetime, int, Decimal]]) -> list[dict[str
     ]
 
 
+def _split(target: str) -> tuple[str, str]:
+    """(path, query) of a request target, as urlsplit gives them."""
+    if target[:1] == "/" and target[:2] != "//" and "#" not in target:
+        path, _, query = target.partition("?")  # the usual target, without urlsplit's cost
+        return path, query
+    if target.startswith("//"):
+        # As http.server does: //host/x would read as a host to urlsplit.
+        target = "/" + target.lstrip("/")
+    url = urlsplit(target)  # also absolute-form targets, as a client sends through a proxy
+    return url.path, url.query
+
+
+def _query(text: str) -> dict[str, str]:
+    """parse_qs(keep_blank_values=True) with the last of a repeated name winning; parse_qs
+    itself only when something needs decoding."""
+    if "%" in text or "+" in text:
+        return {name: values[-1] for name, values in parse_qs(text, keep_blank_values=True).items()}
+    query = {}
+    for field in text.split("&"):
+        if field:
+            name, _, value = field.partition("=")
+            query[name] = value
+    return query
+
+
 def _int_or_none(text: str | None) -> int | None:
     if text is None:
         return None
@@ -1490,47 +1571,565 @@ def _page_url(base: str, query: dict[str, str], page: int) -> str:
     return f"{base}?{encoded}" if encoded else base
 
 
-class _SimHTTPServer(ThreadingHTTPServer):
-    daemon_threads = True
-    block_on_close = False
-    request_queue_size = 128
+# ---- HTTP: the protocol ----------------------------------------------------------------------
+#
+# http.server's limits, so that what it refused is still refused.
+_MAX_LINE = 65536
+_MAX_HEADERS = 100
+# A head still without its blank line at this size is refused rather than buffered further.
+_MAX_HEAD = 1 << 20
+_METHODS = frozenset({"GET", "PATCH", "POST", "PUT", "DELETE"})
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
-    def __init__(self, address: tuple[str, int], api: SimulatedApi) -> None:
-        self.api = api
-        self._connections: set[socket.socket] = set()
-        self._connections_lock = threading.Lock()
-        super().__init__(address, _Handler)
 
-    @property
-    def host_port(self) -> str:
-        host, port = self.server_address[:2]
-        return f"{host}:{port}"
+def _parse_head(buffer: bytes, tls: bool) -> tuple[_Request, int] | _Response | None:
+    """The request whose head starts ``buffer`` (without its body) and the head's size with the
+    blank line; a _Response if it is refused (the server answers and hangs up); None while it
+    is still incomplete."""
+    end = buffer.find(b"\n\r\n")
+    bare = buffer.find(b"\n\n")  # lines ended by LF alone, as http.server accepts them too
+    if bare >= 0 and (end < 0 or bare < end):
+        end, size = bare, bare + 2
+    elif end >= 0:
+        size = end + 3
+    else:
+        return _incomplete_head(buffer)
+    first_end = buffer.find(b"\n", 0, end)
+    if first_end < 0:
+        first_end = end
+    request_line = _request_line(buffer[:first_end])
+    if isinstance(request_line, _Response):
+        return request_line
+    method, target, http11 = request_line
+    fields = _header_block(buffer[first_end + 1 : end])
+    if isinstance(fields, _Response):
+        return fields
+    headers, connection, expect, chunked, length = fields
+    # Exactly http.server's rules: HTTP/1.1 keeps the connection open unless told otherwise.
+    keep_alive = http11
+    if connection == "close":
+        keep_alive = False
+    elif connection == "keep-alive":
+        keep_alive = True
+    expects_continue = http11 and expect == "100-continue"
+    refusal = None
+    if method not in _METHODS:
+        refusal = _detail(501, f"Unsupported method ({method!r})")
+    elif chunked:
+        refusal = _detail(411, "Send a Content-Length; chunked bodies are not supported.")
+    elif not 0 <= length <= _MAX_BODY:
+        refusal = _detail(400, "Bad Content-Length.")
+    if refusal is not None:
+        length = 0
+    request = _Request(
+        method, target, headers, tls, keep_alive, b"", length, expects_continue, refusal
+    )
+    return request, size
 
-    def process_request(self, request: Any, client_address: Any) -> None:
-        with self._connections_lock:
-            self._connections.add(request)
-        super().process_request(request, client_address)
 
-    def shutdown_request(self, request: Any) -> None:
-        with self._connections_lock:
-            self._connections.discard(request)
-        super().shutdown_request(request)
+def _incomplete_head(buffer: bytes) -> _Response | None:
+    newline = buffer.find(b"\n")
+    if newline < 0:
+        return _detail(414, "Request-URI Too Long") if len(buffer) > _MAX_LINE else None
+    # A bad request line is answered at once, as http.server does, not after the headers.
+    request_line = _request_line(buffer[:newline])
+    if isinstance(request_line, _Response):
+        return request_line
+    if len(buffer) > _MAX_HEAD:
+        return _detail(431, "Request Header Fields Too Large")
+    return None
 
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        # A client that went away mid-request (killed, timed out) is normal, not a traceback.
-        if isinstance(sys.exc_info()[1], ConnectionError):
+
+def _request_line(line: bytes) -> tuple[str, str, bool] | _Response:
+    """(method, target, HTTP/1.1 or later) as http.server's parse_request reads them."""
+    if len(line) >= _MAX_LINE:
+        return _detail(414, "Request-URI Too Long")
+    words = line.decode("latin-1").split()
+    if len(words) == 3 and words[2] == "HTTP/1.1":  # nearly every request
+        return words[0], words[1], True
+    http11 = False
+    if len(words) >= 3:
+        version = words[-1]
+        number = _http_version(version)
+        if number is None:
+            return _detail(400, f"Bad request version ({version!r})")
+        if number >= (2, 0):
+            return _detail(505, f"Invalid HTTP version ({version[5:]})")
+        http11 = number >= (1, 1)
+    if not 2 <= len(words) <= 3:
+        text = line.decode("latin-1").rstrip("\r\n")
+        return _detail(400, f"Bad request syntax ({text!r})")
+    method, target = words[:2]
+    if len(words) == 2 and method != "GET":
+        return _detail(400, f"Bad HTTP/0.9 request type ({method!r})")
+    return method, target, http11
+
+
+def _http_version(version: str) -> tuple[int, int] | None:
+    if not version.startswith("HTTP/"):
+        return None
+    parts = version[5:].split(".")
+    if len(parts) != 2 or not all(part.isdigit() and len(part) <= 10 for part in parts):
+        return None
+    try:
+        return int(parts[0]), int(parts[1])
+    except ValueError:  # a Unicode digit that int() does not take
+        return None
+
+
+@lru_cache(maxsize=256)
+def _header_block(block: bytes) -> tuple[dict[str, str], str, str, bool, int] | _Response:
+    """(fields, Connection and Expect lower-cased, chunked, Content-Length or -1 if bad).
+
+    Cached: a client sends the same headers with every request, only the request line
+    changes, and parsing them is the largest part of reading a request. The dict is shared:
+    nothing may change it.
+    """
+    headers = _header_fields(block.split(b"\n")) if block else {}
+    if isinstance(headers, _Response):
+        return headers
+    try:
+        length = int(headers.get("content-length") or 0)
+    except ValueError:
+        length = -1
+    return (
+        headers,
+        headers.get("connection", "").lower(),
+        headers.get("expect", "").lower(),
+        bool(headers.get("transfer-encoding")),
+        length,
+    )
+
+
+def _header_fields(lines: list[bytes]) -> dict[str, str] | _Response:
+    if len(lines) > _MAX_HEADERS:
+        return _detail(431, "Too many headers")
+    headers: dict[str, str] = {}
+    last: str | None = None  # the field a continuation line (obs-fold) extends
+    for raw in lines:
+        if len(raw) > _MAX_LINE:
+            return _detail(431, "Line too long")
+        line = raw[:-1] if raw[-1:] == b"\r" else raw
+        if line[:1] in (b" ", b"\t"):
+            if last is None and not headers:
+                return _detail(400, "Bad header line")
+            if last is not None:  # RFC 9112: an obs-fold may be replaced by a space
+                headers[last] = f"{headers[last]} {line.strip().decode('latin-1')}"
+            continue
+        name, colon, value = line.partition(b":")
+        # RFC 9112: a field name is one token, with no whitespace before the colon.
+        if not colon or name.split() != [name]:
+            return _detail(400, "Bad header line")
+        key = name.decode("latin-1").lower()
+        if key in headers:
+            last = None
+        else:
+            headers[key] = value.strip().decode("latin-1")
+            last = key
+    return headers
+
+
+_REASONS = {status.value: status.phrase for status in HTTPStatus}
+_OK_START = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: "
+
+
+def _encode(response: _Response, close: bool) -> bytes:
+    """Head and body in one piece: written separately they would wait on delayed ACKs."""
+    body = response.body
+    if response.status == 200 and not response.headers and not close:
+        return b"%s%d\r\n\r\n%s" % (_OK_START, len(body), body)
+    lines = [
+        f"HTTP/1.1 {response.status} {_REASONS[response.status]}",
+        "Content-Type: application/json",
+        f"Content-Length: {len(body)}",
+    ]
+    lines.extend(f"{name}: {value}" for name, value in response.headers)
+    if close:
+        lines.append("Connection: close")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+
+
+# ---- HTTP: the server ------------------------------------------------------------------------
+
+_READ = selectors.EVENT_READ
+_WRITE = selectors.EVENT_WRITE
+_RECV_SIZE = 65536
+# Pipelined requests wait while this much of the answers is still unsent (a client that
+# sends but does not read cannot make the server buffer without bound).
+_MAX_UNSENT = 1 << 20
+_TLS_CHUNK = 16384  # one TLS record: a retried write must offer the same bytes again
+# After its last answer a connection is half-closed and drained this long, so that what the
+# client still sends (the body of a refused request) cannot reset the answer away.
+_LINGER_SECONDS = 2.0
+_WOULD_BLOCK = (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
+
+
+class _Connection:
+    """One client connection: bytes in, requests parsed and answered in order, bytes out."""
+
+    __slots__ = (
+        "server",
+        "sock",
+        "tls",
+        "handshaking",
+        "events",
+        "pending",
+        "waiting",
+        "out",
+        "out_offset",
+        "unsent",
+        "held",
+        "eof",
+        "close_after",
+        "draining",
+        "closed",
+    )
+
+    def __init__(self, server: _HttpServer, sock: socket.socket, tls: bool) -> None:
+        self.server = server
+        self.sock = sock
+        self.tls = tls
+        self.handshaking = tls
+        self.events = 0  # what the selector watches for
+        self.pending = b""  # received, not yet part of an answered request
+        self.waiting: _Request | None = None  # its head parsed, its body still arriving
+        self.out: deque[bytes] = deque()
+        self.out_offset = 0  # into out[0]
+        self.unsent = 0
+        self.held = False  # a latency fault holds back the next answer
+        self.eof = False  # the client has finished sending
+        self.close_after = False  # no more requests: close once the answers are out
+        self.draining = False
+        self.closed = False
+
+    def start(self) -> None:
+        if self.tls:
+            self._handshake()
+        else:
+            self._watch(_READ)
+
+    def on_event(self, mask: int) -> None:
+        try:
+            if self.handshaking:
+                self._handshake()
+                return
+            if mask & _WRITE:
+                self._flush()
+                if not self.out and not self.closed:
+                    self._process()  # requests were waiting for their answers to go out
+            if mask & _READ and not self.closed:
+                self._receive()
+            if not self.closed:
+                self._watch(self._wanted())
+        except Exception:  # noqa: BLE001 (a bug serving one connection must not stop the server)
+            log.exception("simulator.connection_error")
+            self.close()
+
+    def _wanted(self) -> int:
+        if self.draining:
+            return _READ
+        events = _WRITE if self.out else 0
+        if not (self.held or self.close_after or self.unsent >= _MAX_UNSENT):
+            events |= _READ
+        return events
+
+    def _watch(self, events: int) -> None:
+        if events == self.events:
             return
-        super().handle_error(request, client_address)
+        selector = self.server.selector
+        if not events:
+            selector.unregister(self.sock)
+        elif not self.events:
+            selector.register(self.sock, events, self.on_event)
+        else:
+            selector.modify(self.sock, events, self.on_event)
+        self.events = events
 
-    def close_connections(self) -> None:
-        """Wake handler threads parked on idle keep-alive connections so they end now."""
-        with self._connections_lock:
-            connections = list(self._connections)
-        for connection in connections:
+    def _handshake(self) -> None:
+        assert isinstance(self.sock, ssl.SSLSocket)
+        try:
+            self.sock.do_handshake()
+        except ssl.SSLWantReadError:
+            self._watch(_READ)
+            return
+        except ssl.SSLWantWriteError:
+            self._watch(_WRITE)
+            return
+        except OSError:  # the client refused the certificate, or does not speak TLS
+            self.close()
+            return
+        self.handshaking = False
+        self._watch(_READ)
+        self._receive()  # the first request may have come with the end of the handshake
+        if not self.closed:
+            self._watch(self._wanted())
+
+    def _receive(self) -> None:
+        try:
+            data = self.sock.recv(_RECV_SIZE)
+            # The selector reports a plain socket again while bytes remain; TLS may hold
+            # decrypted bytes the selector cannot see, so read until it has none.
+            if self.tls and data:
+                data = self._receive_tls(data)
+        except _WOULD_BLOCK:
+            return
+        except OSError:  # reset by the client, or a broken TLS record
+            self.close()
+            return
+        if not data:
+            self.eof = True
+        if self.draining:
+            if self.eof:
+                self.close()
+            return
+        if data:
+            self.pending = self.pending + data if self.pending else data
+        self._process()
+
+    def _receive_tls(self, data: bytes) -> bytes:
+        chunks = [data]
+        while True:
             try:
-                connection.shutdown(socket.SHUT_RDWR)
+                more = self.sock.recv(_RECV_SIZE)
+            except _WOULD_BLOCK:
+                break
+            if not more:
+                self.eof = True
+                break
+            chunks.append(more)
+        return b"".join(chunks)
+
+    def _process(self) -> None:
+        """Answer every complete request received, in order, until one has to wait."""
+        while not (self.held or self.close_after or self.closed) and self.unsent < _MAX_UNSENT:
+            request = self._next_request()
+            if request is None:
+                break
+            if isinstance(request, _Response):  # unreadable: answer, then hang up
+                self.close_after = True
+                self._send(_encode(request, close=True))
+                break
+            answer = self.server.handler.respond(request)
+            if isinstance(answer, _Delayed):
+                self.held = True
+                self.server.call_later(
+                    answer.seconds, partial(self._release, answer.then, request.keep_alive)
+                )
+                break
+            if answer is _DROP:
+                self.close_after = True
+                break
+            self.close_after = not request.keep_alive
+            self._send(_encode(answer, close=self.close_after))
+        if self.eof and not self.held:
+            self.close_after = True  # whatever incomplete request is left will never end
+        if self.close_after and not self.held and not self.out and not self.closed:
+            self._finish()
+
+    def _next_request(self) -> _Request | _Response | None:
+        request = self.waiting
+        if request is None:
+            pending = self.pending
+            if not pending:
+                return None
+            if pending[0] in b"\r\n":
+                # RFC 9112 2.2: empty lines before a request line are ignored.
+                pending = self.pending = pending.lstrip(b"\r\n")
+                if not pending:
+                    return None
+            parsed = _parse_head(pending, self.tls)
+            if parsed is None or isinstance(parsed, _Response):
+                return parsed
+            request, size = parsed
+            if request.expects_continue:
+                self._send(_CONTINUE)
+            if request.refusal is not None:
+                return request.refusal
+            self.pending = pending[size:]
+            if not request.length:
+                return request
+        length = request.length
+        if len(self.pending) < length:
+            self.waiting = request
+            return None
+        self.waiting = None
+        body, self.pending = self.pending[:length], self.pending[length:]
+        return request._replace(body=body, length=0)
+
+    def _release(self, then: Callable[[], _Response], keep_alive: bool) -> None:
+        """A held-back answer's time has come: send it, then go on with the next requests."""
+        if self.closed:
+            return
+        self.held = False
+        try:
+            answer = then()
+            if answer is _DROP:
+                self.close_after = True
+            else:
+                self._send(_encode(answer, close=not keep_alive))
+                self.close_after = not keep_alive
+            if not self.closed:
+                self._process()
+            if not self.closed:
+                self._watch(self._wanted())
+        except Exception:  # noqa: BLE001 (as in on_event)
+            log.exception("simulator.connection_error")
+            self.close()
+
+    def _send(self, data: bytes) -> None:
+        if not self.out and not self.tls:  # the usual case: straight to the socket
+            try:
+                sent = self.sock.send(data)
+            except _WOULD_BLOCK:
+                sent = 0
+            except OSError:  # the client went away; nothing to tell anyone
+                self.close()
+                return
+            if sent == len(data):
+                return
+            data = data[sent:]
+        self.out.append(data)
+        self.unsent += len(data)
+        self._flush()
+
+    def _flush(self) -> None:
+        out = self.out
+        while out:
+            chunk = out[0]
+            offset = self.out_offset
+            try:
+                if self.tls:
+                    sent = self.sock.send(memoryview(chunk)[offset : offset + _TLS_CHUNK])
+                elif offset:
+                    sent = self.sock.send(memoryview(chunk)[offset:])
+                else:
+                    sent = self.sock.send(chunk)
+            except _WOULD_BLOCK:
+                return
+            except OSError:  # the client went away; nothing to tell anyone
+                self.close()
+                return
+            self.unsent -= sent
+            if offset + sent < len(chunk):
+                self.out_offset = offset + sent
+            else:
+                out.popleft()
+                self.out_offset = 0
+
+    def _finish(self) -> None:
+        if self.eof:
+            self.close()
+            return
+        try:
+            self.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            self.close()
+            return
+        self.draining = True
+        self.pending = b""
+        self.server.call_later(_LINGER_SECONDS, self.close)
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if self.events:
+            self.server.selector.unregister(self.sock)
+            self.events = 0
+        self.server.connections.discard(self)
+        self.sock.close()
+
+
+class _HttpServer:
+    """A single-threaded, non-blocking HTTP/1.1 server: one selector loop serves every
+    connection, so no thread per connection contends for the GIL; a latency fault holds back
+    its own connection's answer through a timer while the others are served."""
+
+    def __init__(
+        self, address: tuple[str, int], api: SimulatedApi, ssl_context: ssl.SSLContext | None
+    ) -> None:
+        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            listener.bind(address)
+            listener.listen(128)
+        except OSError:
+            listener.close()
+            raise
+        listener.setblocking(False)
+        host, port = listener.getsockname()[:2]
+        self.host_port = f"{host}:{port}"
+        self.handler = _ApiHandler(api, self.host_port)
+        self.selector = selectors.DefaultSelector()
+        self.connections: set[_Connection] = set()
+        self._listener = listener
+        self._ssl_context = ssl_context
+        self._timers: list[tuple[float, int, Callable[[], None]]] = []
+        self._timer_order = itertools.count()  # equal deadlines run in the order they were set
+        self._stopping = False
+        # stop() from another thread writes a byte here to end the loop's select() at once.
+        self._wake_up, self._waker = socket.socketpair()
+        self._wake_up.setblocking(False)
+        self.selector.register(listener, _READ, self._accept)
+        self.selector.register(self._wake_up, _READ, self._woken)
+
+    def call_later(self, seconds: float, callback: Callable[[], None]) -> None:
+        deadline = time.monotonic() + seconds
+        heapq.heappush(self._timers, (deadline, next(self._timer_order), callback))
+
+    def serve_forever(self) -> None:
+        select = self.selector.select
+        timers = self._timers
+        try:
+            while not self._stopping:
+                timeout = max(0.0, timers[0][0] - time.monotonic()) if timers else None
+                for key, mask in select(timeout):
+                    key.data(mask)
+                now = time.monotonic()
+                while timers and timers[0][0] <= now and not self._stopping:
+                    heapq.heappop(timers)[2]()
+        finally:
+            for connection in list(self.connections):
+                connection.close()
+            self.selector.close()
+            self._listener.close()
+            self._wake_up.close()
+            self._waker.close()
+
+    def shutdown(self) -> None:
+        """Make serve_forever close every connection and return (from any thread)."""
+        self._stopping = True
+        try:
+            self._waker.send(b"\0")
+        except OSError:
+            pass  # the loop has ended already
+
+    def _woken(self, mask: int) -> None:
+        try:
+            self._wake_up.recv(64)
+        except OSError:
+            pass
+
+    def _accept(self, mask: int) -> None:
+        while True:
+            try:
+                sock, _ = self._listener.accept()
+            except OSError:  # none left to accept (or the client gave up already)
+                return
+            try:
+                sock.setblocking(False)
+                # Small keep-alive answers would stall ~40 ms each on Nagle + delayed ACK.
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                if self._ssl_context is not None:
+                    sock = self._ssl_context.wrap_socket(
+                        sock, server_side=True, do_handshake_on_connect=False
+                    )
             except OSError:
-                pass  # already closed by the client
+                sock.close()
+                continue
+            connection = _Connection(self, sock, tls=self._ssl_context is not None)
+            self.connections.add(connection)
+            connection.start()
 
 
 class SimulatorServer:
@@ -1548,7 +2147,7 @@ class SimulatorServer:
         self._port = port
         # Serves https with this (server-side) context: for tests of certificate checking.
         self._ssl_context = ssl_context
-        self._httpd: _SimHTTPServer | None = None
+        self._httpd: _HttpServer | None = None
         self._thread: threading.Thread | None = None
 
     @property
@@ -1562,31 +2161,22 @@ class SimulatorServer:
         if self._httpd is not None:
             return self
         try:
-            self._httpd = _SimHTTPServer((self._host, self._port), self.api)
+            self._httpd = _HttpServer((self._host, self._port), self.api, self._ssl_context)
         except OSError as exc:
             reason = exc.strerror or str(exc)
             raise SimulatorError(f"cannot listen on {self._host}:{self._port}: {reason}") from None
-        if self._ssl_context is not None:
-            self._httpd.socket = self._ssl_context.wrap_socket(
-                self._httpd.socket, server_side=True
-            )
         self._thread = threading.Thread(
-            target=self._httpd.serve_forever,
-            # stop() waits up to one poll interval; tests stop a server per test.
-            kwargs={"poll_interval": 0.02},
-            name="cekura-simulator",
-            daemon=True,
+            target=self._httpd.serve_forever, name="cekura-simulator", daemon=True
         )
         self._thread.start()
         return self
 
     def stop(self) -> None:
+        """Stop serving; open connections, idle keep-alive ones included, are closed now."""
         httpd, thread = self._httpd, self._thread
         if httpd is None or thread is None:
             return
         httpd.shutdown()
-        httpd.server_close()
-        httpd.close_connections()
         thread.join()
         self._httpd = self._thread = None
 

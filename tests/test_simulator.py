@@ -841,6 +841,74 @@ def test_money_must_not_arrive_as_a_float(sim_api: SimulatedApi) -> None:
         sim_api.update_org(org_id, notify_low_credit=True)
 
 
+def test_what_is_served_follows_every_change_made_after_it_was_first_served(
+    simulator: SimulatorServer,
+) -> None:
+    # The simulator keeps each organization's JSON once served; every change must drop it.
+    api = simulator.api
+    org_id, other = api.org_ids()[:2]
+
+    def served(valid: bool = True) -> tuple[dict[str, Any], dict[str, Any]]:
+        """(Organization, BillingInfo) as served, after checking every list agrees."""
+
+        def read(path: str, template: str, **params: Any) -> Any:
+            response = get(simulator, path, params=params)
+            return check(response, template) if valid else response.json()
+
+        org = read(f"{ORGS}{org_id}/", f"{ORGS}{{id}}/")
+        assert [o for o in read(ORGS, ORGS) if o["id"] == org_id] == [org]
+        page = read(ORGS_V2, ORGS_V2, page_size=200)
+        assert [o for o in page["results"] if o["id"] == org_id] == [org]
+        billing = get(simulator, BILLING, params={"organization_id": org_id}).json()
+        return org, billing
+
+    def fresh() -> dict[str, Any]:
+        assert served()[0] == api.organization(org_id)  # the dict is built anew every time
+        return served()[1]
+
+    fresh()
+    api.set_balance(org_id, "12.34")
+    assert fresh()["credits_remaining"] == "12.34"
+    api.update_org(org_id, low_credits_threshold="250", name="Renamed Co")
+    assert (served()[0]["low_credits_threshold"], served()[0]["name"]) == ("250.00", "Renamed Co")
+    api.update_org(org_id, members=[{"name": "New", "email": "new@renamed.example.com"}])
+    fresh()
+    api.update_org(org_id, is_send_emails_enabled=None)
+    assert "is_send_emails_enabled" not in served()[0]
+    check(patch(simulator, org_id, json={"notify_low_credits": False}), f"{ORGS}{{id}}/", "patch")
+    assert served()[0]["notify_low_credits"] is False
+    fresh()
+    api.corrupt_organization(org_id, "low_credits_threshold", "abc")
+    api.corrupt_billing(org_id, "credits_remaining", None)
+    corrupted, billing = served(valid=False)
+    assert (corrupted["low_credits_threshold"], billing["credits_remaining"]) == ("abc", None)
+    api.clear_corruption()
+    assert served()[0]["low_credits_threshold"] == "250.00"
+    assert fresh()["credits_remaining"] == "12.34"
+    api.remove_org(org_id)
+    api.add_org("Reborn", org_id=org_id, credits_remaining="3")
+    assert (served()[0]["name"], fresh()["credits_remaining"]) == ("Reborn", "3.00")
+    assert get(simulator, BILLING, params={"organization_id": other}).status_code == 200
+
+
+def test_responses_prepared_ahead_are_the_ones_served_and_still_follow_changes(
+    simulator: SimulatorServer,
+) -> None:
+    api = simulator.api
+    org_id = api.org_ids()[0]
+    api.corrupt_billing(org_id, "credits_used", "lots")
+    api.prepare_responses()
+    billing = get(simulator, BILLING, params={"organization_id": org_id}).json()
+    assert billing["credits_used"] == "lots"
+    for listed in check(get(simulator, ORGS), ORGS):
+        assert listed == api.organization(listed["id"])
+    api.set_balance(org_id, "1.50")
+    api.update_org(org_id, notify_low_credits=False)
+    billing = get(simulator, BILLING, params={"organization_id": org_id}).json()
+    assert billing["credits_remaining"] == "1.50"
+    assert check(get(simulator, ORGS), ORGS)[0]["notify_low_credits"] is False
+
+
 def test_requests_are_counted_per_endpoint(simulator: SimulatorServer) -> None:
     org_id = simulator.api.org_ids()[0]
     get(simulator, ORGS)
