@@ -8,11 +8,15 @@ import time
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta, timezone
 from decimal import Decimal
+from email.utils import formataddr, getaddresses
 from html.parser import HTMLParser
 from pathlib import Path
 
 import jinja2
 import pytest
+from aiosmtpd.smtp import SMTP, Envelope, Session
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from poller.config import Secret
 from poller.mail import (
@@ -21,18 +25,20 @@ from poller.mail import (
     TEXT_TEMPLATE,
     AlertContent,
     DeliveryError,
+    OutgoingMessage,
     RenderedEmail,
     SmtpTransport,
     build_message,
     find_templates_dir,
     format_credits,
     message_id_for,
+    one_line,
     render_email,
     render_subject,
     template_environment,
     templates_dir,
 )
-from poller.smtp_capture import describe
+from poller.smtp_capture import CaptureHandler, SmtpCapture, describe
 from tests.fixtures.smtp import TEST_LOGIN, TEST_PASSWORD, SmtpTestServer
 
 MAIL_FROM = "Cekura alerts <alerts@poller.example.com>"
@@ -55,7 +61,7 @@ def alert(**changes: object) -> AlertContent:
     return replace(content, **changes)  # type: ignore[arg-type]
 
 
-def message_for(content: AlertContent, recipients: list[str]) -> email.message.EmailMessage:
+def message_for(content: AlertContent, recipients: list[str]) -> OutgoingMessage:
     return build_message(
         render_email(content),
         mail_from=MAIL_FROM,
@@ -64,6 +70,24 @@ def message_for(content: AlertContent, recipients: list[str]) -> email.message.E
             content.org_id, content.breach_number, MAIL_FROM, detected_at=content.detected_at
         ),
         date=content.detected_at,
+    )
+
+
+def read(message: OutgoingMessage) -> email.message.EmailMessage:
+    """The message as a mail client reads it off the wire."""
+    parsed = email.message_from_bytes(message.data, policy=email.policy.default)
+    assert isinstance(parsed, email.message.EmailMessage)
+    return parsed
+
+
+def hand_built(rendered: RenderedEmail) -> OutgoingMessage:
+    """A message built from text given as is, for one ops address."""
+    return build_message(
+        rendered,
+        mail_from=MAIL_FROM,
+        recipients=["ops@acme.example"],
+        message_id="<x@y>",
+        date=DETECTED_AT,
     )
 
 
@@ -340,8 +364,7 @@ def test_a_message_id_kind_with_odd_characters_is_refused() -> None:
 
 
 def test_the_message_is_multipart_alternative_with_text_then_html() -> None:
-    message = message_for(alert(), ["ops@acme.example"])
-    parsed = email.message_from_bytes(message.as_bytes(), policy=email.policy.default)
+    parsed = read(message_for(alert(), ["ops@acme.example"]))
     assert parsed.get_content_type() == "multipart/alternative"
     parts = [part.get_content_type() for part in parsed.iter_parts()]
     assert parts == ["text/plain", "text/html"]
@@ -356,8 +379,7 @@ def test_the_message_is_multipart_alternative_with_text_then_html() -> None:
 
 def test_a_header_injection_in_the_org_name_stays_inside_the_subject() -> None:
     recipients = ["ops@acme.example", "cto@acme.example"]
-    message = message_for(alert(org_name="Acme\r\nBcc: evil@x"), recipients)
-    parsed = email.message_from_bytes(message.as_bytes(), policy=email.policy.default)
+    parsed = read(message_for(alert(org_name="Acme\r\nBcc: evil@x"), recipients))
     assert "Bcc" not in parsed
     assert parsed.get_all("Subject") == [
         "Low credits: Acme Bcc: evil@x has 412.50 credits left (threshold 500.00 credits)"
@@ -368,8 +390,7 @@ def test_a_header_injection_in_the_org_name_stays_inside_the_subject() -> None:
 
 def test_no_line_on_the_wire_exceeds_the_smtp_limit_even_for_a_huge_org_name() -> None:
     recipients = [f"admin{number}@acme.example" for number in range(100)]
-    message = message_for(alert(org_name="Ünïcode Org " * 400), recipients)
-    wire = message.as_bytes()
+    wire = message_for(alert(org_name="Ünïcode Org " * 400), recipients).data
     assert max(len(line) for line in wire.split(b"\r\n")) <= 998
     parsed = email.message_from_bytes(wire, policy=email.policy.default)
     assert parsed.get_body(preferencelist=("html",)).get_content().count("Ünïcode Org") >= 400
@@ -378,20 +399,116 @@ def test_no_line_on_the_wire_exceeds_the_smtp_limit_even_for_a_huge_org_name() -
 
 def test_a_hand_built_subject_with_a_line_break_is_flattened() -> None:
     rendered = RenderedEmail(subject="Hi\r\nBcc: evil@x", text="t", html="<p>h</p>")
-    message = build_message(
-        rendered,
-        mail_from=MAIL_FROM,
-        recipients=["ops@acme.example"],
-        message_id="<x@y>",
-        date=DETECTED_AT,
-    )
+    message = read(hand_built(rendered))
     assert "Bcc" not in message
     assert message["Subject"] == "Hi Bcc: evil@x"
 
 
+def lines_of(text: str) -> list[str]:
+    """Lines as the wire carries them: CR, LF and CRLF all end a line, nothing else does."""
+    return [line.decode("utf-8") for line in text.encode("utf-8").splitlines()]
+
+
+def test_the_parts_carry_whatever_line_endings_the_templates_have_as_crlf() -> None:
+    rendered = RenderedEmail(subject="s", text="a\rb\nc\r\nd", html="<p>\r\n</p>")
+    message = hand_built(rendered)
+    assert b"\r\n\r\na\r\nb\r\nc\r\nd\r\n" in message.data
+    assert b"\r\n\r\n<p>\r\n</p>\r\n" in message.data
+    assert b"\n" not in message.data.replace(b"\r\n", b"")
+    assert b"\r" not in message.data.replace(b"\r\n", b"")
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    subject=st.text(max_size=300),
+    text=st.text(max_size=300) | st.text(alphabet="ab\u00e9\u4e2d \n", min_size=999),
+    html=st.text(max_size=300),
+    display_name=st.sampled_from(
+        ["", "Cekura alerts", "Jörg, Alerts", 'Q "uote"', "=?x?=", "\u4e2d\u6587"]
+    ),
+    recipients=st.lists(
+        st.sampled_from(
+            [
+                "ops@acme.example",
+                "cto@acme.example",
+                "a" * 60 + "@b.example",
+                "jürgen@bücher.example",
+            ]
+        ),
+        min_size=1,
+        max_size=40,
+    ),
+)
+def test_a_mail_client_reads_exactly_what_was_rendered(
+    subject: str, text: str, html: str, display_name: str, recipients: list[str]
+) -> None:
+    # The message is written out by hand (not by the email package): the email package's
+    # parser, as a mail client, must read back every header and part as given.
+    address = "alerts@poller.example.com"
+    mail_from = formataddr((display_name, address))
+    message = build_message(
+        RenderedEmail(subject=subject, text=text, html=html),
+        mail_from=mail_from,
+        recipients=recipients,
+        message_id="<low-credits.7.1.20240501T140327Z@poller.example.com>",
+        date=DETECTED_AT,
+    )
+    parsed = read(message)
+
+    assert all(len(line) <= 998 for line in message.data.split(b"\r\n"))
+    assert list(parsed.keys()) == [
+        "Subject",
+        "From",
+        "To",
+        "Date",
+        "Message-ID",
+        "Auto-Submitted",
+        "X-Auto-Response-Suppress",
+        "MIME-Version",
+        "Content-Type",
+    ]
+    assert parsed["Subject"] == one_line(subject)
+    assert parsed["From"].addresses[0].display_name == display_name
+    assert parsed["From"].addresses[0].addr_spec == address
+    # str() decodes addresses sent as UTF-8 (RFC 6532); addr_spec would leave them escaped.
+    assert [address for _, address in getaddresses([str(parsed["To"])])] == recipients
+    assert parsed["Message-ID"] == "<low-credits.7.1.20240501T140327Z@poller.example.com>"
+    assert parsed.get_content_type() == "multipart/alternative"
+    plain, rich = parsed.iter_parts()
+    assert (plain.get_content_type(), rich.get_content_type()) == ("text/plain", "text/html")
+    # An empty body still ends with a line break, as EmailMessage writes it.
+    assert lines_of(plain.get_content()) == (lines_of(text) or [""])
+    assert lines_of(rich.get_content()) == (lines_of(html) or [""])
+    assert message.envelope_from == address
+
+
+def test_a_subject_that_looks_like_an_encoded_word_reads_as_written() -> None:
+    rendered = RenderedEmail(subject="Hi =?utf-8?b?QmNjOiBldmls?= there", text="t", html="h")
+    message = read(hand_built(rendered))
+    assert message["Subject"] == "Hi =?utf-8?b?QmNjOiBldmls?= there"
+
+
+def test_a_message_id_with_a_line_break_is_refused() -> None:
+    with pytest.raises(ValueError, match="Message-ID"):
+        build_message(
+            render_email(alert()),
+            mail_from=MAIL_FROM,
+            recipients=["ops@acme.example"],
+            message_id="<x@y>\r\nBcc: evil@x",
+            date=DETECTED_AT,
+        )
+
+
 @pytest.mark.parametrize(
     "recipient",
-    ["ops@acme.example\r\nBcc: evil@x", "Evil <ops@acme.example>", "ops", "a@b@c", ""],
+    [
+        "ops@acme.example\r\nBcc: evil@x",
+        "Evil <ops@acme.example>",
+        "ops",
+        "a@b@c",
+        "",
+        "a" * 250 + "@acme.example",
+    ],
 )
 def test_a_recipient_that_is_not_a_plain_address_is_refused(recipient: str) -> None:
     with pytest.raises(ValueError, match="address"):
@@ -545,12 +662,68 @@ def test_a_server_slower_than_the_timeout_is_a_temporary_error_after_about_the_t
     assert "did not answer within 1s" in str(caught.value)
 
 
+def test_an_address_that_is_not_ascii_is_delivered_with_smtputf8(
+    smtp_server: SmtpTestServer,
+) -> None:
+    recipients = ["jürgen@bücher.example", OPS]
+    with transport(smtp_server) as smtp:
+        assert send(smtp, recipients) == {}
+    [received] = smtp_server.received
+    assert received.rcpt_tos == tuple(recipients)
+    assert str(received.message["To"]) == "jürgen@bücher.example, ops@acme.example"
+
+
+def test_a_server_without_smtputf8_cannot_take_an_address_that_is_not_ascii() -> None:
+    with SmtpCapture(enable_SMTPUTF8=False) as server, pytest.raises(DeliveryError) as caught:
+        with transport(host=server.host, port=server.port) as smtp:
+            send(smtp, ["jürgen@bücher.example"])
+    assert "SMTPUTF8" in str(caught.value)
+    assert caught.value.permanent is False
+    assert server.received == []
+
+
 def test_one_connection_carries_several_messages(smtp_server: SmtpTestServer) -> None:
     with transport(smtp_server) as smtp:
         send(smtp, [OPS])
         send(smtp, [CTO])
     assert [m.rcpt_tos for m in smtp_server.received] == [(OPS,), (CTO,)]
     assert smtp_server.connections == 1
+
+
+class NoopCountingHandler(CaptureHandler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.noops = 0
+
+    async def handle_NOOP(
+        self, server: SMTP, session: Session, envelope: Envelope, arg: str
+    ) -> str:
+        self.noops += 1
+        return "250 OK"
+
+
+def test_a_reused_connection_sends_the_next_message_without_a_noop_first() -> None:
+    # One round trip fewer per email: a connection found closed at MAIL FROM is replaced then.
+    handler = NoopCountingHandler()
+    with SmtpCapture(handler) as server:
+        with transport(host=server.host, port=server.port) as smtp:
+            for _ in range(3):
+                send(smtp, [OPS])
+        assert (len(server.received), server.connections, handler.noops) == (3, 1, 0)
+
+
+def test_a_message_lost_during_data_on_a_reused_connection_is_not_sent_again(
+    smtp_server: SmtpTestServer,
+) -> None:
+    # Only a connection found closed at MAIL FROM is retried: during DATA the server may
+    # already have the message, and sending it again would be a duplicate.
+    with transport(smtp_server) as smtp:
+        send(smtp)
+        smtp_server.drop_connection_during_data()
+        with pytest.raises(DeliveryError, match="closed the connection"):
+            send(smtp)
+    assert smtp_server.connections == 1
+    assert len(smtp_server.received) == 1
 
 
 def test_a_connection_the_server_closed_between_messages_is_replaced_quietly(

@@ -42,7 +42,7 @@ def test_any_org_name_renders_safely_in_text_html_and_subject(name: str) -> None
     message = build_message(rendered, mail_from="alerts@poller.example.com",
                             recipients=["admin@org7.example"], message_id="<a.7.1@x.example>",
                             date=content.detected_at)
-    wire = message.as_bytes(policy=message.policy.clone(linesep="\r\n"))
+    wire = message.data
     parsed = email.message_from_bytes(wire, policy=email.policy.default)
 
     assert list(parsed.keys()) == EXPECTED_HEADERS  # nothing injected, nothing lost
