@@ -6,6 +6,7 @@ The daemon (`poller run`), cron (`poller once`) and `poller check --org` all cal
 
 from __future__ import annotations
 
+import gc
 import threading
 import time
 import uuid
@@ -23,7 +24,7 @@ from poller.delivery import Deliverer, DeliveryReport
 from poller.insights import InsightReport, Insights
 from poller.notifications import content_for, notification_for
 from poller.records import OrgError, OrgSnapshot
-from poller.rules import Decision, Observation, StoredState, evaluate
+from poller.rules import Decision, StoredState, evaluate
 from poller.store import NewNotification, ObservedOrg, StateChange, Store, StoredRow
 
 log = structlog.get_logger(__name__)
@@ -33,9 +34,13 @@ def utc_now() -> datetime:
     return datetime.now(UTC)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class OrgPlan:
-    """What the cycle decided for one organization, before anything is written."""
+    """What the cycle decided for one organization, before anything is written.
+
+    Read-only by convention: not frozen because a cycle builds one per organization and a
+    frozen dataclass takes several times as long to build.
+    """
 
     snapshot: OrgSnapshot
     before: StoredState | None
@@ -115,11 +120,20 @@ def plan_org(
     now: datetime,
 ) -> OrgPlan:
     """Apply the rule to one organization and describe the write it needs (pure)."""
-    before = stored.stored if stored else None
-    observation = Observation(
-        enabled=snapshot.enabled, threshold=snapshot.threshold, balance=snapshot.balance
-    )
-    decision = evaluate(before, observation, rearm_margin)
+    before = stored.stored if stored is not None else None
+    decision = evaluate(before, snapshot, rearm_margin)
+    notification = None
+    if decision.breached:
+        content = content_for(snapshot, kind="low_credits", number=decision.breach_count,
+                              billing_url=billing_url, now=now)
+        notification = notification_for(content, snapshot, baseline)
+    elif (
+        stored is not None
+        and not decision.changed_from(before)
+        and not stored.differs_from(snapshot, stored.stored)
+    ):
+        # Most organizations on most cycles: nothing to write.
+        return OrgPlan(snapshot, before, decision, None)
     observed = ObservedOrg(
         org_id=snapshot.id,
         name=snapshot.name,
@@ -127,16 +141,9 @@ def plan_org(
         threshold=snapshot.threshold,
         balance=snapshot.balance,
     )
-    notification = None
-    if decision.breached:
-        content = content_for(snapshot, kind="low_credits", number=decision.breach_count,
-                              billing_url=billing_url, now=now)
-        notification = notification_for(content, snapshot, baseline)
-    change = None
-    if stored is None or notification is not None or stored.differs_from(observed, decision.stored):
-        change = StateChange(
-            observed=observed, expected=before, new=decision.stored, notification=notification
-        )
+    change = StateChange(
+        observed=observed, expected=before, new=decision.stored, notification=notification
+    )
     return OrgPlan(snapshot=snapshot, before=before, decision=decision, change=change)
 
 
@@ -148,15 +155,10 @@ def plan_cycle(
     baseline: bool,
     now: datetime,
 ) -> list[OrgPlan]:
+    rearm_margin, billing_url = settings.rearm_margin, settings.billing_url
     return [
-        plan_org(
-            snapshot,
-            stored.get(snapshot.id),
-            rearm_margin=settings.rearm_margin,
-            baseline=baseline,
-            billing_url=settings.billing_url,
-            now=now,
-        )
+        plan_org(snapshot, stored.get(snapshot.id), rearm_margin=rearm_margin,
+                 baseline=baseline, billing_url=billing_url, now=now)
         for snapshot in snapshots
     ]
 
@@ -230,20 +232,32 @@ def _fetch_and_persist(
     if cancel.is_set():
         log.warning("cycle.abandoned", reason="stop requested before any write")
         return
-    now = now_fn()
+    with _no_garbage_collection():
+        _diff_and_persist(report, fetched.snapshots, settings, store, baseline, dry_run, now_fn())
+    for plan in report.plans:
+        _log_plan(plan)
+
+
+def _diff_and_persist(
+    report: CycleReport,
+    snapshots: list[OrgSnapshot],
+    settings: Settings,
+    store: Store,
+    baseline: bool,
+    dry_run: bool,
+    now: datetime,
+) -> None:
     with _phase(report, "diff"):
         stored = store.load_states()
         report.plans = plan_cycle(
-            fetched.snapshots, stored, settings=settings, baseline=baseline, now=now
+            snapshots, stored, settings=settings, baseline=baseline, now=now
         )
         insights = Insights(store, settings)
-        changes = insights.before_persist(
+        amended = insights.before_persist(
             report.plans, stored, baseline=baseline, now=now, report=report.insights
         )
-        report.plans = [
-            replace(plan, change=change)
-            for plan, change in zip(report.plans, changes, strict=True)
-        ]
+        for index, change in amended.items():
+            report.plans[index] = replace(report.plans[index], change=change)
     if dry_run:
         return
     with _phase(report, "persist"):
@@ -252,8 +266,25 @@ def _fetch_and_persist(
         store.record_errors([(e.org_id, e.message) for e in report.errors if e.org_id], now)
         insights.after_persist(report.plans, stored, baseline=baseline, now=now,
                                report=report.insights)
-    for plan in report.plans:
-        _log_plan(plan)
+
+
+@contextmanager
+def _no_garbage_collection() -> Iterator[None]:
+    """Pause CPython's cyclic garbage collector while the cycle diffs and persists.
+
+    At 100,000 orgs these phases allocate a few hundred thousand objects that all live until
+    the cycle ends, which makes CPython run full collections that traverse every object in the
+    process, the fetched fleet included: 0.3 to 0.5 s apiece, one or two per cycle, finding
+    next to no garbage. Reference counting still frees everything as usual; only reference
+    cycles made in these few seconds wait for the collector to resume.
+    """
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 @contextmanager

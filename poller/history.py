@@ -30,15 +30,18 @@ from sqlalchemy import (
     Integer,
     Table,
     and_,
+    bindparam,
     delete,
     exists,
     func,
     select,
+    true,
     update,
 )
+from sqlalchemy.sql.dml import Insert
 
 from poller.forecast import Point
-from poller.store import BATCH_SIZE, Money, Store, UTCDateTime, metadata
+from poller.store import JsonRows, Money, Store, UTCDateTime, metadata
 
 log = structlog.get_logger(__name__)
 
@@ -60,6 +63,28 @@ balance_history = Table(
 )
 
 
+_POINTS = JsonRows("points", {"org_id": BigInteger(), "balance": Money()})
+
+
+def _record_statement(store: Store) -> Insert:
+    """One INSERT per batch of points, all observed at :now (see JsonRows for why)."""
+    points = _POINTS.table(store.engine.dialect)
+    values = select(
+        points.c.org_id,
+        bindparam("now", type_=UTCDateTime),
+        bindparam("hour", type_=Integer),
+        points.c.balance,
+        true(),
+    ).where(true())  # for SQLite: where the SELECT ends and the ON CONFLICT begins
+    return (
+        store.dialect_insert(balance_history)
+        .from_select(["org_id", "observed_at", "hour", "balance", "raw"], values)
+        .on_conflict_do_nothing(
+            index_elements=[balance_history.c.org_id, balance_history.c.observed_at]
+        )
+    )
+
+
 def hour_of(moment: datetime) -> int:
     return int(moment.timestamp() // 3600)
 
@@ -75,23 +100,17 @@ class History:
         """One point per (org, balance) seen at ``now``; the same org and moment twice: one."""
         if not balances:
             return
-        statement = (
-            self._store.dialect_insert(balance_history)
-            .on_conflict_do_nothing(
-                index_elements=[balance_history.c.org_id, balance_history.c.observed_at]
-            )
-        )
-        for batch in _batches(balances, BATCH_SIZE):
+        statement = _record_statement(self._store)
+
+        def record(batch: Sequence[tuple[int, Decimal]]) -> None:
             with self._store.database_errors("recording balance history"), \
                     self._store.engine.begin() as connection:
                 connection.execute(
                     statement,
-                    [
-                        {"org_id": org_id, "observed_at": now, "hour": hour_of(now),
-                         "balance": balance, "raw": True}
-                        for org_id, balance in batch
-                    ],
+                    _POINTS.bind(connection.dialect, batch) | {"now": now, "hour": hour_of(now)},
                 )
+
+        self._store.write_batches(balances, record)
 
     def series(
         self, org_ids: Iterable[int] | None, *, since: datetime

@@ -95,29 +95,34 @@ class Insights:
         baseline: bool,
         now: datetime,
         report: InsightReport,
-    ) -> list[StateChange | None]:
-        """Each plan's change, with forecasts on its alert and a recovery notice on its re-arm."""
-        alerting = [plan.snapshot for plan in plans if _alert(plan) is not None]
+    ) -> dict[int, StateChange]:
+        """The changes it amended, by the plan's position: forecasts on alerts, recovery
+        notices on re-arms by a top-up. Plans not in the result keep their change."""
+        # Only plans with a change can alert or re-arm: a few percent of them on most cycles.
+        changing = [(index, plan) for index, plan in enumerate(plans) if plan.change is not None]
+        alerting = [plan.snapshot for _, plan in changing if _alert(plan) is not None]
         report.forecasts.update(self.forecasts(alerting, now))
         recovering = set()
         if self.settings.recovery_notice and not baseline:
-            recovering = {plan.snapshot.id for plan in plans if _recovered(plan, stored)}
-        changes = []
-        for plan in plans:
-            change = plan.change
+            recovering = {plan.snapshot.id for _, plan in changing if _recovered(plan, stored)}
+        amended: dict[int, StateChange] = {}
+        for index, plan in changing:
+            change = original = plan.change
+            assert change is not None
             alert = _alert(plan)
-            if change is not None and alert is not None:
+            if alert is not None:
                 prediction = report.forecasts.get(plan.snapshot.id)
                 change = replace(change, notification=replace(alert,
                                                               **forecast_fields(prediction)))
-            if change is not None and plan.snapshot.id in recovering:
+            if plan.snapshot.id in recovering:
                 content = content_for(plan.snapshot, kind="recovery",
                                       number=plan.decision.breach_count,
                                       billing_url=self.settings.billing_url, now=now)
                 change = replace(change, also_notify=(notification_for(
                     content, plan.snapshot, baseline=False),))
-            changes.append(change)
-        return changes
+            if change is not original:
+                amended[index] = change
+        return amended
 
     def after_persist(
         self,
@@ -128,9 +133,13 @@ class Insights:
         now: datetime,
         report: InsightReport,
     ) -> None:
+        # A moved balance always makes a change (StoredRow.differs_from), so only plans with
+        # one need looking at.
         changed = [
             plan.snapshot for plan in plans
-            if (row := stored.get(plan.snapshot.id)) is None or row.balance != plan.snapshot.balance
+            if plan.change is not None
+            and ((row := stored.get(plan.snapshot.id)) is None
+                 or row.balance != plan.snapshot.balance)
         ]
         if not baseline and (self.settings.runway_days or self.settings.remind_every):
             self._notices(plans, stored, changed, now, report)

@@ -34,7 +34,6 @@ from sqlalchemy import BigInteger, Column, Connection, Integer, String, Table, s
 from poller.forecast import Forecast
 from poller.rules import AlertState
 from poller.store import (
-    BATCH_SIZE,
     NewNotification,
     Store,
     UTCDateTime,
@@ -154,24 +153,27 @@ class NoticeStore:
 
     def apply(self, changes: Sequence[NoticeChange], now: datetime) -> tuple[list[int], int]:
         """Write the changes whose loaded state still holds; (notification ids, conflicts)."""
-        ids: list[int] = []
-        conflicts = 0
-        ordered = sorted(changes, key=lambda change: change.org_id)
-        for start in range(0, len(ordered), BATCH_SIZE):
+
+        def write(batch: Sequence[NoticeChange]) -> tuple[list[int], int]:
             with (
                 self._store.database_errors("saving notices"),
                 self._store.engine.begin() as connection,
             ):
-                for change in ordered[start : start + BATCH_SIZE]:
+                notifications = []
+                conflicts = 0
+                for change in batch:
                     if not self._write(connection, change, now):
                         conflicts += 1
                         continue
-                    for new in change.notifications:
-                        notification_id = self._store.add_notification(
-                            connection, change.org_id, new, now
-                        )
-                        if notification_id is not None:
-                            ids.append(notification_id)
+                    notifications += [(change.org_id, new) for new in change.notifications]
+                return self._store.add_notifications(connection, notifications, now), conflicts
+
+        ordered = sorted(changes, key=lambda change: change.org_id)
+        ids: list[int] = []
+        conflicts = 0
+        for batch_ids, batch_conflicts in self._store.write_batches(ordered, write):
+            ids += batch_ids
+            conflicts += batch_conflicts
         if conflicts:
             log.info("notices.conflicts", conflicts=conflicts)
         return ids, conflicts

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import gc
 from datetime import UTC, datetime, timedelta
 
+import pytest
+from sqlalchemy import text
+
 from poller.simulator import Fault
-from poller.store import notification
+from poller.store import DatabaseError, notification
 from tests.engine_world import (
     ACME,
     ACME_ADMINS,
@@ -233,3 +237,25 @@ def test_one_refused_recipient_does_not_stop_the_others(world, smtp_server):
     assert world.cycle().ok
     [email] = smtp_server.received
     assert email.rcpt_tos == (ACME_ADMINS[1],)
+
+
+def test_the_garbage_collector_runs_again_after_a_cycle_the_database_failed(world):
+    # Diff and persist pause the collector; a failure must not leave it off for good.
+    world.cycle()
+    with world.store.engine.begin() as connection:
+        connection.execute(text("DROP TABLE balance_history"))
+    world.set_balance(ACME, "10")
+
+    with pytest.raises(DatabaseError, match="no such table|does not exist"):
+        world.cycle()
+
+    assert gc.isenabled()
+
+
+def test_a_cycle_leaves_a_collector_its_caller_turned_off_turned_off(world):
+    gc.disable()
+    try:
+        world.cycle()
+        assert not gc.isenabled()
+    finally:
+        gc.enable()

@@ -6,31 +6,54 @@ import multiprocessing
 import random
 import shutil
 import threading
+import time
 from collections import Counter
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 
 import pytest
-from sqlalchemy import Column, Integer, MetaData, Table, create_engine, event, inspect, update
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from sqlalchemy import (
+    Column,
+    Integer,
+    MetaData,
+    Table,
+    Text,
+    create_engine,
+    event,
+    func,
+    inspect,
+    select,
+    update,
+)
+from sqlalchemy.dialects import sqlite
 from sqlalchemy.pool import NullPool
+from structlog.testing import capture_logs
 
 import poller.store as store_module
 from poller.rules import AlertState, StoredState
 from poller.store import (
     DatabaseError,
+    Money,
     NewNotification,
     ObservedOrg,
     SchemaOutdated,
     StateChange,
     Store,
     open_database,
+    org_state,
     upgrade_database,
 )
 
 NOW = datetime(2024, 11, 24, 12, 0, tzinfo=UTC)
 ARMED = StoredState(AlertState.ARMED, 0)
 HEAD = "0002"
+# PostgreSQL's view of its sessions, read to see one waiting for a row lock.
+pg_stat_activity = Table(
+    "pg_stat_activity", MetaData(), Column("datname", Text), Column("wait_event_type", Text)
+)
 
 
 def observed(org_id: int, balance: str = "50.00", threshold: str = "100.00") -> ObservedOrg:
@@ -233,6 +256,20 @@ def test_money_and_timestamps_round_trip_exactly(store: Store) -> None:
     assert row.changed_at.tzinfo is not None
 
 
+@settings(max_examples=300, deadline=None)
+@given(st.decimals(allow_nan=False, allow_infinity=False))
+def test_money_is_stored_on_sqlite_as_its_digits_without_an_exponent(amount: Decimal) -> None:
+    dialect = sqlite.dialect()
+    to_sqlite = Money().dialect_impl(dialect).bind_processor(dialect)
+    assert to_sqlite(amount) == format(amount, "f")
+
+
+def test_apply_refuses_two_changes_for_one_org(store: Store) -> None:
+    with pytest.raises(ValueError, match="at most one change per organization"):
+        store.apply_changes([first_sight(observed(1)), breach(observed(1), None)], NOW)
+    assert store.load_states() == {}
+
+
 def test_apply_writes_the_state_and_its_notification_together(store: Store) -> None:
     org = observed(7, balance="-12.34")
     result = store.apply_changes([breach(org, None)], NOW)
@@ -313,6 +350,8 @@ def test_a_rearm_is_guarded_like_a_breach(store: Store) -> None:
 def _apply_breaches_in_own_process(
     url: str, org_ids: list[int], barrier: threading.Barrier, results: multiprocessing.Queue
 ) -> None:
+    # Several write batches per poller (on PostgreSQL two at a time), racing the others'.
+    store_module.BATCH_SIZE = 40
     store = open_database(url)
     loaded = store.load_states()
     changes = [breach(observed(org_id), loaded[org_id].stored) for org_id in org_ids]
@@ -326,7 +365,7 @@ def _apply_breaches_in_own_process(
 def test_concurrent_pollers_in_separate_processes_notify_each_breach_once(
     store: Store, database_url: str
 ) -> None:
-    org_ids = list(range(1, 31))
+    org_ids = list(range(1, 201))
     store.apply_changes([first_sight(observed(org_id)) for org_id in org_ids], NOW)
     pollers = 4
     context = multiprocessing.get_context("spawn")
@@ -350,6 +389,182 @@ def test_concurrent_pollers_in_separate_processes_notify_each_breach_once(
     assert sum(conflicts for _, conflicts in outcomes) == (pollers - 1) * len(org_ids)
     for org_id in org_ids:
         assert [n.breach_number for n in store.notifications_for(org_id)] == [1]
+
+
+def test_a_batch_writes_and_notifies_only_the_orgs_whose_loaded_state_still_holds(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(store_module, "BATCH_SIZE", 100)
+    org_ids = range(1, 301)  # three write batches
+    store.apply_changes([first_sight(observed(org_id)) for org_id in org_ids], NOW)
+    raced = {org_id for org_id in org_ids if org_id % 7 == 3}
+    store.apply_changes([breach(observed(org_id), ARMED) for org_id in sorted(raced)], NOW)
+    # This poller loaded every org armed: its breaches of the raced orgs are stale. The same
+    # batches also hold value refreshes and orgs it sees for the first time.
+    later = NOW + timedelta(minutes=5)
+    changes = [
+        breach(observed(org_id), ARMED) if org_id % 2
+        else StateChange(observed(org_id, balance="75.00"), ARMED, ARMED, None)
+        for org_id in org_ids
+    ] + [breach(observed(org_id), None) for org_id in range(5001, 5011)]
+    result = store.apply_changes(changes, later)
+
+    stale = {org_id for org_id in raced if org_id % 2}
+    notified = {org_id for org_id in org_ids if org_id % 2} - stale | set(range(5001, 5011))
+    assert result.conflicts == len(stale)
+    assert result.written == len(changes) - len(stale)
+    assert len(result.notifications) == len(notified)
+    records = {org_id: store.notifications_for(org_id) for org_id in [*org_ids, *range(5001, 5011)]}
+    assert {org_id for org_id, rows in records.items() if rows} == notified | raced
+    assert all(len(rows) == 1 for rows in records.values() if rows)
+    assert {rows[0].id for org_id, rows in records.items() if org_id in notified} == set(
+        result.notifications
+    )
+    loaded = store.load_states()
+    for org_id in org_ids:
+        alerted = org_id % 2 or org_id in raced
+        assert loaded[org_id].stored.state == (AlertState.ALERTED if alerted else AlertState.ARMED)
+        assert loaded[org_id].balance == Decimal("50.00" if org_id % 2 else "75.00")
+
+
+def _lock_waiters(database_url: str) -> int:
+    """Sessions of this test's PostgreSQL database waiting for a lock."""
+    engine = create_engine(database_url, poolclass=NullPool)
+    try:
+        with engine.connect() as connection:
+            return connection.execute(
+                select(func.count()).where(
+                    pg_stat_activity.c.datname == func.current_database(),
+                    pg_stat_activity.c.wait_event_type == "Lock",
+                )
+            ).scalar_one()
+    finally:
+        engine.dispose()
+
+
+def _wait_for_a_lock_waiter(database_url: str) -> None:
+    if not database_url.startswith("postgresql"):
+        time.sleep(0.5)  # SQLite: the writer waits in BEGIN IMMEDIATE, where nothing shows it
+        return
+    deadline = time.monotonic() + 20
+    while _lock_waiters(database_url) == 0:
+        assert time.monotonic() < deadline, "the batch never waited for the row lock"
+        time.sleep(0.05)
+
+
+def test_a_guarded_write_that_waits_for_another_poller_sees_what_that_poller_wrote(
+    store: Store, database_url: str
+) -> None:
+    store.apply_changes([first_sight(observed(org_id)) for org_id in (1, 2, 3)], NOW)
+    other = open_database(database_url)
+    results: list[object] = []
+    try:
+        with other.engine.begin() as connection:  # another poller, mid-transaction
+            connection.execute(
+                update(org_state)
+                .where(org_state.c.org_id == 2)
+                .values(state=AlertState.ALERTED.value, breach_count=1)
+            )
+            stale = [breach(observed(org_id), ARMED) for org_id in (1, 2, 3)]
+            writer = threading.Thread(
+                target=lambda: results.append(store.apply_changes(stale, NOW))
+            )
+            writer.start()
+            _wait_for_a_lock_waiter(database_url)
+        writer.join(timeout=30)
+    finally:
+        other.close()
+
+    [result] = results
+    assert (result.written, result.conflicts, len(result.notifications)) == (2, 1, 2)
+    assert store.notifications_for(2) == []
+    assert [len(store.notifications_for(org_id)) for org_id in (1, 3)] == [1, 1]
+
+
+@pytest.mark.postgres
+def test_a_batch_that_deadlocks_is_retried_whole(postgres_url: str) -> None:
+    store = open_database(postgres_url)
+    try:
+        store.apply_changes([first_sight(observed(org_id)) for org_id in (1, 2, 3)], NOW)
+        results: list[object] = []
+        with capture_logs() as logs, store.engine.connect() as other:
+            with other.begin():
+                # PostgreSQL breaks a deadlock by aborting the session that finds it, which
+                # must be the batch's, not this one.
+                other.exec_driver_sql("SET LOCAL deadlock_timeout = '30s'")
+                other.execute(update(org_state).where(org_state.c.org_id == 3).values(name="B"))
+                stale = [breach(observed(org_id), ARMED) for org_id in (1, 2, 3)]
+                writer = threading.Thread(
+                    target=lambda: results.append(store.apply_changes(stale, NOW))
+                )
+                writer.start()
+                _wait_for_a_lock_waiter(postgres_url)  # the batch holds 1 and 2, waits for 3
+                # Waiting for org 1 closes the cycle; the batch is rolled back and runs again
+                # once this transaction has committed its own breach of org 1.
+                other.execute(
+                    update(org_state)
+                    .where(org_state.c.org_id == 1)
+                    .values(state=AlertState.ALERTED.value, breach_count=1)
+                )
+            writer.join(timeout=30)
+
+        [result] = results
+        assert [entry["event"] for entry in logs].count("store.deadlock_retry") == 1
+        assert (result.written, result.conflicts, len(result.notifications)) == (2, 1, 2)
+        assert store.notifications_for(1) == []
+        assert [len(store.notifications_for(org_id)) for org_id in (2, 3)] == [1, 1]
+    finally:
+        store.close()
+
+
+def test_a_nul_in_an_org_name_is_stored_as_a_replacement_character(store: Store) -> None:
+    org = ObservedOrg(1, "Acme\x00Labs", True, Decimal("100.00"), Decimal("50.00"))
+    result = store.apply_changes([breach(org, None)], NOW)
+
+    assert result.conflicts == 0
+    assert store.load_states()[1].name == "Acme\ufffdLabs"
+    [record] = store.notifications_for(1)
+    assert record.org_name == "Acme\ufffdLabs"
+
+
+def test_write_batches_runs_two_at_a_time_on_postgresql_and_one_on_sqlite(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(store_module, "BATCH_SIZE", 2)
+    parallel = store.engine.dialect.name == "postgresql"
+    meet = threading.Barrier(2, timeout=10)  # only two batches that run together pass it
+    lock = threading.Lock()
+    running = most = 0
+
+    def write(batch: list[int]) -> list[int]:
+        nonlocal running, most
+        with lock:
+            running += 1
+            most = max(most, running)
+        if parallel:
+            meet.wait()
+        with lock:
+            running -= 1
+        return [item * 10 for item in batch]
+
+    assert store.write_batches(list(range(8)), write) == [[0, 10], [20, 30], [40, 50], [60, 70]]
+    assert most == (2 if parallel else 1)
+
+
+def test_write_batches_starts_no_batch_after_one_failed(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(store_module, "BATCH_SIZE", 1)
+    started: list[int] = []
+
+    def write(batch: list[int]) -> None:
+        started.append(batch[0])
+        if batch[0] == 1:
+            raise DatabaseError("the second batch failed")
+
+    with pytest.raises(DatabaseError, match="second batch"):
+        store.write_batches([0, 1, 2, 3, 4, 5], write)
+    assert sorted(started) == [0, 1]
 
 
 def test_an_unchanged_cycle_writes_nothing_but_its_cycle_run(store: Store) -> None:
@@ -520,6 +735,79 @@ def test_mark_failed_ends_delivery(store: Store) -> None:
     [record] = store.notifications_for(1)
     assert (record.status, record.last_error) == ("failed", "550 no such user")
     assert store.claim_due(worker="a", now=NOW + timedelta(days=1), lease_seconds=60) == []
+
+
+def commit_durability(store: Store) -> list[str]:
+    """How each commit from now on waits for the disk: "durable" or "relaxed"."""
+    seen: list[str] = []
+
+    @event.listens_for(store.engine, "commit")
+    def _commit(connection) -> None:
+        cursor = connection.connection.dbapi_connection.cursor()
+        if store.engine.dialect.name == "sqlite":
+            cursor.execute("PRAGMA synchronous")
+            durable = cursor.fetchone()[0] == 2  # FULL; NORMAL (1) skips the fsync in WAL mode
+        else:
+            cursor.execute("SHOW synchronous_commit")
+            durable = cursor.fetchone()[0] == "on"
+        cursor.close()
+        seen.append("durable" if durable else "relaxed")
+
+    return seen
+
+
+def test_only_delivery_progress_commits_without_waiting_for_the_disk(store: Store) -> None:
+    # docs/guarantees.md: a power loss may forget a sent mark (a duplicate with the same
+    # Message-ID), never a recorded breach or a claim, which stay durable.
+    seen = commit_durability(store)
+    ids = seed_pending(store, 3)
+    assert set(seen) == {"durable"}
+
+    def durability_of(operation) -> list[str]:
+        seen.clear()
+        operation()
+        return list(seen)
+
+    assert durability_of(lambda: store.claim_due(worker="a", now=NOW, lease_seconds=60)) == [
+        "durable"
+    ]
+    until = NOW + timedelta(seconds=120)
+    assert durability_of(lambda: store.renew_claims(ids, worker="a", now=NOW, until=until)) == [
+        "relaxed"
+    ]
+    assert durability_of(
+        lambda: store.mark_sent(ids[0], worker="a", message_id="<x@y>", now=NOW)
+    ) == ["relaxed"]
+    assert durability_of(
+        lambda: store.mark_retry(ids[1], worker="a", error="421", next_attempt_at=NOW, now=NOW)
+    ) == ["relaxed"]
+    assert durability_of(lambda: store.mark_failed(ids[2], worker="a", error="550", now=NOW)) == [
+        "relaxed"
+    ]
+    # The same pooled connection goes back to durable commits for everything else.
+    assert set(durability_of(lambda: seed_more(store))) == {"durable"}
+    assert durability_of(lambda: store.start_cycle(NOW, shard=None)) == ["durable"]
+
+
+def test_a_sqlite_database_not_in_wal_mode_keeps_every_commit_durable() -> None:
+    # Without WAL (here: in memory; on disk: where WAL is not available), synchronous=NORMAL
+    # could corrupt the file on a power loss instead of only forgetting the last
+    # transactions; poller relaxes nothing there.
+    store = open_database("sqlite://")
+    try:
+        [notification_id] = seed_pending(store, 1)
+        seen = commit_durability(store)
+        store.claim_due(worker="a", now=NOW, lease_seconds=60)
+        store.mark_sent(notification_id, worker="a", message_id="<x@y>", now=NOW)
+        assert seen == ["durable", "durable"]
+    finally:
+        store.close()
+
+
+def seed_more(store: Store) -> None:
+    org = observed(99)
+    store.apply_changes([first_sight(org)], NOW)
+    store.apply_changes([breach(org, ARMED)], NOW)
 
 
 def test_only_pending_notifications_are_claimable(store: Store) -> None:
