@@ -3,13 +3,19 @@
 Two clients, each with one keep-alive connection per worker thread at the poller's
 concurrency, no parsing, no retries, no rate limit: a ``requests.Session`` per thread (what
 most Python code would write) and the standard library's ``http.client`` per thread (the
-leanest). What they reach is what the simulator and the HTTP stack allow on this machine; the
-benchmark compares poller against the faster of the two, the stricter comparison.
+leanest standard one). What they reach is what the simulator and the HTTP stack allow on this
+machine; the benchmark compares poller against the faster of the two, the stricter comparison.
+
+A third client, "raw socket", is no HTTP library at all: it writes the request bytes and reads
+the answer by its Content-Length. It is not a floor a real client could meet (it checks
+nothing); it shows how many requests per second the simulator itself can answer, so a table
+can say whether the simulator or the client limits a run.
 """
 
 from __future__ import annotations
 
 import http.client
+import socket
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -20,6 +26,7 @@ import requests
 
 BILLING_PATH = "/test_framework/billing/info/"
 FLOOR_CLIENTS = ("http.client", "requests")
+CEILING_CLIENT = "raw socket"
 
 
 def measure_floor(
@@ -27,7 +34,8 @@ def measure_floor(
 ) -> float:
     """Seconds for one billing request per org id; raises if any answer is not 200."""
     headers = {"Authorization": f"Bearer {token}", "Accept": "application/json"}
-    make_fetch = {"http.client": _http_client_fetch, "requests": _requests_fetch}[client]
+    make_fetch = {"http.client": _http_client_fetch, "requests": _requests_fetch,
+                  CEILING_CLIENT: _socket_fetch}[client]
     fetch, close = make_fetch(api_url, headers)
     started = time.monotonic()
     with ThreadPoolExecutor(concurrency) as pool:
@@ -82,6 +90,42 @@ def _http_client_fetch(
     def close() -> None:
         for connection in connections:
             connection.close()
+
+    return fetch, close
+
+
+def _socket_fetch(
+    api_url: str, headers: dict[str, str]
+) -> tuple[Callable[[int], None], Callable[[], None]]:
+    parts = urlsplit(api_url)
+    if parts.scheme != "http":
+        raise ValueError("the raw socket client runs against the benchmark's plain-http simulator")
+    address = (parts.hostname or "", parts.port or 80)
+    head = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
+    template = (f"GET {BILLING_PATH}?organization_id={{}} HTTP/1.1\r\n"
+                f"Host: {parts.netloc}\r\n{head}\r\n")
+    local = threading.local()
+    sockets: list[socket.socket] = []
+
+    def fetch(org_id: int) -> None:
+        sock = getattr(local, "sock", None)
+        if sock is None:
+            sock = local.sock = socket.create_connection(address)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sockets.append(sock)
+        sock.sendall(template.format(org_id).encode())
+        data = b""
+        while (end := data.find(b"\r\n\r\n")) < 0:
+            data += sock.recv(65536)
+        status = int(data[9:12])
+        length = int(data.lower().split(b"content-length:", 1)[1].split(b"\r\n", 1)[0])
+        while len(data) < end + 4 + length:
+            data += sock.recv(65536)
+        _check(org_id, status)
+
+    def close() -> None:
+        for sock in sockets:
+            sock.close()
 
     return fetch, close
 

@@ -10,8 +10,9 @@ SMTP capture, a fresh database. Then, in order:
    through the simulator's /_sim/ control endpoint (rows "changes");
 4. one cycle with no balance change (row "unchanged": what it wrote should be ~0).
 
-Each cycle is a `poller once` subprocess: wall time and peak RSS (wait4) come from outside,
-the per-phase seconds and counts from its ``cycle.finished`` JSON log line.
+Each cycle is a `poller once` subprocess: wall time, CPU time (wait4) and peak RSS (VmHWM,
+through bench.peak_rss) come from outside, the per-phase seconds and counts from its
+``cycle.finished`` JSON log line.
 """
 
 from __future__ import annotations
@@ -33,8 +34,8 @@ from pathlib import Path
 
 import requests
 
-from bench.floor import FLOOR_CLIENTS, measure_floor
-from bench.report import Row, write_report
+from bench.floor import CEILING_CLIENT, FLOOR_CLIENTS, measure_floor
+from bench.report import Floor, Row, write_report
 from poller.smtp_capture import SmtpCapture
 
 TOKEN = "bench-token-0123456789"
@@ -46,6 +47,12 @@ DEFAULT_OUTPUT = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.m
 class Simulator:
     url: str
     org_ids: list[int]
+    pid: int
+
+    def cpu_seconds(self) -> float:
+        """User + system CPU the simulator process has used so far (Linux /proc)."""
+        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 @contextmanager
@@ -60,7 +67,7 @@ def simulator_process(orgs: int, workdir: Path) -> Iterator[Simulator]:
         if line[:1] != ["ready"]:
             raise RuntimeError("the simulator process did not start")
         org_ids = [int(text) for text in ids_file.read_text(encoding="ascii").split()]
-        yield Simulator(url=line[1], org_ids=org_ids)
+        yield Simulator(url=line[1], org_ids=org_ids, pid=process.pid)
     finally:
         process.terminate()
         process.wait(timeout=30)
@@ -102,16 +109,23 @@ class CycleRun:
     peak_rss_mb: float
     summary: dict
     requests: int
+    cpu_seconds: float  # the poller process's own, user + system
+    simulator_cpu_seconds: float
 
 
-def run_cycle(env: dict[str, str], workdir: Path, api_url: str, *args: str) -> CycleRun:
+def run_cycle(env: dict[str, str], workdir: Path, sim: Simulator, *args: str) -> CycleRun:
+    api_url = sim.url
     before = _request_count(api_url)
+    simulator_before = sim.cpu_seconds()
     log_path = workdir / "poller.log"
+    peak_path = workdir / "peak_rss_kib"
     with open(log_path, "w") as log_file:
         started = time.monotonic()
-        process = subprocess.Popen([sys.executable, "-m", "poller", "once", *args], env=env,
-                                   stdout=subprocess.DEVNULL, stderr=log_file)
-        # wait4 gives this child's own peak RSS, not the simulator's.
+        process = subprocess.Popen(
+            [sys.executable, "-m", "bench.peak_rss", str(peak_path), "poller", "once", *args],
+            env=env, stdout=subprocess.DEVNULL, stderr=log_file,
+        )
+        # wait4: this child's own CPU time (its peak memory comes from bench.peak_rss).
         _, status, usage = os.wait4(process.pid, 0)
         wall = time.monotonic() - started
         process.returncode = os.waitstatus_to_exitcode(status)
@@ -120,8 +134,18 @@ def run_cycle(env: dict[str, str], workdir: Path, api_url: str, *args: str) -> C
     if not summaries:
         tail = log_path.read_text()[-2000:]
         raise RuntimeError(f"poller once {' '.join(args)} exited {process.returncode}:\n{tail}")
-    return CycleRun(wall=wall, peak_rss_mb=usage.ru_maxrss / 1024, summary=summaries[-1],
-                    requests=_request_count(api_url) - before)
+    peak_rss_mb = int(peak_path.read_text(encoding="ascii")) / 1024
+    return CycleRun(wall=wall, peak_rss_mb=peak_rss_mb, summary=summaries[-1],
+                    requests=_request_count(api_url) - before,
+                    cpu_seconds=usage.ru_utime + usage.ru_stime,
+                    simulator_cpu_seconds=sim.cpu_seconds() - simulator_before)
+
+
+def measure_floor_of(sim: Simulator, concurrency: int, client: str) -> Floor:
+    before = sim.cpu_seconds()
+    seconds = measure_floor(sim.url, TOKEN, sim.org_ids, concurrency, client)
+    return Floor(requests_per_second=len(sim.org_ids) / seconds,
+                 simulator_cores=(sim.cpu_seconds() - before) / seconds)
 
 
 def _request_count(api_url: str) -> int:
@@ -164,26 +188,26 @@ def bench_one(orgs: int, db: str, args: argparse.Namespace) -> list[Row]:
         workdir = Path(tmp)
         with simulator_process(orgs, workdir) as sim, SmtpCapture() as smtp, \
                 database(db, workdir, args.postgres_url) as database_url:
-            floor_rps = {
-                client: orgs / measure_floor(sim.url, TOKEN, sim.org_ids, args.concurrency, client)
-                for client in FLOOR_CLIENTS
-            }
+            floors = {client: measure_floor_of(sim, args.concurrency, client)
+                      for client in (*FLOOR_CLIENTS, CEILING_CLIENT)}
             env = poller_env(sim.url, database_url, smtp.port, args.concurrency)
 
             def record(kind: str, run: CycleRun) -> None:
-                rows.append(Row.from_cycle(orgs, db, kind, run.wall, run.peak_rss_mb,
-                                           run.summary, run.requests, floor_rps))
+                rows.append(Row.from_cycle(
+                    orgs, db, kind, wall=run.wall, peak_rss_mb=run.peak_rss_mb,
+                    summary=run.summary, requests=run.requests, cpu_seconds=run.cpu_seconds,
+                    simulator_cpu_seconds=run.simulator_cpu_seconds, floors=floors))
                 print(rows[-1].one_line(), file=sys.stderr, flush=True)
 
-            record("first sight", run_cycle(env, workdir, sim.url, "--baseline"))
+            record("first sight", run_cycle(env, workdir, sim, "--baseline"))
             untouched = list(sim.org_ids)
             rng.shuffle(untouched)
             per_cycle = max(1, round(orgs * args.drop_percent / 100))
             for _ in range(args.cycles - 1):
                 dropped, untouched = untouched[:per_cycle], untouched[per_cycle:]
                 drop_balances(sim.url, dropped)
-                record("changes", run_cycle(env, workdir, sim.url))
-            record("unchanged", run_cycle(env, workdir, sim.url))
+                record("changes", run_cycle(env, workdir, sim))
+            record("unchanged", run_cycle(env, workdir, sim))
     return rows
 
 

@@ -39,4 +39,12 @@ def test_the_benchmark_runs_at_a_thousand_orgs_and_writes_a_sane_table(tmp_path:
         # Both floor clients ran; the faster one is the floor the cycle is compared with.
         assert row["floor client"] in ("http.client", "requests")
         assert re.fullmatch(r"[\d,]+", row["requests floor req/s"])
+        # The raw-socket client shows the simulator's own limit; how busy the simulator was
+        # during the floor and the fetch says whether it was the bottleneck.
+        assert int(row["raw socket req/s"].replace(",", "")) > 0
+        assert int(row["poller CPU µs/org"].replace(",", "")) > 0
+        floor_cores, fetch_cores = (float(x) for x in
+                                    row["simulator cores: floor / fetch"].split(" / "))
+        assert 0 < floor_cores < 2 and 0 < fetch_cores < 2
+        assert row["simulator saturated"] in ("no", "floor", "fetch", "floor, fetch")
     assert "cores" in output.read_text() and "Python 3." in output.read_text()
