@@ -17,15 +17,21 @@ the wrong answer.
 
 from __future__ import annotations
 
+import re
 import socket
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 # Limits that keep a broken or hostile server from making the poller buffer without end.
 MAX_HEAD_BYTES = 64 * 1024
-MAX_BODY_BYTES = 64 * 1024 * 1024
+# The v1 listing answers with every organization in one body (about 2 KB each: 200 MB at
+# 100,000 organizations), so the body limit is far above that.
+MAX_BODY_BYTES = 1024 * 1024 * 1024
 MAX_HEADERS = 100
 _RECV_BYTES = 256 * 1024
+# Hex digits only: int(text, 16) would also take "1_0", " a" or "+a".
+_CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]+")
 
 
 class ProtocolError(Exception):
@@ -63,7 +69,12 @@ def format_request(
     breaks = len(lines) + 1
     if text.count("\n") != breaks or text.count("\r") != breaks or "\0" in text:
         raise ValueError("a request line or header contains a line break")
-    head = text.encode("latin-1")
+    try:
+        head = text.encode("latin-1")
+    except UnicodeEncodeError:
+        raise ValueError(
+            "a request line or header contains a character HTTP cannot carry"
+        ) from None
     return head + body if body else head
 
 
@@ -73,6 +84,7 @@ class Connection:
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self.exchanges = 0  # completed on this connection
+        self.idle_since = time.monotonic()  # when the last exchange ended (or it was opened)
         # Bytes received beyond the part of a response parsed so far.
         self._pending = b""
 
@@ -95,6 +107,7 @@ class Connection:
         connection = headers.get("connection", "").lower()
         keep_alive = (
             delimited
+            and status != 101  # after a protocol switch the connection no longer speaks HTTP
             and version == "HTTP/1.1"
             and "close" not in (token.strip() for token in connection.split(","))
             # Bytes after the response were never asked for: the pairing of requests and
@@ -102,6 +115,7 @@ class Connection:
             and not self._pending
         )
         self.exchanges += 1
+        self.idle_since = time.monotonic()
         return Response(status=status, headers=headers, body=body, keep_alive=keep_alive)
 
     def close(self) -> None:
@@ -184,12 +198,9 @@ class Connection:
         total = 0
         while True:
             size_text = self._read_line().split(b";", 1)[0].strip()
-            try:
-                if not size_text or size_text.startswith((b"+", b"-", b"0x", b"0X")):
-                    raise ValueError
-                size = int(size_text, 16)
-            except ValueError:
-                raise ProtocolError("a chunk size is not a hexadecimal number") from None
+            if not _CHUNK_SIZE.fullmatch(size_text):
+                raise ProtocolError("a chunk size is not a hexadecimal number")
+            size = int(size_text, 16)
             if size == 0:
                 break
             total += size

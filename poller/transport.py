@@ -28,6 +28,7 @@ import os
 import socket
 import ssl
 import threading
+import time
 from dataclasses import dataclass
 from typing import Protocol
 from urllib.parse import quote_plus, urlencode, urlsplit
@@ -41,6 +42,10 @@ from urllib3.util.wait import wait_for_read
 
 from poller import http11
 from poller.config import ConfigError
+
+# Seconds a connection may sit unused before a GET checks it first (_DirectConnections.send). Far
+# above the gap between two requests of a running cycle, far below any server's idle timeout.
+IDLE_CHECK_AFTER = 1.0
 
 
 class TransportError(Exception):
@@ -70,7 +75,8 @@ class _Connections(Protocol):
 
 
 class HttpTransport:
-    """Thread-safe; keeps up to ``pool_size`` keep-alive connections to the API."""
+    """Thread-safe keep-alive connections to the API: one per thread that uses it (the fetch
+    workers and the listing thread), or up to ``pool_size`` through a proxy."""
 
     def __init__(
         self,
@@ -184,13 +190,15 @@ class _DirectConnections:
         try:
             request = http11.format_request(method, target, self._host_header, headers, body)
         except ValueError as exc:
-            raise TransportError("a request header contains a line break") from exc
+            raise TransportError(str(exc)) from exc
         # A GET can be sent again when a connection turns out to be closed: the server never
         # read it. Checking a connection before every request costs a system call and a GIL
-        # hand-off each (about a sixth of a worker's CPU per request), so only requests that
-        # cannot be sent twice (PATCH) pay for the check.
+        # hand-off each (about a sixth of a worker's CPU per request), so a GET pays for it
+        # only after the connection sat idle (between a daemon's cycles, say), when a server
+        # may also have written something on it (a 408 before closing) that would otherwise
+        # be read as the GET's answer. A PATCH, which is never sent twice, always checks.
         idempotent = method == "GET"
-        connection = self._connection(check_idle=not idempotent)
+        connection = self._connection(check_idle=not idempotent, idle_after=IDLE_CHECK_AFTER)
         try:
             try:
                 response = connection.exchange(request)
@@ -199,7 +207,7 @@ class _DirectConnections:
                     raise
                 # A keep-alive connection the server closed while it was idle.
                 self._discard(connection)
-                connection = self._connection(check_idle=False)
+                connection = self._connection(check_idle=False, idle_after=None)
                 response = connection.exchange(request)
         except ssl.SSLError as exc:
             self._discard(connection)
@@ -221,10 +229,14 @@ class _DirectConnections:
             retry_after=response.headers.get("retry-after"),
         )
 
-    def _connection(self, *, check_idle: bool) -> http11.Connection:
+    def _connection(self, *, check_idle: bool, idle_after: float | None) -> http11.Connection:
+        """This thread's connection; checked first if ``check_idle`` or if it has been idle
+        longer than ``idle_after`` seconds."""
         connection: http11.Connection | None = getattr(self._local, "connection", None)
-        # An idle keep-alive connection the server has closed reads as "readable" (EOF):
-        # reconnect instead of failing the next request on it.
+        if connection is not None and not check_idle and idle_after is not None:
+            check_idle = time.monotonic() - connection.idle_since > idle_after
+        # An idle keep-alive connection the server has closed reads as "readable" (EOF, or
+        # bytes nobody asked for): reconnect instead of reading them as the next answer.
         if connection is not None and check_idle and wait_for_read(connection.sock, timeout=0.0):
             self._discard(connection)
             connection = None

@@ -190,6 +190,9 @@ def test_no_body_is_read_for_204_and_the_connection_stays_usable() -> None:
     ([b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n"], "is not a number"),
     ([b"HTTP/1.1 200 OK\r\nContent-Length: 99999999999\r\n\r\n"], "too large"),
     ([b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n"], "not a hexadecimal"),
+    # int(text, 16) alone would read these as sizes
+    ([b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n1_0\r\n"], "not a hexadecimal"),
+    ([b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n+2\r\n{}"], "not a hexadecimal"),
     ([b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{}XX"], "does not end"),
     ([b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n{}"], "mid-response"),
     ([], "without answering"),
@@ -209,6 +212,24 @@ def test_a_line_break_in_a_header_value_is_never_sent() -> None:
         with transport_for(url) as transport, pytest.raises(TransportError, match="line break"):
             transport.request("GET", url + "/", headers={"X-Key": "k\r\nX-Evil: 1"})
     assert requests == []
+
+
+def test_a_character_latin_1_cannot_carry_fails_the_request_with_its_reason() -> None:
+    with raw_server(lambda _: keep_alive(b"{}")) as (url, requests):
+        with transport_for(url) as transport, pytest.raises(TransportError, match="cannot carry"):
+            transport.request("GET", url + "/", headers={"X-Key": "k\u2603"})
+    assert requests == []
+
+
+def test_a_connection_that_switched_protocols_is_not_used_again() -> None:
+    # Poller never asks for an upgrade; if a server switches anyway, what follows is not HTTP.
+    answers = {1: ([b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\n\r\n"], False),
+               2: keep_alive(b"{}")}
+    with raw_server(answers.__getitem__) as (url, requests):
+        with transport_for(url) as transport:
+            assert get(url, transport) == (101, b"")
+            assert get(url, transport) == (200, b"{}")
+    assert connections_used(requests) == [1, 2]
 
 
 def test_format_request_puts_the_body_length_and_host_in_the_head() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -104,3 +105,40 @@ def test_a_keep_alive_connection_the_server_closed_while_idle_is_replaced_not_fa
             http.close()
     assert [a.status for a in answers] == [200, 200, 200]
     assert [json.loads(a.content)["path"] for a in answers] == ["/n/0/", "/n/1/", "/n/2/"]
+
+
+def test_what_a_server_wrote_on_an_idle_connection_is_not_taken_for_the_next_answer(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Some servers and proxies answer an idle keep-alive connection with a 408 and then hang
+    # up; the next GET must go out on a new connection instead of reading that 408.
+    for name in ("HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr("poller.transport.IDLE_CHECK_AFTER", 0.1)
+    listener = socket.create_server(("127.0.0.1", 0))
+    seen: list[bytes] = []
+
+    def serve() -> None:
+        for _ in range(2):
+            connection, _ = listener.accept()
+            with connection:
+                seen.append(connection.recv(65536).split(b"\r\n", 1)[0])
+                connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                time.sleep(0.05)
+                connection.sendall(b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\n"
+                                   b"Content-Length: 0\r\n\r\n")
+
+    server = threading.Thread(target=serve, daemon=True)
+    server.start()
+    api_url = f"http://127.0.0.1:{listener.getsockname()[1]}"
+    http = transport(api_url)
+    try:
+        first = http.request("GET", f"{api_url}/a/", headers={})
+        time.sleep(0.3)  # idle past IDLE_CHECK_AFTER; the 408 arrived meanwhile
+        second = http.request("GET", f"{api_url}/b/", headers={})
+    finally:
+        http.close()
+        server.join(timeout=5)
+        listener.close()
+    assert (first.status, second.status) == (200, 200)
+    assert seen == [b"GET /a/ HTTP/1.1", b"GET /b/ HTTP/1.1"]
