@@ -603,20 +603,21 @@ class SmtpTransport:
         if self._connection is None:
             self._connection = self._connect()
         try:
-            return self._connection.sendmail(
-                message.envelope_from, recipients, message.data, mail_options=options
-            )
+            return _sendmail(self._connection, message, recipients, options)
         except _ClosedBeforeMail:
             if not reused:
+                raise
+        except smtplib.SMTPSenderRefused as error:
+            # 421 to MAIL FROM: the server is closing the channel (an idle timeout it
+            # announces instead of just hanging up); it has none of this message either.
+            if not reused or error.smtp_code != 421:
                 raise
         # The server dropped the connection since the last message (an idle timeout, one
         # message per connection): it has none of this message, so a new connection is
         # safe. Finding that out here instead of with a NOOP first saves a round trip per email.
         self._discard()
         self._connection = self._connect()
-        return self._connection.sendmail(
-            message.envelope_from, recipients, message.data, mail_options=options
-        )
+        return _sendmail(self._connection, message, recipients, options)
 
     def _connect(self) -> smtplib.SMTP:
         connection: smtplib.SMTP
@@ -701,6 +702,21 @@ class SmtpTransport:
         connection, self._connection = self._connection, None
         if connection is not None:
             connection.close()
+
+
+def _sendmail(
+    connection: smtplib.SMTP, message: OutgoingMessage, recipients: list[str],
+    options: list[str],
+) -> dict[str, tuple[int, bytes]]:
+    if "SMTPUTF8" in options and not connection.has_extn("smtputf8"):
+        # sendmail checks this only on an ESMTP server; on a HELO-only one it would drop the
+        # options and fail encoding the address instead.
+        raise smtplib.SMTPNotSupportedError(
+            "an address is not ASCII and the server does not offer SMTPUTF8"
+        )
+    return connection.sendmail(
+        message.envelope_from, recipients, message.data, mail_options=options
+    )
 
 
 class _ClosedBeforeMail(smtplib.SMTPServerDisconnected):

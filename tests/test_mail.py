@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import email
 import email.policy
+import socket
+import threading
 import time
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta, timezone
@@ -673,6 +675,39 @@ def test_an_address_that_is_not_ascii_is_delivered_with_smtputf8(
     assert str(received.message["To"]) == "jürgen@bücher.example, ops@acme.example"
 
 
+def test_a_helo_only_server_cannot_take_an_address_that_is_not_ascii_either() -> None:
+    # A server from before ESMTP refuses EHLO; smtplib then sends no options at all, so the
+    # SMTPUTF8 check must not rely on it.
+    listener = socket.create_server(("127.0.0.1", 0))
+    commands: list[bytes] = []
+
+    def serve() -> None:
+        connection, _ = listener.accept()
+        with connection, connection.makefile("rb") as lines:
+            connection.sendall(b"220 old.example SMTP\r\n")
+            for line in lines:
+                commands.append(line.split()[0].upper())
+                if commands[-1] == b"EHLO":
+                    connection.sendall(b"502 5.5.1 command not recognized\r\n")
+                elif commands[-1] == b"QUIT":
+                    connection.sendall(b"221 bye\r\n")
+                    return
+                else:
+                    connection.sendall(b"250 ok\r\n")
+
+    server = threading.Thread(target=serve, daemon=True)
+    server.start()
+    try:
+        with pytest.raises(DeliveryError) as caught:
+            with transport(port=listener.getsockname()[1]) as smtp:
+                send(smtp, ["jürgen@bücher.example"])
+    finally:
+        server.join(timeout=5)
+        listener.close()
+    assert "SMTPUTF8" in str(caught.value) and caught.value.permanent is False
+    assert commands[:2] == [b"EHLO", b"HELO"] and b"RCPT" not in commands
+
+
 def test_a_server_without_smtputf8_cannot_take_an_address_that_is_not_ascii() -> None:
     with SmtpCapture(enable_SMTPUTF8=False) as server, pytest.raises(DeliveryError) as caught:
         with transport(host=server.host, port=server.port) as smtp:
@@ -732,6 +767,20 @@ def test_a_connection_the_server_closed_between_messages_is_replaced_quietly(
     smtp_server.hang_up_after_each_message()
     with transport(smtp_server) as smtp:
         assert send(smtp, [OPS]) == {}
+        assert send(smtp, [CTO]) == {}
+    assert [m.rcpt_tos for m in smtp_server.received] == [(OPS,), (CTO,)]
+    assert smtp_server.connections == 2
+
+
+def test_a_server_that_announced_closing_with_a_421_is_replaced_without_an_error(
+    smtp_server: SmtpTestServer,
+) -> None:
+    # Postfix writes "421 timeout exceeded" before closing an idle connection: the next MAIL
+    # FROM reads it as its answer, but the server has none of that message yet.
+    smtp_server.hang_up_after_each_message(announced=True)
+    with transport(smtp_server) as smtp:
+        assert send(smtp, [OPS]) == {}
+        time.sleep(0.1)  # the 421 and the hang-up arrive before the next message
         assert send(smtp, [CTO]) == {}
     assert [m.rcpt_tos for m in smtp_server.received] == [(OPS,), (CTO,)]
     assert smtp_server.connections == 2
