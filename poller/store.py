@@ -45,6 +45,7 @@ Refinements of the original design, and why:
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -307,17 +308,28 @@ class JsonRows:
         for index, type_ in enumerate(self.columns.values()):
             processor = type_.dialect_impl(dialect).bind_processor(dialect)
             if processor is None and isinstance(type_, Text):  # text from outside, e.g. names
-                processor = _without_nul
+                processor = _storable_text
             if processor is not None:
                 processors.append((index, processor))
         return processors
 
 
-def _without_nul(text: str) -> str:
-    """NUL is the one character neither database takes back from JSON (PostgreSQL refuses it
-    in text, SQLite's json_extract cuts the string there): it is stored as U+FFFD instead.
-    The Cekura API does not serve it (Django's CharField refuses it)."""
-    return text.replace("\x00", "\ufffd") if "\x00" in text else text
+# NUL, and the halves of UTF-16 surrogate pairs (which are no characters on their own).
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
+
+
+def _storable_text(text: str) -> str:
+    """Text from outside, with what neither database takes back from JSON stored as U+FFFD.
+
+    NUL: PostgreSQL refuses it in text, SQLite's json_extract cuts the string there. A lone
+    surrogate (JSON may write "\\udc80", and Python's json reads it): it has no UTF-8 form,
+    so PostgreSQL refuses the whole batch and SQLite stores bytes that every later read of
+    the table fails to decode. The Cekura API serves neither (Django's CharField refuses NUL;
+    its JSON is UTF-8).
+    """
+    if text.isascii() and "\x00" not in text:
+        return text
+    return _UNSTORABLE.sub("\ufffd", text)
 
 # Delivery statements, built once: they run once per email (or per batch).
 _CLAIMABLE = and_(

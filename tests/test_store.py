@@ -517,12 +517,18 @@ def test_a_batch_that_deadlocks_is_retried_whole(postgres_url: str) -> None:
         store.close()
 
 
-def test_a_nul_in_an_org_name_is_stored_as_a_replacement_character(store: Store) -> None:
-    org = ObservedOrg(1, "Acme\x00Labs", True, Decimal("100.00"), Decimal("50.00"))
-    result = store.apply_changes([breach(org, None)], NOW)
+@pytest.mark.parametrize("name", ["Acme\x00Labs", "Acme\udc80Labs", "Acme\ud83dLabs"])
+def test_a_nul_or_lone_surrogate_in_an_org_name_is_stored_as_a_replacement_character(
+    store: Store, name: str
+) -> None:
+    # json.loads takes "\\udc80" from an API body; stored as is it would break every later read.
+    orgs = [ObservedOrg(1, name, True, Decimal("100.00"), Decimal("50.00")),
+            ObservedOrg(2, "Café 🚀", True, Decimal("100.00"), Decimal("50.00"))]
+    result = store.apply_changes([breach(org, None) for org in orgs], NOW)
 
     assert result.conflicts == 0
-    assert store.load_states()[1].name == "Acme\ufffdLabs"
+    states = store.load_states()
+    assert (states[1].name, states[2].name) == ("Acme\ufffdLabs", "Café 🚀")
     [record] = store.notifications_for(1)
     assert record.org_name == "Acme\ufffdLabs"
 
