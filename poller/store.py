@@ -345,6 +345,11 @@ _DUE = (
     .where(_CLAIMABLE)
     .order_by(notification.c.next_attempt_at, notification.c.id)
     .limit(bindparam("b_limit", type_=Integer))
+    # PostgreSQL: rows another claimer is taking right now are passed over, so parallel
+    # claimers (a poller's SMTP connections) get the next rows instead of all picking the same
+    # ones, of which all but one would then get none and stop. SQLite: no such clause (its
+    # claims never overlap, BEGIN IMMEDIATE serializes them).
+    .with_for_update(skip_locked=True)
 )
 _CLAIM = (
     update(notification)

@@ -26,6 +26,7 @@ from sqlalchemy import (
     func,
     inspect,
     select,
+    text,
     update,
 )
 from sqlalchemy.dialects import sqlite
@@ -677,6 +678,25 @@ def test_concurrent_claimers_get_each_notification_exactly_once(
     assert errors == []
     assert sorted(claimed) == sorted(notification_ids)
     assert store.claim_due(worker="late", now=NOW, lease_seconds=300) == []
+
+
+def test_a_claim_passes_over_rows_another_claim_is_taking(store: Store) -> None:
+    # Two SMTP connections of one poller claim at the same moment: each gets its own rows.
+    if store.engine.dialect.name == "sqlite":
+        pytest.skip("SQLite serializes claims (BEGIN IMMEDIATE): they never overlap")
+    ids = seed_pending(store, 4)
+    results: list[list[int]] = []
+    with store.engine.connect() as other:
+        # What a claimer in the middle of its transaction holds: the first two rows, locked.
+        other.execute(text("SELECT id FROM notification WHERE id IN (:a, :b) FOR UPDATE"),
+                      {"a": ids[0], "b": ids[1]})
+        claimer = threading.Thread(target=lambda: results.append(
+            [r.id for r in store.claim_due(worker="b", now=NOW, lease_seconds=60, limit=2)]))
+        claimer.start()
+        claimer.join(timeout=10)
+        other.rollback()
+    claimer.join(timeout=10)
+    assert results == [ids[2:]]
 
 
 def test_an_expired_lease_can_be_taken_over(store: Store) -> None:
