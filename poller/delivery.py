@@ -274,9 +274,10 @@ class Deliverer:
         for row in rows:
             delay = retry_delay(row.attempts) if backoff else 0.0
             next_attempt = now + timedelta(seconds=delay)
-            self._store.mark_retry(
+            if not self._store.mark_retry(
                 row.id, worker=self.worker, error=error, next_attempt_at=next_attempt, now=now
-            )
+            ):
+                continue  # taken over by another poller once our lease ran out: theirs now
             report.retried += 1
             log.warning(
                 "email.retry",

@@ -3,7 +3,9 @@
 Pure functions, no I/O. Whatever JSON value comes in, the result is a record or a
 ``ParseError`` whose message names the offending field; nothing else may escape, because
 one odd organization must become an error for that organization, never a crashed cycle.
-Money is parsed into ``Decimal`` straight from the text, never through binary floats.
+Money, a decimal string in the API, is parsed into ``Decimal`` straight from its text. A JSON
+number in its place (which the spec never uses) is read as the float every JSON parser makes
+of it, then taken by its shortest repr: exact to about 15 significant digits.
 
 Two steps, because at 100,000 organizations per cycle decoding is most of the client's CPU:
 ``loads_page`` / ``loads_billing`` decode a body with msgspec straight into structs of just the

@@ -8,6 +8,7 @@ themselves, so a "slow" send takes as long as the test says without the test wai
 from __future__ import annotations
 
 import re
+import threading
 from collections import Counter
 from datetime import datetime, timedelta
 from types import TracebackType
@@ -219,3 +220,29 @@ def test_renewing_a_lease_keeps_only_the_rows_the_worker_still_holds(store: Stor
     assert (renewed.claimed_by, renewed.claim_expires_at) == ("a", until)
     [other] = store.notifications_for(1)
     assert other.claimed_by == "b"
+
+
+def test_a_stopped_batch_puts_back_only_the_rows_it_still_holds(
+    store: Store, database_url: str, smtp_server
+) -> None:
+    seed_pending(store, 4)
+    settings = settings_for(smtp_server.port, database_url, lease=300, timeout=30)
+    clock = Clock()
+    deliverer, watched = watched_deliverer(store, settings, clock, seconds_per_send=1)
+    stop = threading.Event()
+
+    def lease_runs_out_another_poller_claims_and_a_stop_arrives() -> None:
+        clock.now += timedelta(seconds=301)
+        store.claim_due(worker="other poller", now=clock.now, lease_seconds=300)
+        stop.set()
+
+    watched.after_send.append(lease_runs_out_another_poller_claims_and_a_stop_arrives)
+
+    report = deliverer.deliver_due(cancel=stop)
+
+    assert watched.sent_orgs == [1]
+    # The three unsent rows are the other poller's now: nothing of ours to put back.
+    assert (report.sent, report.retried) == (1, 0)
+    for org_id in (2, 3, 4):
+        [row] = store.notifications_for(org_id)
+        assert (row.status, row.claimed_by, row.last_error) == ("pending", "other poller", None)
