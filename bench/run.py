@@ -119,6 +119,7 @@ def run_cycle(env: dict[str, str], workdir: Path, sim: Simulator, *args: str) ->
     simulator_before = sim.cpu_seconds()
     log_path = workdir / "poller.log"
     peak_path = workdir / "peak_rss_kib"
+    peak_path.unlink(missing_ok=True)  # a child that dies before its atexit hook leaves none
     with open(log_path, "w") as log_file:
         started = time.monotonic()
         process = subprocess.Popen(
@@ -134,6 +135,8 @@ def run_cycle(env: dict[str, str], workdir: Path, sim: Simulator, *args: str) ->
     if not summaries:
         tail = log_path.read_text()[-2000:]
         raise RuntimeError(f"poller once {' '.join(args)} exited {process.returncode}:\n{tail}")
+    if not peak_path.exists():
+        raise RuntimeError(f"poller once {' '.join(args)} exited without reporting its peak RSS")
     peak_rss_mb = int(peak_path.read_text(encoding="ascii")) / 1024
     return CycleRun(wall=wall, peak_rss_mb=peak_rss_mb, summary=summaries[-1],
                     requests=_request_count(api_url) - before,

@@ -951,8 +951,9 @@ class Store:
             raise ValueError("apply_changes takes at most one change per organization")
         written = conflicts = 0
         notification_ids: list[int] = []
-        # One global order (by org id) means two pollers writing overlapping orgs take row
-        # locks in the same order, which keeps PostgreSQL deadlocks to rare corner cases.
+        # Sorted by org id, two pollers writing overlapping orgs mostly meet in the same batch
+        # ranges. Within one statement PostgreSQL locks rows in its own join order, so a
+        # deadlock stays possible: its victim's batch is run again whole (below).
         ordered = sorted(changes, key=lambda change: change.observed.org_id)
         batches = self.write_batches(ordered, lambda batch: self._apply_batch_retrying(batch, now))
         for batch_written, batch_ids, batch_conflicts in batches:
