@@ -198,7 +198,8 @@ class _DirectConnections:
         # may also have written something on it (a 408 before closing) that would otherwise
         # be read as the GET's answer. A PATCH, which is never sent twice, always checks.
         idempotent = method == "GET"
-        connection = self._connection(check_idle=not idempotent, idle_after=IDLE_CHECK_AFTER)
+        check_after = IDLE_CHECK_AFTER if idempotent else 0.0
+        connection = self._connection(check_after)
         try:
             try:
                 response = connection.exchange(request)
@@ -207,7 +208,7 @@ class _DirectConnections:
                     raise
                 # A keep-alive connection the server closed while it was idle.
                 self._discard(connection)
-                connection = self._connection(check_idle=False, idle_after=None)
+                connection = self._connection(check_after)
                 response = connection.exchange(request)
         except ssl.SSLError as exc:
             self._discard(connection)
@@ -229,15 +230,17 @@ class _DirectConnections:
             retry_after=response.headers.get("retry-after"),
         )
 
-    def _connection(self, *, check_idle: bool, idle_after: float | None) -> http11.Connection:
-        """This thread's connection; checked first if ``check_idle`` or if it has been idle
-        longer than ``idle_after`` seconds."""
+    def _connection(self, check_after: float) -> http11.Connection:
+        """This thread's connection, checked first if it has sat idle for ``check_after``
+        seconds or more (0: always); a new one if there is none or the check fails."""
         connection: http11.Connection | None = getattr(self._local, "connection", None)
-        if connection is not None and not check_idle and idle_after is not None:
-            check_idle = time.monotonic() - connection.idle_since > idle_after
         # An idle keep-alive connection the server has closed reads as "readable" (EOF, or
         # bytes nobody asked for): reconnect instead of reading them as the next answer.
-        if connection is not None and check_idle and wait_for_read(connection.sock, timeout=0.0):
+        if (
+            connection is not None
+            and time.monotonic() - connection.idle_since >= check_after
+            and wait_for_read(connection.sock, timeout=0.0)
+        ):
             self._discard(connection)
             connection = None
         if connection is None:
