@@ -752,9 +752,10 @@ _NEW_ORGS = JsonRows(
     "new_orgs",
     _types(org_state, *_OBSERVED_COLUMNS, "state", "breach_count", "last_alert_at"),
 )
+# An org's new row (the columns of _NEW_ORGS), then the state it must still hold (the guard).
 _TRANSITIONS = JsonRows(
     "transitions",
-    _types(org_state, *_OBSERVED_COLUMNS, "state", "breach_count", "last_alert_at")
+    _NEW_ORGS.columns
     | {"expected_state": org_state.c.state.type, "expected_breach_count": Integer()},
 )
 _REFRESHES = JsonRows("refreshes", _types(org_state, *_OBSERVED_COLUMNS))
@@ -852,6 +853,16 @@ class _Writes:
 def _observed_row(observed: ObservedOrg) -> tuple[Any, ...]:
     """The values of _OBSERVED_COLUMNS, in that order."""
     return (observed.org_id, observed.name, observed.enabled, observed.threshold, observed.balance)
+
+
+def _new_state_row(change: StateChange) -> tuple[Any, ...]:
+    """The values of _NEW_ORGS's columns, in that order."""
+    return (
+        *_observed_row(change.observed),
+        change.new.state.value,
+        change.new.breach_count,
+        _alert_time(change),
+    )
 
 
 def _alert_time(change: StateChange) -> datetime | None:
@@ -1023,15 +1034,7 @@ class Store:
         """Insert orgs that were not stored; returns the ids of the rows this call created."""
         if not changes:
             return set()
-        rows = (
-            (
-                *_observed_row(change.observed),
-                change.new.state.value,
-                change.new.breach_count,
-                _alert_time(change),
-            )
-            for change in changes
-        )
+        rows = (_new_state_row(change) for change in changes)
         parameters = _NEW_ORGS.bind(connection.dialect, rows) | {"now": now}
         return set(connection.execute(self._writes.insert_orgs, parameters).scalars())
 
@@ -1049,14 +1052,9 @@ class Store:
         rows = []
         for change in changes:
             assert change.expected is not None
-            rows.append((
-                *_observed_row(change.observed),
-                change.new.state.value,
-                change.new.breach_count,
-                _alert_time(change),
-                change.expected.state.value,
-                change.expected.breach_count,
-            ))
+            rows.append(
+                (*_new_state_row(change), change.expected.state.value, change.expected.breach_count)
+            )
         parameters = _TRANSITIONS.bind(connection.dialect, rows) | {"now": now}
         return set(connection.execute(self._writes.transition, parameters).scalars())
 
