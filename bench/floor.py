@@ -20,6 +20,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from typing import Generic, Protocol, TypeVar
 from urllib.parse import urlsplit
 
 import requests
@@ -27,6 +28,33 @@ import requests
 BILLING_PATH = "/test_framework/billing/info/"
 FLOOR_CLIENTS = ("http.client", "requests")
 CEILING_CLIENT = "raw socket"
+
+
+class _Closable(Protocol):
+    def close(self) -> None: ...
+
+
+C = TypeVar("C", bound=_Closable)
+
+
+class _PerThread(Generic[C]):
+    """One keep-alive client per worker thread, made on first use; close() ends them all."""
+
+    def __init__(self, make: Callable[[], C]) -> None:
+        self._make = make
+        self._local = threading.local()
+        self._made: list[C] = []
+
+    def get(self) -> C:
+        client = getattr(self._local, "client", None)
+        if client is None:
+            client = self._local.client = self._make()
+            self._made.append(client)
+        return client
+
+    def close(self) -> None:
+        for client in self._made:
+            client.close()
 
 
 def measure_floor(
@@ -49,23 +77,14 @@ def measure_floor(
 def _requests_fetch(
     api_url: str, headers: dict[str, str]
 ) -> tuple[Callable[[int], None], Callable[[], None]]:
-    local = threading.local()
-    sessions: list[requests.Session] = []
+    sessions = _PerThread(requests.Session)
     url = api_url + BILLING_PATH
 
     def fetch(org_id: int) -> None:
-        session = getattr(local, "session", None)
-        if session is None:
-            session = local.session = requests.Session()
-            sessions.append(session)
-        response = session.get(url, params={"organization_id": org_id}, headers=headers)
+        response = sessions.get().get(url, params={"organization_id": org_id}, headers=headers)
         _check(org_id, response.status_code)
 
-    def close() -> None:
-        for session in sessions:
-            session.close()
-
-    return fetch, close
+    return fetch, sessions.close
 
 
 def _http_client_fetch(
@@ -74,24 +93,16 @@ def _http_client_fetch(
     parts = urlsplit(api_url)
     if parts.scheme != "http":
         raise ValueError("the http.client floor runs against the benchmark's plain-http simulator")
-    local = threading.local()
-    connections: list[http.client.HTTPConnection] = []
+    connections = _PerThread(lambda: http.client.HTTPConnection(parts.netloc))
 
     def fetch(org_id: int) -> None:
-        connection = getattr(local, "connection", None)
-        if connection is None:
-            connection = local.connection = http.client.HTTPConnection(parts.netloc)
-            connections.append(connection)
+        connection = connections.get()
         connection.request("GET", f"{BILLING_PATH}?organization_id={org_id}", headers=headers)
         response = connection.getresponse()
         response.read()  # the whole body, so the connection can carry the next request
         _check(org_id, response.status)
 
-    def close() -> None:
-        for connection in connections:
-            connection.close()
-
-    return fetch, close
+    return fetch, connections.close
 
 
 def _socket_fetch(
@@ -104,15 +115,16 @@ def _socket_fetch(
     head = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
     template = (f"GET {BILLING_PATH}?organization_id={{}} HTTP/1.1\r\n"
                 f"Host: {parts.netloc}\r\n{head}\r\n")
-    local = threading.local()
-    sockets: list[socket.socket] = []
+
+    def connect() -> socket.socket:
+        sock = socket.create_connection(address)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return sock
+
+    sockets = _PerThread(connect)
 
     def fetch(org_id: int) -> None:
-        sock = getattr(local, "sock", None)
-        if sock is None:
-            sock = local.sock = socket.create_connection(address)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            sockets.append(sock)
+        sock = sockets.get()
         sock.sendall(template.format(org_id).encode())
         data = b""
         while (end := data.find(b"\r\n\r\n")) < 0:
@@ -123,11 +135,7 @@ def _socket_fetch(
             data += sock.recv(65536)
         _check(org_id, status)
 
-    def close() -> None:
-        for sock in sockets:
-            sock.close()
-
-    return fetch, close
+    return fetch, sockets.close
 
 
 def _check(org_id: int, status: int) -> None:
