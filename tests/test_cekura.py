@@ -35,6 +35,7 @@ def make_client(
     retries: int = 2,
     read_timeout: float = 2.0,
     sleeps: list[float] | None = None,
+    concurrency: int = 4,
     **client_args: object,
 ) -> CekuraClient:
     settings = Settings(
@@ -44,7 +45,7 @@ def make_client(
         api_retries=retries,
         api_connect_timeout=1.0,
         api_read_timeout=read_timeout,
-        concurrency=4,
+        concurrency=concurrency,
         max_requests_per_second=0,
     )
     recorded = sleeps if sleeps is not None else []
@@ -369,15 +370,33 @@ def test_a_malformed_answer_becomes_an_error_for_that_org_only(
 
 
 def test_a_dropped_connection_is_retried(api: SimulatedApi, api_url: str) -> None:
-    org_id = some_org(api, 2)
+    # One worker, so the dropped billing read is its first, on a new connection (as the
+    # listing's is): both are retried by the client, after a back-off each.
+    org_id = some_org(api, 0)
     api.add_fault(Fault("drop", org_id=org_id, endpoint="billing", times=1))
     api.add_fault(Fault("drop", endpoint="list_v2", times=1))
     sleeps: list[float] = []
-    with make_client(api_url, token=TOKEN, sleeps=sleeps) as client:
+    with make_client(api_url, token=TOKEN, sleeps=sleeps, concurrency=1) as client:
         result = client.fetch_snapshots()
     assert result.errors == []
     assert_matches_simulator(api, result.snapshots)
     assert len(sleeps) == 2
+
+
+def test_a_read_dropped_on_a_kept_alive_connection_is_sent_again_at_once(
+    api: SimulatedApi, api_url: str
+) -> None:
+    # The worker's third read: its connection carried two answers already, and a server that
+    # closes it without answering may have closed it while idle, never reading the GET.
+    org_id = some_org(api, 2)
+    api.add_fault(Fault("drop", org_id=org_id, endpoint="billing", times=1))
+    sleeps: list[float] = []
+    with make_client(api_url, token=TOKEN, sleeps=sleeps, concurrency=1) as client:
+        result = client.fetch_snapshots()
+    assert result.errors == []
+    assert_matches_simulator(api, result.snapshots)
+    assert sleeps == []
+    assert api.request_counts()["billing"] == len(api.org_ids()) + 1
 
 
 def test_one_failing_org_does_not_stop_the_others(api: SimulatedApi, api_url: str) -> None:
