@@ -214,6 +214,15 @@ def test_a_line_break_in_a_header_value_is_never_sent() -> None:
     assert requests == []
 
 
+def test_a_body_as_large_as_a_big_fleets_one_piece_v1_listing_is_read() -> None:
+    # The v1 listing carries every organization in one body: about 2 KB each.
+    body = b"x" * (80 * 1024 * 1024)  # some 40,000 organizations' worth
+    head = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body)
+    with raw_server(lambda _: ([head, body], True)) as (url, _):
+        status, received = get(url)
+    assert status == 200 and len(received) == len(body)
+
+
 def test_a_character_latin_1_cannot_carry_fails_the_request_with_its_reason() -> None:
     with raw_server(lambda _: keep_alive(b"{}")) as (url, requests):
         with transport_for(url) as transport, pytest.raises(TransportError, match="cannot carry"):
