@@ -18,8 +18,10 @@ from __future__ import annotations
 import functools
 import ipaddress
 import json
+import math
 import queue
 import random
+import re
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -51,6 +53,7 @@ from poller.records import Billing, Organization, OrgError, OrgSnapshot
 from poller.transport import (
     HttpResponse,
     HttpTransport,
+    ResponseTooLarge,
     TransportError,
     TransportTimeout,
     TransportTlsError,
@@ -65,6 +68,20 @@ BILLING_PATH = "/test_framework/billing/info/"
 # Cekura's own tooling uses "up to 200"; the real maximum is undocumented.
 DEFAULT_PAGE_SIZE = 200
 DEFAULT_MAX_WAIT = 60.0
+# The most an answer of each endpoint may weigh, far above what it plausibly carries, so a
+# broken or hostile server cannot make a worker buffer without end (each worker holds one).
+BILLING_MAX_BYTES = 1024 * 1024  # a few hundred bytes in practice
+ORGANIZATION_MAX_BYTES = 4 * 1024 * 1024  # one organization with its members
+PAGE_MAX_BYTES = 32 * 1024 * 1024  # up to 200 organizations with their members (~2 KB each)
+# The v1 listing (used only where v2 is missing) carries every organization in one body:
+# about 130,000 organizations of 2 KB. A fleet larger than that needs the v2 listing.
+LIST_V1_MAX_BYTES = 256 * 1024 * 1024
+# Pages the v2 listing may take beyond what its announced count needs (the highest count any
+# page announced, as organizations may be added meanwhile): organizations that move across a
+# page boundary while it is read shift the pages a little, a listing that never ends does not.
+LIST_SLACK_PAGES = 2
+# How often a fetch looks whether it was asked to stop, to break the requests in flight.
+CANCEL_POLL_SECONDS = 0.2
 DEFAULT_BACKOFF_BASE = 0.5
 _DETAIL_LIMIT = 300
 _KEYS_SETTING = "POLLER_API_KEYS"
@@ -129,9 +146,19 @@ class _Credential:
 
 
 class _RequestCounter:
-    """One fetch's tally: HTTP requests made, and organizations read for the progress hook."""
+    """One fetch's tally (HTTP requests made, organizations read for the progress hook) and
+    its limits: the stop request and the deadline every request of the fetch observes."""
 
-    def __init__(self, on_progress: ProgressObserver | None = None) -> None:
+    def __init__(
+        self,
+        on_progress: ProgressObserver | None = None,
+        *,
+        cancel: threading.Event | None = None,
+        timeout: float = math.inf,
+    ) -> None:
+        self.cancel = cancel
+        self.timeout = timeout
+        self.deadline = time.monotonic() + timeout
         self._lock = threading.Lock()
         self.value = 0
         self._on_progress = on_progress
@@ -141,6 +168,14 @@ class _RequestCounter:
     def add(self) -> None:
         with self._lock:
             self.value += 1
+
+    def check(self, what: str) -> None:
+        """ApiError if the fetch was asked to stop or ran out of time: ``what`` is not sent."""
+        if self.cancel is not None and self.cancel.is_set():
+            raise ApiError(f"{what}: not sent: stopping")
+        if time.monotonic() >= self.deadline:
+            raise ApiError(f"{what}: not sent: the fetch took longer than cycle_timeout "
+                           f"({self.timeout:g} s)")
 
     def expect(self, count: int) -> None:
         with self._lock:
@@ -189,7 +224,7 @@ class CekuraClient:
         self,
         settings: Settings,
         *,
-        sleep: Callable[[float], None] = time.sleep,
+        sleep: Callable[[float], None] | None = None,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         jitter: Callable[[], float] = random.random,
         backoff_base: float = DEFAULT_BACKOFF_BASE,
@@ -217,7 +252,10 @@ class CekuraClient:
             for credential in self._credentials()
         }
         self._attempts = 1 + max(0, settings.api_retries)
+        self._request_timeout = settings.api_request_timeout
+        self._cycle_timeout = settings.cycle_timeout
         self._concurrency = max(1, settings.concurrency)
+        # None: real waits, cut short by the fetch's stop request (tests pass their own).
         self._sleep = sleep
         self._clock = clock
         self._jitter = jitter
@@ -259,12 +297,43 @@ class CekuraClient:
 
     # --- public operations -----------------------------------------------------------------
 
-    def fetch_snapshots(self, only_org: int | None = None) -> FetchResult:
+    def fetch_snapshots(
+        self, only_org: int | None = None, *, cancel: threading.Event | None = None
+    ) -> FetchResult:
         """Every visible organization of this shard (or just ``only_org``) with its balance.
 
-        Organizations that could not be read come back as errors instead.
+        Organizations that could not be read come back as errors instead. Setting ``cancel``
+        makes every request, wait and retry of the fetch stop at once (requests in flight are
+        broken off): what was not read then comes back as errors, or the listing fails.
         """
-        counter = _RequestCounter(self._on_progress)
+        counter = _RequestCounter(self._on_progress, cancel=cancel, timeout=self._cycle_timeout)
+        with self._aborted_on(cancel):
+            return self._fetch_snapshots(only_org, counter)
+
+    @contextmanager
+    def _aborted_on(self, cancel: threading.Event | None) -> Iterator[None]:
+        """While the block runs, a set ``cancel`` breaks the connections of requests in flight
+        (a thread blocked reading an answer can be reached no other way)."""
+        if cancel is None:
+            yield
+            return
+        done = threading.Event()
+
+        def watch() -> None:
+            while not cancel.wait(CANCEL_POLL_SECONDS):
+                if done.is_set():
+                    return
+            if not done.is_set():
+                self._http.abort()
+
+        watcher = threading.Thread(target=watch, name="cekura-cancel", daemon=True)
+        watcher.start()
+        try:
+            yield
+        finally:
+            done.set()
+
+    def _fetch_snapshots(self, only_org: int | None, counter: _RequestCounter) -> FetchResult:
         snapshots: dict[int, OrgSnapshot] = {}
         errors: list[OrgError] = []
         if self._token is not None:
@@ -296,7 +365,8 @@ class CekuraClient:
         data = self._with_org_credential(
             org_id,
             lambda credential, counter: self._request(
-                "GET", self._url(path), credential, counter, endpoint=path, org_id=org_id
+                "GET", self._url(path), credential, counter, endpoint=path, org_id=org_id,
+                max_body=ORGANIZATION_MAX_BYTES,
             ),
         )
         return _organization_from_response(data, f"GET {path}")
@@ -309,7 +379,7 @@ class CekuraClient:
             org_id,
             lambda credential, counter: self._request(
                 "PATCH", self._url(path), credential, counter,
-                endpoint=path, org_id=org_id, body=body,
+                endpoint=path, org_id=org_id, body=body, max_body=ORGANIZATION_MAX_BYTES,
             ),
         )
         return _organization_from_response(data, f"PATCH {path}")
@@ -327,7 +397,8 @@ class CekuraClient:
             try:
                 raw_orgs = [
                     self._request(
-                        "GET", self._url(path), token, counter, endpoint=path, org_id=only_org
+                        "GET", self._url(path), token, counter, endpoint=path, org_id=only_org,
+                        max_body=ORGANIZATION_MAX_BYTES,
                     )
                 ]
             except ApiNotFound as exc:
@@ -381,11 +452,13 @@ class CekuraClient:
         url = self._url(LIST_V2_PATH)
         params: dict[str, object] | None = {"page_size": self._page_size}
         followed: set[str] = set()
+        announced = listed = 0
+        page_size: int | None = None
         while True:
             try:
                 page = self._request(
                     "GET", url, token, counter, endpoint=LIST_V2_PATH, params=params,
-                    decode=loads_page,
+                    decode=loads_page, max_body=PAGE_MAX_BYTES,
                 )
             except ApiNotFound:
                 if followed:
@@ -401,25 +474,31 @@ class CekuraClient:
                 raise ApiUnavailable(str(exc), status=exc.status) from exc
             results: Sequence[object]
             if isinstance(page, PageBody):
-                results, next_url = page.results, page.next
+                results, next_url, count = page.results, page.next, page.count
             elif isinstance(page, dict) and isinstance(page.get("results"), list):
-                results, next_url = page["results"], page.get("next")
+                results, next_url, count = page["results"], page.get("next"), page.get("count")
             else:
                 raise ApiUnavailable(
                     f"GET {LIST_V2_PATH}: expected a page with a results list"
                 )
+            if isinstance(count, int) and not isinstance(count, bool):
+                announced = max(announced, count)
+            page_size = page_size or max(1, len(results))  # what the server really serves
+            listed += len(results)
+            if (
+                listed > announced + page_size
+                or (next_url is not None
+                    and len(followed) + 1 >= -(-announced // page_size) + LIST_SLACK_PAGES)
+            ):
+                raise ApiUnavailable(
+                    f"GET {LIST_V2_PATH}: the listing goes on past the {announced} "
+                    f"organizations its count announced ({len(followed) + 1} pages, "
+                    f"{listed} organizations so far)"
+                )
             # The next link is checked before this page's organizations are handed out: a page
             # pointing elsewhere stops the cycle before any billing read is made for it.
             if next_url is not None:
-                if not isinstance(next_url, str):
-                    raise ApiUnavailable(f"GET {LIST_V2_PATH}: the next link is not a string")
-                next_url = urljoin(url, next_url)
-                if not self._same_origin(next_url):
-                    raise ApiUnavailable(
-                        f"GET {LIST_V2_PATH}: refusing to follow a pagination link to "
-                        f"{_describe_origin(next_url)}, which is not "
-                        f"{_describe_origin(self._base_url)}"
-                    )
+                next_url = self._next_link(url, next_url)
                 if next_url in followed:
                     raise ApiUnavailable(f"GET {LIST_V2_PATH}: the pagination links loop")
                 followed.add(next_url)
@@ -428,12 +507,29 @@ class CekuraClient:
                 return
             url, params = next_url, None
 
+    def _next_link(self, page_url: str, link: object) -> str:
+        """The absolute URL of a page's next link; ApiUnavailable unless it is the API's own
+        origin, as every parser involved reads it."""
+        if not isinstance(link, str):
+            raise ApiUnavailable(f"GET {LIST_V2_PATH}: the next link is not a string")
+        try:
+            url = urljoin(page_url, link)
+        except ValueError:  # e.g. an unbalanced "[" where an IPv6 host would be
+            url = link
+        if not self._same_origin(url):
+            raise ApiUnavailable(
+                f"GET {LIST_V2_PATH}: refusing to follow a pagination link to "
+                f"{_describe_origin(url)}, which is not {_describe_origin(self._base_url)}"
+            )
+        return url
+
     def _list_organizations_v1(
         self, token: _Credential, counter: _RequestCounter
     ) -> list[object]:
         try:
             data = self._request(
-                "GET", self._url(LIST_V1_PATH), token, counter, endpoint=LIST_V1_PATH
+                "GET", self._url(LIST_V1_PATH), token, counter, endpoint=LIST_V1_PATH,
+                max_body=LIST_V1_MAX_BYTES,
             )
         except AuthError:
             raise
@@ -451,7 +547,7 @@ class CekuraClient:
             data = self._request(
                 "GET", self._url(BILLING_PATH), token, counter,
                 endpoint=BILLING_PATH, org_id=org.id, params={"organization_id": org.id},
-                decode=loads_billing,
+                decode=loads_billing, max_body=BILLING_MAX_BYTES,
             )
             billing = parse_billing(data)
         except (ApiError, ParseError) as exc:
@@ -532,7 +628,8 @@ class CekuraClient:
         where = f"{key.label}: organization {org_id}"
         try:
             data = self._request(
-                "GET", self._url(path), key, counter, endpoint=path, org_id=org_id
+                "GET", self._url(path), key, counter, endpoint=path, org_id=org_id,
+                max_body=ORGANIZATION_MAX_BYTES,
             )
             org = parse_organization(data)
         except AuthError as exc:
@@ -552,7 +649,7 @@ class CekuraClient:
     def _billing_for_key(self, key: _Credential, counter: _RequestCounter) -> Billing:
         # No organization_id: an org-scoped key's organization comes from the key itself.
         data = self._request("GET", self._url(BILLING_PATH), key, counter, endpoint=BILLING_PATH,
-                             decode=loads_billing)
+                             decode=loads_billing, max_body=BILLING_MAX_BYTES)
         billing = parse_billing(data)
         with self._lock:
             self._key_for_org.setdefault(billing.organization_id, key)
@@ -605,9 +702,12 @@ class CekuraClient:
         params: dict[str, object] | None = None,
         body: str | None = None,
         decode: Callable[[bytes], object] = json.loads,
+        max_body: int,
     ) -> object:
         """``decode`` of a 2xx answer's body; retries transient failures (invalid JSON among
-        them: ``decode`` raises ValueError for it), raises ApiError otherwise."""
+        them: ``decode`` raises ValueError for it, and a timeout: each attempt must be answered
+        within api_request_timeout), raises ApiError otherwise. A body over ``max_body``
+        bytes fails the request at once: asking again would only fetch it again."""
         if not self._same_origin(url):
             raise ApiError(f"{method} {endpoint}: refusing to send a credential to another host")
         headers = self._headers[credential]
@@ -618,14 +718,17 @@ class CekuraClient:
         failure = ""
         status: int | None = None
         for attempt in range(1, self._attempts + 1):
-            wait = self._rate_limiter.delay()
-            if wait > 0:
-                self._sleep(wait)
+            self._pause(self._rate_limiter.delay(), counter)
+            counter.check(f"{method} {endpoint}")
             counter.add()
             retry_after: float | None = None
+            deadline = min(time.monotonic() + self._request_timeout, counter.deadline)
             try:
                 response = self._send(method, url, endpoint, params=params, body=body,
-                                      headers=headers)
+                                      headers=headers, max_body=max_body, deadline=deadline)
+            except ResponseTooLarge as exc:
+                log.warning("api.request_failed", reason=str(exc), attempt=attempt, **context)
+                raise ApiError(f"{method} {endpoint}: {exc}") from exc
             except TransportTimeout:
                 status, failure = None, "timed out"
             except TransportTlsError:
@@ -664,10 +767,11 @@ class CekuraClient:
                 self._rate_limiter.throttled(delay)
             if attempt == self._attempts:
                 break
+            counter.check(f"{method} {endpoint}")
             log.info("api.retry", status=status, reason=failure, attempt=attempt,
                      delay=round(delay, 3), **context)
             if status != 429:
-                self._sleep(delay)
+                self._pause(delay, counter)
         log.warning("api.request_failed", status=status, reason=failure,
                     attempt=self._attempts, **context)
         raise ApiError(
@@ -684,10 +788,13 @@ class CekuraClient:
         headers: dict[str, str],
         params: dict[str, object] | None,
         body: str | None,
+        max_body: int,
+        deadline: float,
     ) -> HttpResponse:
         """One HTTP attempt, reported to the request observer (for metrics)."""
         try:
-            response = self._http.request(method, url, headers=headers, params=params, body=body)
+            response = self._http.request(method, url, headers=headers, params=params, body=body,
+                                          max_body=max_body, deadline=deadline)
         except TransportTimeout:
             self._observe(endpoint, "timeout")
             raise
@@ -696,6 +803,19 @@ class CekuraClient:
             raise
         self._observe(endpoint, str(response.status))
         return response
+
+    def _pause(self, seconds: float, counter: _RequestCounter) -> None:
+        """Wait before a request, but not past the fetch's deadline, and not once it is asked
+        to stop (the caller's next ``counter.check`` then says why it goes no further)."""
+        seconds = min(seconds, counter.deadline - time.monotonic())
+        if seconds <= 0:
+            return
+        if self._sleep is not None:
+            self._sleep(seconds)
+        elif counter.cancel is not None:
+            counter.cancel.wait(seconds)
+        else:
+            time.sleep(seconds)
 
     def _observe(self, endpoint: str, outcome: str) -> None:
         if self._on_request is not None:
@@ -767,8 +887,10 @@ class CekuraClient:
         return self._base_url + path
 
     def _same_origin(self, url: str) -> bool:
+        """Whether ``url`` leads to the API's own origin, as this module reads it and as the
+        transport that would connect reads it: a URL the two read differently is refused."""
         try:
-            return _origin(url) == self._origin
+            return _origin(url) == self._origin == HttpTransport.origin(url)
         except ValueError:
             return False
 
@@ -789,14 +911,23 @@ def _checked_origin(api_url: str, allow_insecure_http: bool) -> tuple[str, str, 
         )
     try:
         return _origin(api_url)
-    except ValueError:
-        raise ConfigError("api_url: the port is not valid") from None
+    except ValueError as exc:
+        raise ConfigError(f"api_url: {exc}") from None
+
+
+# Anything but visible ASCII, and backslashes: parsers disagree on what these mean (urlsplit
+# reads "https://evil.test\@api/" as the host api, urllib3 as the host evil.test).
+_AMBIGUOUS_URL = re.compile(r"[^!-~]|\\")
 
 
 # Every request checks its URL, and nearly all of them are the same few (the billing endpoint).
 @functools.lru_cache(maxsize=256)
 def _origin(url: str) -> tuple[str, str, int]:
+    if _AMBIGUOUS_URL.search(url):
+        raise ValueError("the URL contains a space, a backslash or a character that is not ASCII")
     parts = urlsplit(url)
+    if "@" in parts.netloc or "%" in parts.netloc:
+        raise ValueError("the URL's host part contains user information or percent-escapes")
     port = parts.port  # raises ValueError for a non-numeric or out-of-range port
     default = {"http": 80, "https": 443}.get(parts.scheme.lower())
     if default is None or not parts.hostname:

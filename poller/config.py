@@ -61,6 +61,8 @@ class Settings:
     allow_insecure_http: bool = False
     api_connect_timeout: float = 5.0
     api_read_timeout: float = 30.0
+    # Seconds one API request attempt may take in all, however steadily its answer trickles in.
+    api_request_timeout: float = 60.0
     api_retries: int = 4
     concurrency: int = 8
     # Client-side cap on API requests per second across all workers; 0 = no cap.
@@ -80,6 +82,8 @@ class Settings:
     billing_url: str = "https://dashboard.cekura.ai/settings/org/billing"
     interval: float = 300.0
     jitter: float = 10.0
+    # Seconds a cycle's fetch may take: a listing still going after this fails (nothing written).
+    cycle_timeout: float = 3600.0
     rearm_margin: Decimal = Decimal("0")
     delivery_lease: float = 300.0
     # Forecasts and the optional notices beside the main alert (poller.forecast, .notices).
@@ -379,6 +383,7 @@ _SPECS: dict[str, _Spec] = {
         _Spec("allow_insecure_http", _boolean),
         _Spec("api_connect_timeout", _number, _greater_than_zero),
         _Spec("api_read_timeout", _number, _greater_than_zero),
+        _Spec("api_request_timeout", _number, _greater_than_zero),
         _Spec("api_retries", _whole_number, _at_least(0)),
         _Spec("concurrency", _whole_number, _at_least(1)),
         _Spec("max_requests_per_second", _number, _at_least(0)),
@@ -395,6 +400,7 @@ _SPECS: dict[str, _Spec] = {
         _Spec("billing_url", _required_text, _http_url),
         _Spec("interval", _number, _greater_than_zero),
         _Spec("jitter", _number, _at_least(0)),
+        _Spec("cycle_timeout", _number, _greater_than_zero),
         _Spec("rearm_margin", _decimal, _at_least(0)),
         _Spec("delivery_lease", _number, _greater_than_zero),
         _Spec("history_retention_days", _whole_number, _at_least(7)),

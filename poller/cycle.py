@@ -220,8 +220,11 @@ def _fetch_and_persist(
 ) -> None:
     try:
         with _phase(report, "fetch"):
-            fetched = client.fetch_snapshots(only_org=only_org)
+            fetched = client.fetch_snapshots(only_org=only_org, cancel=cancel)
     except ApiError as exc:
+        if cancel.is_set():  # the listing was broken off by the stop request, not the API
+            log.warning("cycle.abandoned", reason="stop requested while fetching")
+            return
         # No list means no data: every stored state stays exactly as it was.
         report.fatal = str(exc)
         log.error("cycle.list_failed", error=str(exc))

@@ -17,17 +17,16 @@ the wrong answer.
 
 from __future__ import annotations
 
+import math
 import re
 import socket
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-# Limits that keep a broken or hostile server from making the poller buffer without end.
+# Limits that keep a broken or hostile server from making the poller buffer without end (the
+# body's limit is the caller's: it knows what the endpoint can plausibly answer).
 MAX_HEAD_BYTES = 64 * 1024
-# The v1 listing answers with every organization in one body (about 2 KB each: 200 MB at
-# 100,000 organizations), so the body limit is far above that.
-MAX_BODY_BYTES = 1024 * 1024 * 1024
 MAX_HEADERS = 100
 _RECV_BYTES = 256 * 1024
 # Hex digits only: int(text, 16) would also take "1_0", " a" or "+a".
@@ -36,6 +35,14 @@ _CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]+")
 
 class ProtocolError(Exception):
     """The server's answer is not HTTP/1.1 this client can read; the connection is unusable."""
+
+
+class BodyTooLarge(ProtocolError):
+    """The body is larger than the caller's limit; the connection is unusable."""
+
+
+def too_large(max_body: int) -> str:
+    return f"the response body is too large (over {max_body / 1048576:g} MiB)"
 
 
 class ConnectionClosed(ProtocolError):
@@ -87,9 +94,20 @@ class Connection:
         self.idle_since = time.monotonic()  # when the last exchange ended (or it was opened)
         # Bytes received beyond the part of a response parsed so far.
         self._pending = b""
+        # The socket's own timeout applies to each read; the exchange's deadline to all of them.
+        self._read_timeout = sock.gettimeout()
+        self._deadline = math.inf
+        self._max_body = 0
 
-    def exchange(self, request: bytes) -> Response:
-        """Send ``request`` and read its whole response (interim 1xx answers skipped)."""
+    def exchange(self, request: bytes, *, max_body: int, deadline: float = math.inf) -> Response:
+        """Send ``request`` and read its whole response (interim 1xx answers skipped).
+
+        TimeoutError once ``deadline`` (time.monotonic()) passes, however steadily bytes
+        trickle in; BodyTooLarge for a body over ``max_body`` bytes.
+        """
+        self._deadline, self._max_body = deadline, max_body
+        if self.sock.gettimeout() != self._read_timeout:
+            self.sock.settimeout(self._read_timeout)  # shortened near the previous deadline
         try:
             self.sock.sendall(request)
         except (BrokenPipeError, ConnectionResetError) as exc:
@@ -121,6 +139,15 @@ class Connection:
     def close(self) -> None:
         self.sock.close()
 
+    def _recv(self, size: int) -> bytes:
+        """One read, which waits no longer than the read timeout nor past the deadline."""
+        remaining = self._deadline - time.monotonic()
+        if remaining < self._read_timeout:
+            if remaining <= 0:
+                raise TimeoutError("the response did not arrive in time")
+            self.sock.settimeout(remaining)
+        return self.sock.recv(size)
+
     # --- the head ----------------------------------------------------------------------------
 
     def _read_head(self, first: bool) -> tuple[str, int, dict[str, str]]:
@@ -135,7 +162,7 @@ class Connection:
                 raise ProtocolError("the response headers are too long")
             unanswered = first and not data
             try:
-                chunk = self.sock.recv(_RECV_BYTES)
+                chunk = self._recv(_RECV_BYTES)
             except ConnectionResetError as exc:
                 if unanswered:
                     raise NoResponse("the server reset the connection without answering") from exc
@@ -163,7 +190,10 @@ class Connection:
         length = headers.get("content-length")
         if length is None:
             return self._read_until_closed(), False
-        return self._read_exactly(_content_length(length)), True
+        size = _content_length(length)
+        if size > self._max_body:
+            raise BodyTooLarge(too_large(self._max_body))
+        return self._read_exactly(size), True
 
     def _read_exactly(self, size: int) -> bytes:
         data = self._pending
@@ -172,7 +202,7 @@ class Connection:
             return data[:size]
         parts, have = [data], len(data)
         while have < size:
-            chunk = self.sock.recv(max(_RECV_BYTES, size - have))
+            chunk = self._recv(max(_RECV_BYTES, size - have))
             if not chunk:
                 raise ConnectionClosed("the server closed the connection mid-response")
             parts.append(chunk)
@@ -186,7 +216,7 @@ class Connection:
         while (end := data.find(b"\r\n")) < 0:
             if len(data) > MAX_HEAD_BYTES:
                 raise ProtocolError("a chunk header is too long")
-            chunk = self.sock.recv(_RECV_BYTES)
+            chunk = self._recv(_RECV_BYTES)
             if not chunk:
                 raise ConnectionClosed("the server closed the connection mid-response")
             data += chunk
@@ -204,8 +234,8 @@ class Connection:
             if size == 0:
                 break
             total += size
-            if total > MAX_BODY_BYTES:
-                raise ProtocolError("the response body is too large")
+            if total > self._max_body:
+                raise BodyTooLarge(too_large(self._max_body))
             parts.append(self._read_exactly(size))
             if self._read_exactly(2) != b"\r\n":
                 raise ProtocolError("a chunk does not end where its size says")
@@ -218,10 +248,10 @@ class Connection:
     def _read_until_closed(self) -> bytes:
         parts, total = [self._pending], len(self._pending)
         self._pending = b""
-        while chunk := self.sock.recv(_RECV_BYTES):
+        while chunk := self._recv(_RECV_BYTES):
             total += len(chunk)
-            if total > MAX_BODY_BYTES:
-                raise ProtocolError("the response body is too large")
+            if total > self._max_body:
+                raise BodyTooLarge(too_large(self._max_body))
             parts.append(chunk)
         return b"".join(parts)
 
@@ -257,7 +287,4 @@ def _content_length(value: str) -> int:
     text = copies.pop()
     if not (text.isdigit() and text.isascii()):
         raise ProtocolError("the Content-Length header is not a number")
-    size = int(text)
-    if size > MAX_BODY_BYTES:
-        raise ProtocolError("the response body is too large")
-    return size
+    return int(text)

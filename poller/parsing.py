@@ -103,6 +103,7 @@ class PageBody(msgspec.Struct):
 
     results: list[OrganizationBody]
     next: str | None = None
+    count: int | None = None
 
 
 class BillingBody(msgspec.Struct):

@@ -23,21 +23,25 @@ the decision never to send a credential anywhere but the API's own origin.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import math
 import os
 import socket
 import ssl
 import threading
 import time
+import weakref
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 from urllib.parse import quote_plus, urlencode, urlsplit
 
 import certifi
 import urllib3
 from requests.utils import get_auth_from_url, get_environ_proxies, select_proxy
-from urllib3.exceptions import HTTPError, NewConnectionError, SSLError
+from urllib3.exceptions import HTTPError, LocationParseError, NewConnectionError, SSLError
 from urllib3.exceptions import TimeoutError as Urllib3Timeout
+from urllib3.util import parse_url
 from urllib3.util.wait import wait_for_read
 
 from poller import http11
@@ -46,6 +50,8 @@ from poller.config import ConfigError
 # Seconds a connection may sit unused before a GET checks it first (_DirectConnections.send). Far
 # above the gap between two requests of a running cycle, far below any server's idle timeout.
 IDLE_CHECK_AFTER = 1.0
+# What one read of a proxied answer's body asks for.
+_READ_BYTES = 256 * 1024
 
 
 class TransportError(Exception):
@@ -56,6 +62,10 @@ class TransportTimeout(TransportError):
     """Connecting or reading took longer than the configured timeout."""
 
 
+class ResponseTooLarge(TransportError):
+    """The answer's body is larger than the caller allowed for its endpoint."""
+
+
 class TransportTlsError(TransportError):
     """The server's certificate could not be verified (or TLS failed otherwise)."""
 
@@ -63,13 +73,16 @@ class TransportTlsError(TransportError):
 @dataclass(frozen=True, slots=True)
 class HttpResponse:
     status: int
-    content: bytes
+    # A proxied body is handed over in the buffer it was read into, not copied once more.
+    content: bytes | bytearray
     retry_after: str | None
 
 
 class _Connections(Protocol):
     def send(self, method: str, url: str, query: str, headers: dict[str, str],
-             body: bytes | None) -> HttpResponse: ...
+             body: bytes | None, max_body: int, deadline: float) -> HttpResponse: ...
+
+    def abort(self) -> None: ...
 
     def close(self) -> None: ...
 
@@ -109,11 +122,36 @@ class HttpTransport:
         headers: dict[str, str],
         params: dict[str, object] | None = None,
         body: str | None = None,
+        max_body: int,
+        deadline: float = math.inf,
     ) -> HttpResponse:
+        """One exchange. ResponseTooLarge for a body over ``max_body`` bytes; TransportTimeout
+        when the whole answer has not arrived by ``deadline`` (time.monotonic()), even if it
+        keeps trickling in (the read timeout alone applies to each read)."""
         return self._connections.send(
             method, url, _query(params) if params else "", {**self._headers, **headers},
-            body.encode() if body is not None else None,
+            body.encode() if body is not None else None, max_body, deadline,
         )
+
+    @staticmethod
+    def origin(url: str) -> tuple[str, str, int]:
+        """(scheme, host, port) as urllib3, which connects through a proxy, reads ``url``;
+        ValueError if it cannot. The direct path connects to the API's host whatever the
+        URL says, so urllib3's reading is the one that decides where a request may go."""
+        try:
+            parts = parse_url(url)
+        except LocationParseError as exc:
+            raise ValueError("not a URL urllib3 can parse") from exc
+        scheme = (parts.scheme or "").lower()
+        default = {"http": 80, "https": 443}.get(scheme)
+        if default is None or not parts.host:
+            raise ValueError("not an http(s) URL")
+        return scheme, parts.host.lower().strip("[]"), parts.port or default
+
+    def abort(self) -> None:
+        """Break every connection, in-flight exchanges included (they fail at once): how a
+        stop request reaches a thread blocked reading an answer. Usable from any thread."""
+        self._connections.abort()
 
     def close(self) -> None:
         self._connections.close()
@@ -184,7 +222,8 @@ class _DirectConnections:
         self._open: set[http11.Connection] = set()
 
     def send(
-        self, method: str, url: str, query: str, headers: dict[str, str], body: bytes | None
+        self, method: str, url: str, query: str, headers: dict[str, str], body: bytes | None,
+        max_body: int, deadline: float,
     ) -> HttpResponse:
         target = _with_query(_request_target(url), query)
         try:
@@ -202,20 +241,23 @@ class _DirectConnections:
         connection = self._connection(check_after)
         try:
             try:
-                response = connection.exchange(request)
+                response = connection.exchange(request, max_body=max_body, deadline=deadline)
             except http11.NoResponse:
                 if not (idempotent and connection.exchanges):
                     raise
                 # A keep-alive connection the server closed while it was idle.
                 self._discard(connection)
                 connection = self._connection(check_after)
-                response = connection.exchange(request)
+                response = connection.exchange(request, max_body=max_body, deadline=deadline)
         except ssl.SSLError as exc:
             self._discard(connection)
             raise TransportTlsError("TLS failed") from exc
         except TimeoutError as exc:
             self._discard(connection)
             raise TransportTimeout("timed out") from exc
+        except http11.BodyTooLarge as exc:
+            self._discard(connection)
+            raise ResponseTooLarge(str(exc)) from exc
         except http11.ProtocolError as exc:
             self._discard(connection)
             raise TransportError(f"connection failed ({exc})") from exc
@@ -277,6 +319,14 @@ class _DirectConnections:
         with self._lock:
             self._open.discard(connection)
 
+    def abort(self) -> None:
+        with self._lock:
+            connections = list(self._open)
+        for connection in connections:
+            # shutdown, not close: it wakes a thread blocked in recv on the socket.
+            with contextlib.suppress(OSError):
+                connection.sock.shutdown(socket.SHUT_RDWR)
+
     def close(self) -> None:
         with self._lock:
             connections, self._open = self._open, set()
@@ -287,6 +337,39 @@ class _DirectConnections:
 def _close_quietly(sock: socket.socket | None) -> None:
     if sock is not None:
         sock.close()
+
+
+class _TrackingProxyManager(urllib3.ProxyManager):
+    """A ProxyManager that remembers the connections it opens, so that ``abort`` can break the
+    ones a request is using (the pool itself only knows its idle ones)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._lock = threading.Lock()
+        self._made: weakref.WeakSet[Any] = weakref.WeakSet()
+
+    def _new_pool(self, scheme: str, host: str, port: int,
+                  request_context: dict[str, Any] | None = None) -> Any:
+        pool = super()._new_pool(scheme, host, port, request_context)
+        new_conn = pool._new_conn
+
+        def tracked() -> Any:
+            connection = new_conn()
+            with self._lock:
+                self._made.add(connection)
+            return connection
+
+        pool._new_conn = tracked  # type: ignore[method-assign]
+        return pool
+
+    def abort(self) -> None:
+        with self._lock:
+            connections = list(self._made)
+        for connection in connections:
+            sock = getattr(connection, "sock", None)
+            if sock is not None:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
 
 
 class _ProxiedConnections:
@@ -306,21 +389,31 @@ class _ProxiedConnections:
             urllib3.make_headers(proxy_basic_auth=f"{username}:{password}") if username else None
         )
         location = "ca_cert_dir" if os.path.isdir(ca_bundle) else "ca_certs"
-        self._timeout = urllib3.Timeout(connect=connect_timeout, read=read_timeout)
-        self._pool = urllib3.ProxyManager(
+        self._connect_timeout, self._read_timeout = connect_timeout, read_timeout
+        self._pool = _TrackingProxyManager(
             proxy, proxy_headers=proxy_headers, num_pools=4, maxsize=max(1, pool_size),
-            cert_reqs="CERT_REQUIRED", retries=False, timeout=self._timeout,
+            cert_reqs="CERT_REQUIRED", retries=False,
+            timeout=urllib3.Timeout(connect=connect_timeout, read=read_timeout),
             **{location: ca_bundle},
         )
 
     def send(
-        self, method: str, url: str, query: str, headers: dict[str, str], body: bytes | None
+        self, method: str, url: str, query: str, headers: dict[str, str], body: bytes | None,
+        max_body: int, deadline: float,
     ) -> HttpResponse:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TransportTimeout("timed out")
+        # No single wait may outlast the deadline; read1 below checks it between reads.
+        timeout = urllib3.Timeout(connect=min(self._connect_timeout, remaining),
+                                  read=min(self._read_timeout, remaining))
+        response = None
         try:
             response = self._pool.request(
-                method, _with_query(url, query), body=body, headers=headers, timeout=self._timeout,
-                retries=False, redirect=False, preload_content=True,
+                method, _with_query(url, query), body=body, headers=headers, timeout=timeout,
+                retries=False, redirect=False, preload_content=False,
             )
+            content = _read_body(response, max_body, deadline)
         # Order matters: urllib3's NewConnectionError is a subclass of its TimeoutError.
         except SSLError as exc:
             raise TransportTlsError("TLS failed") from exc
@@ -330,11 +423,43 @@ class _ProxiedConnections:
             raise TransportTimeout("timed out") from exc
         except HTTPError as exc:
             raise TransportError(f"connection failed ({type(exc).__name__})") from exc
+        except OSError as exc:  # a connection broken by abort() while reading
+            raise TransportError("connection failed") from exc
+        finally:
+            if response is not None:
+                response.release_conn()
         return HttpResponse(
             status=response.status,
-            content=response.data,
+            content=content,
             retry_after=response.headers.get("Retry-After"),
         )
 
+    def abort(self) -> None:
+        self._pool.abort()
+
     def close(self) -> None:
         self._pool.clear()
+
+
+def _read_body(
+    response: urllib3.BaseHTTPResponse, max_body: int, deadline: float
+) -> bytearray:
+    """The body, read as it arrives: over ``max_body`` bytes or past ``deadline`` it fails
+    (and the connection is closed) instead of being buffered or waited for without end."""
+    try:
+        announced = int(response.headers.get("Content-Length") or 0)
+    except ValueError:
+        announced = 0
+    if announced > max_body:
+        response.close()
+        raise ResponseTooLarge(http11.too_large(max_body))
+    content = bytearray()
+    while chunk := response.read1(_READ_BYTES):
+        content += chunk
+        if len(content) > max_body:
+            response.close()
+            raise ResponseTooLarge(http11.too_large(max_body))
+        if time.monotonic() > deadline:
+            response.close()
+            raise TransportTimeout("timed out")
+    return content

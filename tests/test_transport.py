@@ -50,6 +50,9 @@ def json_server(close_after_each: bool) -> Iterator[tuple[str, list[dict[str, st
         server.server_close()
 
 
+ANY_SIZE = 1 << 20  # far above any body these tests send
+
+
 def transport(url: str) -> HttpTransport:
     return HttpTransport(url, pool_size=2, connect_timeout=5, read_timeout=5,
                          user_agent="poller/test")
@@ -66,7 +69,7 @@ def test_requests_go_through_the_proxy_the_environment_names_with_its_credential
         http = transport(api_url)
         try:
             response = http.request("GET", api_url + "/test_framework/billing/info/",
-                                    headers={}, params={"organization_id": 7})
+                                    headers={}, params={"organization_id": 7}, max_body=ANY_SIZE)
         finally:
             http.close()
     assert response.status == 200
@@ -83,7 +86,7 @@ def test_no_proxy_sends_the_api_requests_directly(monkeypatch: pytest.MonkeyPatc
         monkeypatch.setenv("NO_PROXY", "127.0.0.1")
         http = transport(api_url)
         try:
-            response = http.request("GET", api_url + "/x/", headers={})
+            response = http.request("GET", api_url + "/x/", headers={}, max_body=ANY_SIZE)
         finally:
             http.close()
     assert response.status == 200 and [s["path"] for s in seen] == ["/x/"]
@@ -99,7 +102,8 @@ def test_a_keep_alive_connection_the_server_closed_while_idle_is_replaced_not_fa
         try:
             answers = []
             for n in range(3):
-                answers.append(http.request("GET", f"{api_url}/n/{n}/", headers={}))
+                answers.append(http.request("GET", f"{api_url}/n/{n}/", headers={},
+                                            max_body=ANY_SIZE))
                 time.sleep(0.2)  # the server's hang-up arrives before the connection is reused
         finally:
             http.close()
@@ -133,9 +137,9 @@ def test_what_a_server_wrote_on_an_idle_connection_is_not_taken_for_the_next_ans
     api_url = f"http://127.0.0.1:{listener.getsockname()[1]}"
     http = transport(api_url)
     try:
-        first = http.request("GET", f"{api_url}/a/", headers={})
+        first = http.request("GET", f"{api_url}/a/", headers={}, max_body=ANY_SIZE)
         time.sleep(0.3)  # idle past IDLE_CHECK_AFTER; the 408 arrived meanwhile
-        second = http.request("GET", f"{api_url}/b/", headers={})
+        second = http.request("GET", f"{api_url}/b/", headers={}, max_body=ANY_SIZE)
     finally:
         http.close()
         server.join(timeout=5)
