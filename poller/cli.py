@@ -9,6 +9,7 @@ import dataclasses
 import json
 import re
 import sys
+import threading
 from collections.abc import Callable
 from datetime import datetime
 from decimal import Decimal, InvalidOperation
@@ -143,11 +144,21 @@ def once(settings: Settings, baseline: bool, shard: Shard | None) -> None:
       poller once --baseline
       poller once
     """
+    from poller.daemon import stop_on_signals
+
     settings = _sharded(settings, shard)
     settings.require_credentials()
     if not baseline:
         settings.require_mail_from()
-    report = _run(settings, deliver=not baseline, show_progress=True, baseline=baseline)
+    # As the daemon does: stop at the next safe point, nothing half-written; the next run
+    # carries on. A second signal exits at once.
+    cancel = threading.Event()
+    stop_on_signals(cancel, cancel, forced_status=EXIT_INCOMPLETE)
+    report = _run(settings, deliver=not baseline, show_progress=True, baseline=baseline,
+                  cancel=cancel)
+    if cancel.is_set():
+        _fail("stopped by a signal before the cycle finished (nothing was left half-written)",
+              EXIT_INCOMPLETE)
     if report.fatal:
         # Cron mails stderr: say in one line why nothing happened, not only in the JSON log.
         _fail(f"{report.fatal} (nothing was changed)", EXIT_INCOMPLETE)

@@ -1,8 +1,10 @@
 """The long-running worker: a cycle at start and every interval (with jitter), never two at once.
 
 Stopping: the first SIGTERM/SIGINT stops scheduling and asks the running cycle to stop at its
-next safe point (between write batches or emails: nothing half-written, claimed rows go back
-to pending when their lease expires); the process then exits 0. A second signal exits at once.
+next safe point (a fetch breaks off its requests in flight and its waits at once; persisting
+finishes its transaction; delivery stops between emails: nothing half-written, claimed rows go
+back to pending when their lease expires); the process then exits 0. A second signal exits at
+once.
 """
 
 from __future__ import annotations
@@ -56,7 +58,7 @@ def run_daemon(
     )
 
     if install_signal_handlers:
-        _install_signal_handlers(stop, cancel)
+        stop_on_signals(stop, cancel)
     log.info("daemon.started", interval=interval, jitter=jitter, pid=os.getpid())
     scheduler.start()
     try:
@@ -67,12 +69,17 @@ def run_daemon(
         log.info("daemon.stopped")
 
 
-def _install_signal_handlers(stop: threading.Event, cancel: threading.Event) -> None:
+def stop_on_signals(
+    stop: threading.Event, cancel: threading.Event, *, forced_status: int = 0
+) -> None:
+    """The first SIGTERM/SIGINT sets ``cancel`` and ``stop``; a second exits at once with
+    ``forced_status``."""
+
     def handle(signum: int, _frame: object) -> None:
         if stop.is_set():
             log.warning("daemon.forced_exit", signal=signal.Signals(signum).name)
             # Cold stop: claimed emails are retried by any poller once their lease expires.
-            os._exit(0)
+            os._exit(forced_status)
         log.info("daemon.stopping", signal=signal.Signals(signum).name)
         cancel.set()
         stop.set()

@@ -149,8 +149,9 @@ class HttpTransport:
         return scheme, parts.host.lower().strip("[]"), parts.port or default
 
     def abort(self) -> None:
-        """Break every connection, in-flight exchanges included (they fail at once): how a
-        stop request reaches a thread blocked reading an answer. Usable from any thread."""
+        """Break every connection, in-flight exchanges included (they fail at once), and make
+        no new one: how a stop request reaches a thread blocked reading an answer (and keeps
+        a resend from starting over). Usable from any thread; the transport is done after."""
         self._connections.abort()
 
     def close(self) -> None:
@@ -220,6 +221,7 @@ class _DirectConnections:
         self._local = threading.local()
         self._lock = threading.Lock()
         self._open: set[http11.Connection] = set()
+        self._aborted = False
 
     def send(
         self, method: str, url: str, query: str, headers: dict[str, str], body: bytes | None,
@@ -293,6 +295,8 @@ class _DirectConnections:
         return connection
 
     def _connect(self) -> http11.Connection:
+        if self._aborted:
+            raise TransportError("stopped")
         sock: socket.socket | None = None
         try:
             sock = socket.create_connection((self._host, self._port), self._connect_timeout)
@@ -321,6 +325,7 @@ class _DirectConnections:
 
     def abort(self) -> None:
         with self._lock:
+            self._aborted = True
             connections = list(self._open)
         for connection in connections:
             # shutdown, not close: it wakes a thread blocked in recv on the socket.
@@ -347,6 +352,7 @@ class _TrackingProxyManager(urllib3.ProxyManager):
         super().__init__(*args, **kwargs)
         self._lock = threading.Lock()
         self._made: weakref.WeakSet[Any] = weakref.WeakSet()
+        self._aborted = False
 
     def _new_pool(self, scheme: str, host: str, port: int,
                   request_context: dict[str, Any] | None = None) -> Any:
@@ -356,6 +362,8 @@ class _TrackingProxyManager(urllib3.ProxyManager):
         def tracked() -> Any:
             connection = new_conn()
             with self._lock:
+                if self._aborted:
+                    raise TransportError("stopped")
                 self._made.add(connection)
             return connection
 
@@ -364,6 +372,7 @@ class _TrackingProxyManager(urllib3.ProxyManager):
 
     def abort(self) -> None:
         with self._lock:
+            self._aborted = True
             connections = list(self._made)
         for connection in connections:
             sock = getattr(connection, "sock", None)
