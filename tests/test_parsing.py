@@ -316,6 +316,56 @@ def outcome(parse, data: object) -> object:
         return f"ParseError: {error}"
 
 
+MEMBER = FULL_ORG["members"][0]
+
+
+def both_paths(data: object) -> tuple[object, object]:
+    """What the fast decoder and the field-by-field checks make of one listed organization."""
+    body = json.dumps({"count": 1, "next": None, "previous": None, "results": [data]}).encode()
+    page = loads_page(body)
+    fast = page.results[0] if isinstance(page, PageBody) else page["results"][0]
+    checked = json.loads(body)["results"][0]
+    return outcome(parse_organization, fast), outcome(parse_organization, checked)
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (org_with(id=2**63), "id: 9223372036854775808 is out of range"),
+        (org_with(id=2**64 + 1), "id: 18446744073709551617 is out of range"),
+        (org_with(id=0), "id: 0 is out of range"),
+        (org_with(id=-37), "id: -37 is out of range"),
+        (org_with(id=10**50), "id: a very large integer is out of range"),
+        (
+            org_with(members=[dict(MEMBER, id=2**63)]),
+            "members[0].id: 9223372036854775808 is out of range",
+        ),
+        (
+            org_with(members=[dict(MEMBER, user={"id": -1, "email": "a@b.example"})]),
+            "members[0].user.id: -1 is out of range",
+        ),
+    ],
+)
+def test_an_id_outside_1_to_2_63_minus_1_is_refused_by_both_paths(
+    data: object, message: str
+) -> None:
+    assert both_paths(data) == (f"ParseError: {message}", f"ParseError: {message}")
+
+
+@pytest.mark.parametrize("org_id", [1, 2**63 - 1])
+def test_the_ids_at_the_ends_of_the_range_are_read_by_both_paths(org_id: int) -> None:
+    fast, checked = both_paths(org_with(id=org_id))
+    assert fast == checked and isinstance(fast, Organization) and fast.id == org_id
+
+
+@pytest.mark.parametrize("organization", [0, -1, 2**63])
+def test_a_billing_organization_id_out_of_range_is_refused_by_both_paths(organization: int) -> None:
+    body = json.dumps(dict(BILLING, organization=organization)).encode()
+    expected = f"ParseError: organization: {organization} is out of range"
+    assert outcome(parse_billing, loads_billing(body)) == expected
+    assert outcome(parse_billing, json.loads(body)) == expected
+
+
 valid_member = st.fixed_dictionaries(
     {
         "id": st.integers(),
@@ -357,11 +407,8 @@ def nearly_valid_org(draw: st.DrawFn) -> dict:
 @settings(max_examples=500, deadline=None)
 @given(st.one_of(nearly_valid_org(), org_like, json_values))
 def test_an_organization_decoded_fast_is_read_exactly_as_the_checks_read_it(data: object) -> None:
-    body = json.dumps({"count": 1, "next": None, "previous": None, "results": [data]}).encode()
-    page = loads_page(body)
-    fast = page.results[0] if isinstance(page, PageBody) else page["results"][0]
-    checked = json.loads(body)["results"][0]
-    assert outcome(parse_organization, fast) == outcome(parse_organization, checked)
+    fast, checked = both_paths(data)
+    assert fast == checked
 
 
 @settings(max_examples=300, deadline=None)

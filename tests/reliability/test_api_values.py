@@ -1,0 +1,41 @@
+"""Values the API serves that are well-formed JSON but outside what poller can store, compute
+with or print, against the real `poller` process: ids beyond 64 bits, balances whose run-out
+date lies beyond any calendar, and names full of terminal control sequences."""
+
+from __future__ import annotations
+
+from tests.reliability.world import ProcessWorld, add_orgs
+
+TOO_BIG = 2**63  # one more than PostgreSQL's bigint (and SQLite's integer) holds
+
+
+def test_an_org_id_beyond_64_bits_is_that_org_s_error_and_the_others_are_alerted(
+    world: ProcessWorld, smtp_server
+) -> None:
+    api = world.api
+    add_orgs(api, range(1, 5), balance="10")
+    # Two ids that SQLite would round to the same REAL, and a negative one.
+    api.corrupt_organization(2, "id", TOO_BIG)
+    api.corrupt_organization(3, "id", TOO_BIG + 1)
+    api.corrupt_organization(4, "id", -5)
+    add_orgs(api, [5], balance="10")
+
+    run = world.poller("once")
+
+    assert run.status == 1, run.stderr  # three orgs could not be read
+    assert "Traceback" not in run.output
+    assert world.states() == {1: ("alerted", 1), 5: ("alerted", 1)}
+    assert sorted(m.rcpt_tos[0] for m in smtp_server.received) == [
+        "admin@org1.example",
+        "admin@org5.example",
+    ]
+    assert f"id: {TOO_BIG} is out of range" in run.stderr
+    assert f"id: {TOO_BIG + 1} is out of range" in run.stderr
+    assert "id: -5 is out of range" in run.stderr
+    world.assert_states_and_notifications_agree()
+
+    # The next run is no different: the bad ids never reached the database.
+    run = world.poller("once")
+    assert run.status == 1 and "Traceback" not in run.output
+    assert len(smtp_server.received) == 2
+    assert world.states() == {1: ("alerted", 1), 5: ("alerted", 1)}
