@@ -22,7 +22,7 @@ from poller.cekura import ApiError, CekuraClient
 from poller.config import ConfigError, Settings, load_settings
 from poller.cycle import CycleReport, OrgPlan, run_cycle
 from poller.delivery import Deliverer
-from poller.forecast import MIN_POINTS, MIN_SPAN, Window
+from poller.forecast import BEYOND_HORIZON, MIN_POINTS, MIN_SPAN, Window
 from poller.insights import Outlook, outlooks
 from poller.logs import configure_logging
 from poller.mail import format_credits, format_detected_at, format_runway, render_email
@@ -423,6 +423,8 @@ def _runs_out_text(outlook: Outlook) -> str:
     prediction = outlook.forecast
     if prediction.balance <= 0:
         return "already out"
+    if prediction.beyond_horizon:
+        return BEYOND_HORIZON
     if prediction.runs_out_at is None or prediction.runway_days is None:
         return "no estimate"
     when = prediction.runs_out_at
@@ -451,8 +453,10 @@ def _outlook_json(outlook: Outlook) -> dict[str, Any]:
     return {
         "burn_per_day_24h": text(prediction.day.rate),
         "burn_per_day_7d": text(prediction.week.rate),
-        "runway_days": text(prediction.runway_days),
+        # Beyond the horizon a runway has no number (it may be too long to quantize) or date.
+        "runway_days": None if prediction.beyond_horizon else text(prediction.runway_days),
         "runs_out_at": prediction.runs_out_at.isoformat() if prediction.runs_out_at else None,
+        "runway_beyond_horizon": prediction.beyond_horizon,
         "threshold_too_low": outlook.threshold_too_low,
         "suggested_threshold": text(outlook.suggested_threshold),
     }
@@ -502,10 +506,16 @@ def forecast_command(settings: Settings, org_id: int, as_json: bool) -> None:
         click.echo("runway: no estimate (neither window is meaningful)")
     else:
         source = "last 24 h" if prediction.day.rate is not None else "last 7 days"
-        assert prediction.runway_days is not None and prediction.runs_out_at is not None
-        click.echo(f"runway: {format_credits(prediction.balance)} / "
-                   f"{format_credits(rate)}/day ({source}) = {prediction.runway_days:.1f} days, "
-                   f"runs out around {format_detected_at(prediction.runs_out_at)}")
+        runway = (
+            BEYOND_HORIZON
+            if prediction.runs_out_at is None
+            else f"{prediction.runway_days:.1f} days, runs out around "
+            f"{format_detected_at(prediction.runs_out_at)}"
+        )
+        click.echo(
+            f"runway: {format_credits(prediction.balance)} / "
+            f"{format_credits(rate)}/day ({source}) = {runway}"
+        )
     covered = outlook.covered_days
     if covered is not None and outlook.suggested_threshold is not None:
         verdict = (f"less than the {outlook.advice_days} days advised: suggest "

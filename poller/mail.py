@@ -29,6 +29,7 @@ import jinja2
 import structlog
 
 from poller.config import Secret
+from poller.forecast import BEYOND_HORIZON, HORIZON_DAYS
 
 log = structlog.get_logger(__name__)
 
@@ -79,7 +80,7 @@ class AlertContent:
     kind: str = "low_credits"  # a key of TEMPLATE_SETS
     # The forecast when the notice was detected; both None when there is no meaningful one.
     burn_per_day: Decimal | None = None
-    runs_out_at: datetime | None = None
+    runs_out_at: datetime | None = None  # None with a burn rate: beyond the forecast horizon
 
     @property
     def reminder(self) -> bool:
@@ -183,14 +184,18 @@ def format_runway(days: Decimal) -> str:
     """``"in about 3 days"``; under a day is said as such, not rounded to zero days."""
     if days < 1:
         return "in less than a day"
+    if days > HORIZON_DAYS:
+        return f"in {BEYOND_HORIZON}"
     whole = int(days.to_integral_value(rounding=ROUND_HALF_EVEN))
     return f"in about {whole} day{'s' if whole != 1 else ''}"
 
 
 def runway_phrase(content: AlertContent) -> str | None:
     """``"in about 3 days"`` from detection to the estimated run-out, if there is an estimate."""
-    if content.burn_per_day is None or content.runs_out_at is None:
+    if content.burn_per_day is None:
         return None
+    if content.runs_out_at is None:
+        return f"in {BEYOND_HORIZON}"
     days = Decimal((content.runs_out_at - content.detected_at).total_seconds()) / 86400
     return format_runway(days)
 
@@ -198,12 +203,14 @@ def runway_phrase(content: AlertContent) -> str | None:
 def forecast_line(content: AlertContent) -> str | None:
     """The one sentence about when the credits run out, or None without a meaningful estimate."""
     phrase = runway_phrase(content)
-    if phrase is None or content.burn_per_day is None or content.runs_out_at is None:
+    if phrase is None or content.burn_per_day is None:
         return None
+    usage = f"At your recent usage (\u2248 {format_credits(content.burn_per_day)}/day)"
+    if content.runs_out_at is None:
+        return f"{usage} your credits will last {BEYOND_HORIZON}."
     utc = content.runs_out_at.astimezone(UTC)
     return (
-        f"At your recent usage (\u2248 {format_credits(content.burn_per_day)}/day) you will run "
-        f"out around {utc.day} {_MONTHS[utc.month - 1]} {utc.year} ({phrase})."
+        f"{usage} you will run out around {utc.day} {_MONTHS[utc.month - 1]} {utc.year} ({phrase})."
     )
 
 

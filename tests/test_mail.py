@@ -32,7 +32,9 @@ from poller.mail import (
     SmtpTransport,
     build_message,
     find_templates_dir,
+    forecast_line,
     format_credits,
+    format_runway,
     message_id_for,
     one_line,
     render_email,
@@ -154,6 +156,46 @@ def test_it_refuses_to_format_a_float_amount() -> None:
 def test_it_refuses_to_format_a_non_finite_amount(amount: str) -> None:
     with pytest.raises(ValueError, match="non-finite"):
         format_credits(Decimal(amount))
+
+
+@pytest.mark.parametrize(
+    ("changes", "line"),
+    [
+        ({}, None),
+        (
+            {
+                "burn_per_day": Decimal("120"),
+                "runs_out_at": DETECTED_AT + timedelta(days=3, hours=4),
+            },
+            "At your recent usage (\u2248 120.00 credits/day) you will run out around 4 May 2024 "
+            "(in about 3 days).",
+        ),
+        # A rate without a date: the runway is beyond the forecast horizon.
+        (
+            {"burn_per_day": Decimal("0.25"), "runs_out_at": None},
+            "At your recent usage (\u2248 0.25 credits/day) your credits will last more than 10 "
+            "years.",
+        ),
+    ],
+)
+def test_the_forecast_line_gives_a_date_within_the_horizon_and_no_date_beyond_it(
+    changes: dict[str, object], line: str | None
+) -> None:
+    assert forecast_line(alert(**changes)) == line
+
+
+@pytest.mark.parametrize(
+    ("days", "phrase"),
+    [
+        ("0.5", "in less than a day"),
+        ("1.4", "in about 1 day"),
+        ("3653", "in about 3653 days"),
+        ("3653.01", "in more than 10 years"),
+        ("1e30", "in more than 10 years"),
+    ],
+)
+def test_a_runway_beyond_ten_years_is_said_without_a_number(days: str, phrase: str) -> None:
+    assert format_runway(Decimal(days)) == phrase
 
 
 # --- the subject ----------------------------------------------------------------------------
