@@ -30,6 +30,7 @@ import structlog
 
 from poller.config import Secret
 from poller.forecast import BEYOND_HORIZON, HORIZON_DAYS
+from poller.terminal import BIDI_CONTROLS
 
 log = structlog.get_logger(__name__)
 
@@ -54,9 +55,7 @@ _MONTHS = (
     "July", "August", "September", "October", "November", "December",
 )  # fmt: skip
 # Bidirectional overrides can make a name display as something else (a spoofing trick).
-_BIDI_CONTROLS = dict.fromkeys(
-    [*range(0x202A, 0x202F), *range(0x2066, 0x206A), 0x200E, 0x200F, 0x061C]
-)
+_BIDI_CONTROLS = dict.fromkeys(BIDI_CONTROLS)
 # SMTP line endings. Lines up to RFC 5322's hard limit of 998: with the default 78, Python folds a
 # 70-odd character Subject as "Subject:" + newline + value, which parsers (Python's included)
 # read back with a leading space.

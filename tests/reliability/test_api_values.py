@@ -4,6 +4,7 @@ date lies beyond any calendar, and names full of terminal control sequences."""
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
@@ -82,3 +83,54 @@ def test_a_near_idle_org_with_a_large_balance_runs_out_beyond_the_horizon_withou
         assert (
             "more than 10 years" in shown.stdout or '"runway_beyond_horizon": true' in shown.stdout
         ), (args, shown.stdout)
+
+
+EVIL_NAME = "Evil\x1b]52;c;AAAA\x07\x1b[2K\rfake row\x9b31m\u202eknil\x7f"
+TERMINAL_CONTROLS = ["\x1b", "\x07", "\r", "\x9b", "\u202e", "\x7f"]
+
+
+def test_text_from_the_api_reaches_the_terminal_without_control_characters(
+    sqlite_world: ProcessWorld,
+) -> None:
+    world, api = sqlite_world, sqlite_world.api
+    add_orgs(api, [1], balance="10")
+    api.update_org(1, name=EVIL_NAME)
+    api.corrupt_organization(
+        1,
+        "members",
+        [
+            {
+                "id": 1,
+                "role": "admin",
+                "is_email_notify_enabled": True,
+                "user": {"id": 2, "name": "Ann\x1b[2J", "email": "ann\x1b[2J@org1.example"},
+            },
+            {"id": 3, "role": "admin", "user": {"id": 4, "name": "Bo", "email": "bo@org1.example"}},
+        ],
+    )
+    assert world.poller("once", "--baseline").status == 0
+
+    for args in (
+        ["check", "--org", "1", "--dry-run"],
+        ["check", "--org", "1"],
+        ["status"],
+        ["preview", "--org", "1"],
+        ["forecast", "--org", "1"],
+        ["configure", "--org", "1", "--enable"],
+    ):
+        run = world.poller(*args)
+        assert "Traceback" not in run.output, (args, run.output)
+        human = run.stdout + "".join(  # the JSON log lines are escaped by json.dumps
+            line for line in run.stderr.splitlines(keepends=True) if not line.startswith("{")
+        )
+        for control in TERMINAL_CONTROLS:
+            assert control not in human, (args, control, human)
+        if args[0] in ("check", "status", "configure"):  # preview: the email flattens it
+            assert "Evil\\x1b]52;c;AAAA\\x07" in human, (args, human)  # shown, not obeyed
+
+    for args in (["status", "--json"], ["check", "--org", "1", "--dry-run", "--json"]):
+        run = world.poller(*args)
+        for control in TERMINAL_CONTROLS:
+            assert control not in run.stdout, (args, control)
+        shown = json.loads(run.stdout)
+        assert (shown[0] if isinstance(shown, list) else shown)["name"] == EVIL_NAME
