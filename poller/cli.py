@@ -24,7 +24,14 @@ from poller.delivery import Deliverer
 from poller.forecast import BEYOND_HORIZON, MIN_POINTS, MIN_SPAN, Window
 from poller.insights import Outlook, outlooks
 from poller.logs import configure_logging
-from poller.mail import format_credits, format_detected_at, format_runway, render_email
+from poller.mail import (
+    format_amount,
+    format_credits,
+    format_detected_at,
+    format_rate,
+    format_runway,
+    render_email,
+)
 from poller.notifications import content_for
 from poller.ops_commands import health, preview, send_test
 from poller.progress import terminal_progress
@@ -398,8 +405,8 @@ def _status_cells(row: StatusRow, outlook: Outlook) -> tuple[str, ...]:
         str(row.org_id),
         # Escaped before it is measured, so the columns line up with what the terminal shows.
         _shorten(safe_for_terminal(row.name), 30),
-        f"{row.balance:,.2f}",
-        f"{row.threshold:,.2f}",
+        format_amount(row.balance),
+        format_amount(row.threshold),
         "yes" if row.enabled else "no",
         row.state.value,
         when(row.last_checked_at),
@@ -415,8 +422,11 @@ def _rate_text(outlook: Outlook) -> str:
     day, week = outlook.forecast.day, outlook.forecast.week
     if day.rate is None and week.rate is None:
         return f"no estimate ({_no_estimate_reason(week)})"
-    parts = [f"{format_credits(rate)}/day over the last {label}"
-             for label, rate in (("24 h", day.rate), ("7 days", week.rate)) if rate is not None]
+    parts = [
+        f"{format_rate(rate)}/day over the last {label}"
+        for label, rate in (("24 h", day.rate), ("7 days", week.rate))
+        if rate is not None
+    ]
     return "; ".join(parts)
 
 
@@ -517,7 +527,7 @@ def forecast_command(settings: Settings, org_id: int, as_json: bool) -> None:
         )
         echo(
             f"runway: {format_credits(prediction.balance)} / "
-            f"{format_credits(rate)}/day ({source}) = {runway}"
+            f"{format_rate(rate)}/day ({source}) = {runway}"
         )
     covered = outlook.covered_days
     if covered is not None and outlook.suggested_threshold is not None:
@@ -537,7 +547,7 @@ def _window_text(window: Window) -> str:
                f"{window.topups} top-up(s) of {format_credits(window.topped_up)} excluded")
     if window.rate is None:
         return f"{summary}; no rate ({_no_estimate_reason(window)})"
-    return f"{summary}; {format_credits(window.rate)}/day"
+    return f"{summary}; {format_rate(window.rate)}/day"
 
 
 @cli.group()

@@ -17,7 +17,7 @@ import unicodedata
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from decimal import ROUND_HALF_EVEN, Decimal, localcontext
+from decimal import ROUND_HALF_EVEN, Decimal
 from email.utils import format_datetime, parseaddr
 from functools import lru_cache
 from pathlib import Path
@@ -110,19 +110,31 @@ def find_templates_dir(package_dir: Path) -> Path:
     )
 
 
-def format_credits(amount: Decimal) -> str:
-    """``Decimal("1234.5")`` → ``"1,234.50 credits"``: two decimals, thousands separators."""
+def format_amount(amount: Decimal) -> str:
+    """Exactly ``amount``: thousands separators, every decimal it has and at least two.
+
+    ``1234.5`` → ``"1,234.50"``, ``999.999`` → ``"999.999"``: an email or a status line must
+    never round away a difference the alert rule saw. Zero is never ``"-0.00"``.
+    """
     if not isinstance(amount, Decimal):
         # A float here would already have lost cents; refuse it instead of printing it.
         raise TypeError(f"credit amounts must be Decimal, not {type(amount).__name__}")
     if not amount.is_finite():
         raise ValueError(f"cannot format a non-finite credit amount: {amount}")
-    with localcontext() as context:
-        context.rounding = ROUND_HALF_EVEN
-        text = format(amount, ",.2f")
-    if text == "-0.00":  # a tiny negative rounds to zero; "-0.00" would only confuse
-        text = "0.00"
-    return f"{text} credits"
+    if not amount:
+        amount = amount.copy_abs()
+    places = max(2, -amount.as_tuple().exponent)  # finite: an int exponent
+    return format(amount, f",.{places}f")
+
+
+def format_credits(amount: Decimal) -> str:
+    """``Decimal("1234.5")`` → ``"1,234.50 credits"`` (see ``format_amount``)."""
+    return f"{format_amount(amount)} credits"
+
+
+def format_rate(rate: Decimal) -> str:
+    """A computed rate (credits per day), rounded to the cent: ``"2,400.00 credits"``."""
+    return format_credits(rate.quantize(Decimal("0.01"), rounding=ROUND_HALF_EVEN))
 
 
 def format_detected_at(moment: datetime) -> str:
@@ -204,7 +216,7 @@ def forecast_line(content: AlertContent) -> str | None:
     phrase = runway_phrase(content)
     if phrase is None or content.burn_per_day is None:
         return None
-    usage = f"At your recent usage (\u2248 {format_credits(content.burn_per_day)}/day)"
+    usage = f"At your recent usage (\u2248 {format_rate(content.burn_per_day)}/day)"
     if content.runs_out_at is None:
         return f"{usage} your credits will last {BEYOND_HORIZON}."
     utc = content.runs_out_at.astimezone(UTC)

@@ -28,12 +28,14 @@ import msgspec
 
 from poller.records import DEFAULT_THRESHOLD, Billing, Member, Organization
 
-# Plain decimal notation with an optional exponent. Decimal() alone would also accept
-# "NaN", "Infinity" and digit separators such as "1_000", none of which is money.
-_DECIMAL_TEXT = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?")
-# Amounts of 10**18 or more are nonsense for credits and would let a hostile value such as
-# "1e999999999" make later formatting build a billion-digit string.
+# Plain decimal notation in ASCII digits, as the API writes money. Decimal() alone would also
+# accept "NaN", "Infinity", exponents, "1_000" and other scripts' digits ("\u0665" as 5).
+_DECIMAL_TEXT = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)")
+# Amounts of 10**18 or more are nonsense for credits. Amounts are shown with every decimal
+# they have (the email must never round away a difference the rule saw), so their decimals
+# are bounded too: together at most 38 digits, however long the text.
 _MAX_ADJUSTED_EXPONENT = 17
+MAX_DECIMAL_PLACES = 20
 _SHOWN_VALUE_LIMIT = 60
 # Every id the API gives (organization, membership, user) is a database key: "type: integer,
 # readOnly" in its OpenAPI document, an auto-increment primary key, which starts at 1. Poller
@@ -58,11 +60,15 @@ def parse_decimal(value: object, field: str) -> Decimal:
     if isinstance(value, bool):
         raise ParseError(field, f"{_show(value)} is not a decimal number")
     if isinstance(value, int):
-        text = str(value) if abs(value) < 10**40 else "1e40"  # sidesteps int->str digit limits
+        if abs(value) >= 10**40:  # sidesteps int->str digit limits
+            raise ParseError(field, f"{_show(value)} is out of range")
+        text = str(value)
     elif isinstance(value, float):
+        if value != value or value in (float("inf"), float("-inf")):
+            raise ParseError(field, f"{_show(value)} is not a decimal number")
         # repr() is the shortest text that round-trips, so 0.1 becomes Decimal("0.1"),
-        # not the binary approximation Decimal(0.1) would give.
-        text = repr(value)
+        # not the binary approximation Decimal(0.1) would give (1e16 is written "1e+16").
+        text = format(Decimal(repr(value)), "f")
     elif isinstance(value, str):
         text = value.strip()
     else:
@@ -75,6 +81,8 @@ def parse_decimal(value: object, field: str) -> Decimal:
         raise ParseError(field, f"{_show(value)} is not a decimal number") from None
     if number and number.adjusted() > _MAX_ADJUSTED_EXPONENT:
         raise ParseError(field, f"{_show(value)} is out of range")
+    if -number.as_tuple().exponent > MAX_DECIMAL_PLACES:  # finite here: an int exponent
+        raise ParseError(field, f"{_show(value)} has more than {MAX_DECIMAL_PLACES} decimals")
     return number
 
 

@@ -134,17 +134,47 @@ class HtmlOutline(HTMLParser):
         ("-12", "-12.00 credits"),
         ("1", "1.00 credits"),
         ("0", "0.00 credits"),
-        ("-0.001", "0.00 credits"),
-        ("0.015", "0.02 credits"),
-        ("0.025", "0.02 credits"),
+        # Every decimal the amount has: the rule compared these, the reader must see them.
+        ("-0.001", "-0.001 credits"),
+        ("0.015", "0.015 credits"),
+        ("999.999", "999.999 credits"),
+        ("1234567.00000001", "1,234,567.00000001 credits"),
         ("99999999.99", "99,999,999.99 credits"),
         ("1E+3", "1,000.00 credits"),
+        ("-0", "0.00 credits"),
+        ("-0.00", "0.00 credits"),
+        ("-0E-7", "0.0000000 credits"),
     ],
 )
-def test_credit_amounts_read_with_two_decimals_and_thousands_separators(
+def test_credit_amounts_read_exactly_with_thousands_separators_and_at_least_two_decimals(
     amount: str, expected: str
 ) -> None:
     assert format_credits(Decimal(amount)) == expected
+
+
+# Every amount parsing accepts: below 10**18, at most 20 decimals.
+parsed_amounts = st.decimals(
+    min_value=-(10**18) + 1, max_value=10**18 - 1, places=20, allow_nan=False
+).map(lambda amount: amount.normalize() if amount else amount) | st.decimals(
+    min_value=-(10**6), max_value=10**6, places=3
+)
+
+
+def shown_value(text: str) -> Decimal:
+    return Decimal(text.removesuffix(" credits").replace(",", ""))
+
+
+@given(parsed_amounts, parsed_amounts)
+def test_a_balance_below_its_threshold_is_shown_below_it(
+    balance: Decimal, threshold: Decimal
+) -> None:
+    balance, threshold = sorted((balance, threshold))
+    if balance == threshold:
+        return
+    shown_balance, shown_threshold = format_credits(balance), format_credits(threshold)
+    assert shown_balance != shown_threshold
+    assert shown_value(shown_balance) == balance and shown_value(shown_threshold) == threshold
+    assert not shown_balance.startswith("-0.") or balance < 0
 
 
 def test_it_refuses_to_format_a_float_amount() -> None:

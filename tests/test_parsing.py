@@ -125,7 +125,8 @@ def test_a_member_without_notify_flag_or_name_is_still_read() -> None:
         (0.1, Decimal("0.1")),
         (1e15, Decimal("1000000000000000")),
         (2.5e-3, Decimal("0.0025")),
-        ("1E+3", Decimal("1000")),
+        (1e16, Decimal("10000000000000000")),  # a float whose repr has an exponent
+        ("0.00000000000000000001", Decimal("1E-20")),
     ],
 )
 def test_it_parses_decimal_strings_integers_and_floats_exactly(
@@ -154,7 +155,19 @@ def test_decimal_arithmetic_on_parsed_values_is_exact() -> None:
         (True, "amount: true is not a decimal number"),
         (None, "amount: null is not a decimal number"),
         ([1], "amount: a list is not a decimal number"),
-        ("1e999999999", "amount: '1e999999999' is out of range"),
+        ("1e999999999", "amount: '1e999999999' is not a decimal number"),
+        ("1E+3", "amount: '1E+3' is not a decimal number"),
+        ("\u0665", "amount: '\u0665' is not a decimal number"),  # an Arabic-Indic five
+        ("\uff11\uff10", "amount: '\uff11\uff10' is not a decimal number"),  # fullwidth 10
+        ("1,000", "amount: '1,000' is not a decimal number"),
+        ("-Infinity", "amount: '-Infinity' is not a decimal number"),
+        ("1" * 10_000, f"amount: '{'1' * 56}... is out of range"),
+        ("0." + "1" * 10_000, f"amount: '0.{'1' * 54}... has more than 20 decimals"),
+        (
+            "0.000000000000000000001",
+            "amount: '0.000000000000000000001' has more than 20 decimals",
+        ),
+        (1e-300, "amount: 1e-300 has more than 20 decimals"),
         (10**5000, "amount: a very large integer is out of range"),
     ],
     ids=lambda value: f"{type(value).__name__}:{str(value)[:20]}" if value != 10**5000 else "huge",

@@ -134,3 +134,29 @@ def test_text_from_the_api_reaches_the_terminal_without_control_characters(
             assert control not in run.stdout, (args, control)
         shown = json.loads(run.stdout)
         assert (shown[0] if isinstance(shown, list) else shown)["name"] == EVIL_NAME
+
+
+def test_the_email_and_status_show_the_exact_amounts_the_rule_compared(
+    sqlite_world: ProcessWorld, smtp_server
+) -> None:
+    world, api = sqlite_world, sqlite_world.api
+    add_orgs(api, [1, 2], balance="5000")
+    api.corrupt_organization(1, "low_credits_threshold", "999.999")
+    # Served raw: the simulator keeps balances to the cent, as the API documents them.
+    api.corrupt_billing(1, "credits_remaining", "999.998")
+    api.corrupt_billing(2, "credits_remaining", "-0.00")
+    add_orgs(api, [3], balance="5000")
+    api.corrupt_billing(3, "credits_remaining", "\u0665")  # an Arabic-Indic five
+
+    run = world.poller("once")
+
+    assert run.status == 1, run.stderr  # org 3's balance is not a number
+    # (the JSON log writes the digit as an escape)
+    assert "credits_remaining: '\\u0665' is not a decimal number" in run.stderr
+    messages = {m.rcpt_tos[0]: m.message for m in smtp_server.received}
+    first = messages["admin@org1.example"]
+    assert "999.998 credits" in first["Subject"] and "999.999 credits" in first["Subject"]
+    assert "1,000.00" not in first.get_body(("plain",)).get_content()
+    status = world.poller("status").stdout
+    assert "999.998" in status and "999.999" in status
+    assert "-0.00" not in status and " 0.00 " in status
