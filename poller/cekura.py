@@ -43,6 +43,7 @@ from poller.parsing import (
     OrganizationBody,
     PageBody,
     ParseError,
+    is_id,
     loads_billing,
     loads_page,
     parse_billing,
@@ -1010,7 +1011,8 @@ def _raw_id(raw: object) -> int | None:
     if isinstance(raw, OrganizationBody):
         return raw.id
     value = raw.get("id") if isinstance(raw, dict) else None
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
+    # Errors are recorded against their org id: an id that cannot be stored is not named.
+    return value if is_id(value) else None
 
 
 def _json_value(value: object) -> object:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import re
 import sys
 import threading
@@ -23,10 +22,17 @@ from poller.cekura import ApiError, CekuraClient
 from poller.config import ConfigError, Settings, load_settings
 from poller.cycle import CycleReport, OrgPlan, run_cycle
 from poller.delivery import Deliverer
-from poller.forecast import MIN_POINTS, MIN_SPAN, Window
+from poller.forecast import BEYOND_HORIZON, MIN_POINTS, MIN_SPAN, Window
 from poller.insights import Outlook, outlooks
 from poller.logs import configure_logging
-from poller.mail import format_credits, format_detected_at, format_runway, render_email
+from poller.mail import (
+    format_amount,
+    format_credits,
+    format_detected_at,
+    format_rate,
+    format_runway,
+    render_email,
+)
 from poller.notifications import content_for
 from poller.ops_commands import health, preview, send_test
 from poller.progress import terminal_progress
@@ -39,6 +45,7 @@ from poller.store import (
     open_database,
     upgrade_database,
 )
+from poller.terminal import echo, echo_json, safe_for_terminal
 
 EXIT_OK, EXIT_INCOMPLETE, EXIT_USAGE = 0, 1, 2
 
@@ -59,7 +66,7 @@ class PollerGroup(click.Group):
 
 
 def _fail(message: str, status: int) -> None:
-    click.echo(f"poller: error: {message}", err=True)
+    echo(f"poller: error: {message}", err=True)
     sys.exit(status)
 
 
@@ -91,7 +98,7 @@ def cli(ctx: click.Context, config_path, api_url, database_url, log_format, verb
         secrets.append(str(database_password))
     configure_logging(log_format=settings.log_format, verbosity=verbose - quiet, secrets=secrets)
     for warning in settings.warnings:
-        click.echo(f"poller: warning: {warning}", err=True)
+        echo(f"poller: warning: {warning}", err=True)
     ctx.obj = settings
 
 
@@ -238,8 +245,7 @@ def check(settings: Settings, org_id: int, dry_run: bool, as_json: bool) -> None
     outlook = outlooks(_open_store(settings), settings,
                        [(snap.id, snap.balance, snap.threshold, report.started_at)])[snap.id]
     if as_json:
-        click.echo(json.dumps(_plan_json(plan, dry_run, email) | _outlook_json(outlook),
-                              indent=2))
+        echo_json(_plan_json(plan, dry_run, email) | _outlook_json(outlook))
     else:
         _print_plan(plan, dry_run, email, outlook)
     sys.exit(EXIT_OK if report.ok else EXIT_INCOMPLETE)
@@ -293,10 +299,10 @@ def _print_plan(
         ("runs out", _runs_out_text(outlook)),
     ]
     for label, value in rows:
-        click.echo(f"{label:>16}: {value}")
+        echo(f"{label:>16}: {value}")
     if email is not None:
-        click.echo(f"\nTo: {', '.join(email['to']) or '(nobody)'}\nSubject: {email['subject']}\n")
-        click.echo(email["text"])
+        echo(f"\nTo: {', '.join(email['to']) or '(nobody)'}\nSubject: {email['subject']}\n")
+        echo(email["text"])
 
 
 @cli.command()
@@ -327,9 +333,11 @@ def configure(settings: Settings, org_id: int, enable: bool | None, threshold: s
     settings.require_credentials()
     with CekuraClient(settings) as client:
         org = client.patch_organization(org_id, changes)
-    click.echo(f"{org.name} (id {org.id}): low-credit emails "
-               f"{'on' if org.notify_low_credits else 'off'}, "
-               f"threshold {format_credits(org.low_credits_threshold)}")
+    echo(
+        f"{org.name} (id {org.id}): low-credit emails "
+        f"{'on' if org.notify_low_credits else 'off'}, "
+        f"threshold {format_credits(org.low_credits_threshold)}"
+    )
 
 
 def _suggested_threshold(settings: Settings, org_id: int) -> Decimal:
@@ -387,18 +395,17 @@ def status(settings: Settings, as_json: bool) -> None:
     rows = store.status_rows()
     outlook = outlooks(store, settings, [_outlook_key(row) for row in rows])
     if as_json:
-        click.echo(json.dumps(
-            [_jsonable(row) | _outlook_json(outlook[row.org_id]) for row in rows], indent=2))
+        echo_json([_jsonable(row) | _outlook_json(outlook[row.org_id]) for row in rows])
         return
     if not rows:
-        click.echo("no organizations recorded yet: run `poller once` first")
+        echo("no organizations recorded yet: run `poller once` first")
         return
     header = ("ID", "NAME", "BALANCE", "THRESHOLD", "ON", "STATE", "LAST CHECKED", "LAST ALERT",
               "DELIVERY", "BURN/DAY", "RUNS OUT", "ADVICE")
     table = [header] + [_status_cells(row, outlook[row.org_id]) for row in rows]
     widths = [max(len(r[i]) for r in table) for i in range(len(header))]
     for r in table:
-        click.echo("  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip())
+        echo("  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip())
 
 
 def _status_cells(row: StatusRow, outlook: Outlook) -> tuple[str, ...]:
@@ -407,9 +414,10 @@ def _status_cells(row: StatusRow, outlook: Outlook) -> tuple[str, ...]:
 
     return (
         str(row.org_id),
-        _shorten(row.name, 30),
-        f"{row.balance:,.2f}",
-        f"{row.threshold:,.2f}",
+        # Escaped before it is measured, so the columns line up with what the terminal shows.
+        _shorten(safe_for_terminal(row.name), 30),
+        format_amount(row.balance),
+        format_amount(row.threshold),
         "yes" if row.enabled else "no",
         row.state.value,
         when(row.last_checked_at),
@@ -425,8 +433,11 @@ def _rate_text(outlook: Outlook) -> str:
     day, week = outlook.forecast.day, outlook.forecast.week
     if day.rate is None and week.rate is None:
         return f"no estimate ({_no_estimate_reason(week)})"
-    parts = [f"{format_credits(rate)}/day over the last {label}"
-             for label, rate in (("24 h", day.rate), ("7 days", week.rate)) if rate is not None]
+    parts = [
+        f"{format_rate(rate)}/day over the last {label}"
+        for label, rate in (("24 h", day.rate), ("7 days", week.rate))
+        if rate is not None
+    ]
     return "; ".join(parts)
 
 
@@ -434,6 +445,8 @@ def _runs_out_text(outlook: Outlook) -> str:
     prediction = outlook.forecast
     if prediction.balance <= 0:
         return "already out"
+    if prediction.beyond_horizon:
+        return BEYOND_HORIZON
     if prediction.runs_out_at is None or prediction.runway_days is None:
         return "no estimate"
     when = prediction.runs_out_at
@@ -462,8 +475,10 @@ def _outlook_json(outlook: Outlook) -> dict[str, Any]:
     return {
         "burn_per_day_24h": text(prediction.day.rate),
         "burn_per_day_7d": text(prediction.week.rate),
-        "runway_days": text(prediction.runway_days),
+        # Beyond the horizon a runway has no number (it may be too long to quantize) or date.
+        "runway_days": None if prediction.beyond_horizon else text(prediction.runway_days),
         "runs_out_at": prediction.runs_out_at.isoformat() if prediction.runs_out_at else None,
+        "runway_beyond_horizon": prediction.beyond_horizon,
         "threshold_too_low": outlook.threshold_too_low,
         "suggested_threshold": text(outlook.suggested_threshold),
     }
@@ -499,32 +514,42 @@ def forecast_command(settings: Settings, org_id: int, as_json: bool) -> None:
     """
     outlook = _outlook_for(settings, org_id)
     if as_json:
-        click.echo(json.dumps({"org_id": org_id} | _outlook_json(outlook), indent=2))
+        echo_json({"org_id": org_id} | _outlook_json(outlook))
         return
     prediction = outlook.forecast
-    click.echo(f"organization {org_id}: {format_credits(prediction.balance)} as of "
-               f"{format_detected_at(prediction.as_of)}")
+    echo(
+        f"organization {org_id}: {format_credits(prediction.balance)} as of "
+        f"{format_detected_at(prediction.as_of)}"
+    )
     for label, window in (("last 24 h", prediction.day), ("last 7 days", prediction.week)):
-        click.echo(f"{label}: {_window_text(window)}")
+        echo(f"{label}: {_window_text(window)}")
     rate = prediction.rate
     if prediction.balance <= 0:
-        click.echo("runway: none, the balance is at or below zero")
+        echo("runway: none, the balance is at or below zero")
     elif rate is None:
-        click.echo("runway: no estimate (neither window is meaningful)")
+        echo("runway: no estimate (neither window is meaningful)")
     else:
         source = "last 24 h" if prediction.day.rate is not None else "last 7 days"
-        assert prediction.runway_days is not None and prediction.runs_out_at is not None
-        click.echo(f"runway: {format_credits(prediction.balance)} / "
-                   f"{format_credits(rate)}/day ({source}) = {prediction.runway_days:.1f} days, "
-                   f"runs out around {format_detected_at(prediction.runs_out_at)}")
+        runway = (
+            BEYOND_HORIZON
+            if prediction.runs_out_at is None
+            else f"{prediction.runway_days:.1f} days, runs out around "
+            f"{format_detected_at(prediction.runs_out_at)}"
+        )
+        echo(
+            f"runway: {format_credits(prediction.balance)} / "
+            f"{format_rate(rate)}/day ({source}) = {runway}"
+        )
     covered = outlook.covered_days
     if covered is not None and outlook.suggested_threshold is not None:
         verdict = (f"less than the {outlook.advice_days} days advised: suggest "
                    f"{format_credits(outlook.suggested_threshold)} "
                    f"(poller configure --org {org_id} --threshold suggest)"
                    if outlook.threshold_too_low else "enough")
-        click.echo(f"threshold: {format_credits(outlook.threshold)} covers {covered:.1f} days "
-                   f"of typical usage, {verdict}")
+        echo(
+            f"threshold: {format_credits(outlook.threshold)} covers {covered:.1f} days "
+            f"of typical usage, {verdict}"
+        )
 
 
 def _window_text(window: Window) -> str:
@@ -533,7 +558,7 @@ def _window_text(window: Window) -> str:
                f"{window.topups} top-up(s) of {format_credits(window.topped_up)} excluded")
     if window.rate is None:
         return f"{summary}; no rate ({_no_estimate_reason(window)})"
-    return f"{summary}; {format_credits(window.rate)}/day"
+    return f"{summary}; {format_rate(window.rate)}/day"
 
 
 @cli.group()
@@ -557,9 +582,9 @@ def upgrade(settings: Settings) -> None:
     """
     before, after = upgrade_database(settings.database_url)
     if before == after:
-        click.echo(f"database schema already at revision {after}")
+        echo(f"database schema already at revision {after}")
     else:
-        click.echo(f"database schema upgraded from {before or 'empty'} to {after}")
+        echo(f"database schema upgraded from {before or 'empty'} to {after}")
 
 
 @cli.command()

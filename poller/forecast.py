@@ -10,7 +10,8 @@ balance (carried forward).
   so buying credits does not make an organization look idle.
 - **Burn rate** = usage / the window's covered length, in credits per day.
 - **Runway** = balance / burn rate (days); ``runs_out_at`` = the latest observation + runway.
-  A balance at or below zero has a runway of zero: it has run out already.
+  A balance at or below zero has a runway of zero: it has run out already. A runway beyond
+  ``HORIZON`` (10 years) has no date: it is "more than 10 years" (``beyond_horizon``).
 
 An estimate is only *meaningful* with enough history: the window covers at least
 ``MIN_SPAN`` (6 h), holds at least ``MIN_POINTS`` (3) points, and usage is positive.
@@ -32,6 +33,11 @@ MIN_POINTS = 3
 SECONDS_PER_DAY = Decimal(86400)
 # The API accepts thresholds with at most 8 digits before the decimal point.
 MAX_THRESHOLD = Decimal("99999999")
+# A week of history says nothing about a decade ahead, and a near-idle org with a large
+# balance would otherwise get a date past datetime's year 9999 (an OverflowError).
+HORIZON_YEARS = 10
+HORIZON_DAYS = Decimal(3653)  # ten years, leap days included
+BEYOND_HORIZON = f"more than {HORIZON_YEARS} years"
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,9 +99,16 @@ class Forecast:
         return max(Decimal(0), self.balance) / rate
 
     @property
-    def runs_out_at(self) -> datetime | None:
+    def beyond_horizon(self) -> bool:
+        """An estimate says the credits last longer than HORIZON_DAYS: no date is given."""
         days = self.runway_days
-        if days is None:
+        return days is not None and days > HORIZON_DAYS
+
+    @property
+    def runs_out_at(self) -> datetime | None:
+        """The estimated run-out; None without an estimate or beyond the horizon."""
+        days = self.runway_days
+        if days is None or days > HORIZON_DAYS:
             return None
         return self.as_of + timedelta(seconds=float(days * SECONDS_PER_DAY))
 

@@ -17,7 +17,7 @@ import unicodedata
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from decimal import ROUND_HALF_EVEN, Decimal, localcontext
+from decimal import ROUND_HALF_EVEN, Decimal
 from email.utils import format_datetime, parseaddr
 from functools import lru_cache
 from pathlib import Path
@@ -29,6 +29,8 @@ import jinja2
 import structlog
 
 from poller.config import Secret
+from poller.forecast import BEYOND_HORIZON, HORIZON_DAYS
+from poller.terminal import BIDI_CONTROLS
 
 log = structlog.get_logger(__name__)
 
@@ -53,9 +55,7 @@ _MONTHS = (
     "July", "August", "September", "October", "November", "December",
 )  # fmt: skip
 # Bidirectional overrides can make a name display as something else (a spoofing trick).
-_BIDI_CONTROLS = dict.fromkeys(
-    [*range(0x202A, 0x202F), *range(0x2066, 0x206A), 0x200E, 0x200F, 0x061C]
-)
+_BIDI_CONTROLS = dict.fromkeys(BIDI_CONTROLS)
 # SMTP line endings. Lines up to RFC 5322's hard limit of 998: with the default 78, Python folds a
 # 70-odd character Subject as "Subject:" + newline + value, which parsers (Python's included)
 # read back with a leading space.
@@ -79,7 +79,7 @@ class AlertContent:
     kind: str = "low_credits"  # a key of TEMPLATE_SETS
     # The forecast when the notice was detected; both None when there is no meaningful one.
     burn_per_day: Decimal | None = None
-    runs_out_at: datetime | None = None
+    runs_out_at: datetime | None = None  # None with a burn rate: beyond the forecast horizon
 
     @property
     def reminder(self) -> bool:
@@ -110,19 +110,31 @@ def find_templates_dir(package_dir: Path) -> Path:
     )
 
 
-def format_credits(amount: Decimal) -> str:
-    """``Decimal("1234.5")`` → ``"1,234.50 credits"``: two decimals, thousands separators."""
+def format_amount(amount: Decimal) -> str:
+    """Exactly ``amount``: thousands separators, every decimal it has and at least two.
+
+    ``1234.5`` → ``"1,234.50"``, ``999.999`` → ``"999.999"``: an email or a status line must
+    never round away a difference the alert rule saw. Zero is never ``"-0.00"``.
+    """
     if not isinstance(amount, Decimal):
         # A float here would already have lost cents; refuse it instead of printing it.
         raise TypeError(f"credit amounts must be Decimal, not {type(amount).__name__}")
     if not amount.is_finite():
         raise ValueError(f"cannot format a non-finite credit amount: {amount}")
-    with localcontext() as context:
-        context.rounding = ROUND_HALF_EVEN
-        text = format(amount, ",.2f")
-    if text == "-0.00":  # a tiny negative rounds to zero; "-0.00" would only confuse
-        text = "0.00"
-    return f"{text} credits"
+    if not amount:
+        amount = amount.copy_abs()
+    places = max(2, -amount.as_tuple().exponent)  # finite: an int exponent
+    return format(amount, f",.{places}f")
+
+
+def format_credits(amount: Decimal) -> str:
+    """``Decimal("1234.5")`` → ``"1,234.50 credits"`` (see ``format_amount``)."""
+    return f"{format_amount(amount)} credits"
+
+
+def format_rate(rate: Decimal) -> str:
+    """A computed rate (credits per day), rounded to the cent: ``"2,400.00 credits"``."""
+    return format_credits(rate.quantize(Decimal("0.01"), rounding=ROUND_HALF_EVEN))
 
 
 def format_detected_at(moment: datetime) -> str:
@@ -183,14 +195,18 @@ def format_runway(days: Decimal) -> str:
     """``"in about 3 days"``; under a day is said as such, not rounded to zero days."""
     if days < 1:
         return "in less than a day"
+    if days > HORIZON_DAYS:
+        return f"in {BEYOND_HORIZON}"
     whole = int(days.to_integral_value(rounding=ROUND_HALF_EVEN))
     return f"in about {whole} day{'s' if whole != 1 else ''}"
 
 
 def runway_phrase(content: AlertContent) -> str | None:
     """``"in about 3 days"`` from detection to the estimated run-out, if there is an estimate."""
-    if content.burn_per_day is None or content.runs_out_at is None:
+    if content.burn_per_day is None:
         return None
+    if content.runs_out_at is None:
+        return f"in {BEYOND_HORIZON}"
     days = Decimal((content.runs_out_at - content.detected_at).total_seconds()) / 86400
     return format_runway(days)
 
@@ -198,12 +214,14 @@ def runway_phrase(content: AlertContent) -> str | None:
 def forecast_line(content: AlertContent) -> str | None:
     """The one sentence about when the credits run out, or None without a meaningful estimate."""
     phrase = runway_phrase(content)
-    if phrase is None or content.burn_per_day is None or content.runs_out_at is None:
+    if phrase is None or content.burn_per_day is None:
         return None
+    usage = f"At your recent usage (\u2248 {format_rate(content.burn_per_day)}/day)"
+    if content.runs_out_at is None:
+        return f"{usage} your credits will last {BEYOND_HORIZON}."
     utc = content.runs_out_at.astimezone(UTC)
     return (
-        f"At your recent usage (\u2248 {format_credits(content.burn_per_day)}/day) you will run "
-        f"out around {utc.day} {_MONTHS[utc.month - 1]} {utc.year} ({phrase})."
+        f"{usage} you will run out around {utc.day} {_MONTHS[utc.month - 1]} {utc.year} ({phrase})."
     )
 
 

@@ -75,7 +75,9 @@ class NoticeChange:
 
 
 def forecast_fields(forecast: Forecast | None) -> dict[str, Any]:
-    """burn_per_day and runs_out_at for a notice, when the estimate is worth a sentence."""
+    """burn_per_day and runs_out_at for a notice, when the estimate is worth a sentence.
+
+    A rate without a date means a runway beyond the horizon (see ``mail.runway_phrase``)."""
     if forecast is None or forecast.rate is None or forecast.balance <= 0:
         return {}
     return {"burn_per_day": forecast.rate, "runs_out_at": forecast.runs_out_at}

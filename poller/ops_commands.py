@@ -30,6 +30,7 @@ from poller.mail import (
 from poller.notifications import content_for
 from poller.records import Member, Organization, OrgSnapshot
 from poller.store import open_database
+from poller.terminal import echo
 
 # Sample data for previews and test emails: plausible, and obviously not a real customer.
 SAMPLE_ORG = Organization(
@@ -49,7 +50,7 @@ TEST_SUBJECT_PREFIX = "[poller test] "
 
 
 def _fail(message: str, status: int = 1) -> NoReturn:
-    click.echo(f"poller: error: {message}", err=True)
+    echo(f"poller: error: {message}", err=True)
     sys.exit(status)
 
 
@@ -87,12 +88,12 @@ def preview(settings: Settings, org_id: int | None, sample: bool, html_file: str
                     now=now)
     )
     recipients = [r.email for r in snapshot.org.alert_recipients()]
-    click.echo(f"To: {', '.join(recipients) or '(nobody: no admin with an email address)'}")
-    click.echo(f"Subject: {rendered.subject}")
+    echo(f"To: {', '.join(recipients) or '(nobody: no admin with an email address)'}")
+    echo(f"Subject: {rendered.subject}")
     for note in _would_it_be_sent(snapshot):
-        click.echo(f"Note: {note}")
-    click.echo()
-    click.echo(rendered.text, nl=False)
+        echo(f"Note: {note}")
+    echo()
+    echo(rendered.text, nl=False)
     if html_file is not None:
         _write_html(rendered, Path(html_file))
 
@@ -126,7 +127,7 @@ def _write_html(rendered: RenderedEmail, path: Path) -> None:
         path.write_text(rendered.html, encoding="utf-8")
     except OSError as exc:
         _fail(f"cannot write {path}: {exc.strerror or exc}", 2)
-    click.echo(f"wrote the HTML version to {path}", err=True)
+    echo(f"wrote the HTML version to {path}", err=True)
 
 
 @click.command("send-test")
@@ -168,7 +169,7 @@ def send_test(settings: Settings, address: str) -> None:
             transport.send(message, [address])
     except DeliveryError as exc:
         _fail(f"the test email to {address} was not sent through {server}: {exc}")
-    click.echo(f"sent: {server} accepted the test email to {address}")
+    echo(f"sent: {server} accepted the test email to {address}")
 
 
 @click.command()
@@ -195,5 +196,5 @@ def health(settings: Settings, max_age: float | None) -> None:
         store.close()
     verdict = judge(last, now=datetime.now(UTC), max_age=limit)
     # Unhealthy goes to stderr, so cron (which mails any output) stays quiet with >/dev/null.
-    click.echo(verdict.status_line, err=not verdict.healthy)
+    echo(verdict.status_line, err=not verdict.healthy)
     sys.exit(0 if verdict.healthy else 1)

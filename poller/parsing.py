@@ -22,18 +22,28 @@ from __future__ import annotations
 import json
 import re
 from decimal import Decimal, InvalidOperation
+from typing import Annotated
 
 import msgspec
 
 from poller.records import DEFAULT_THRESHOLD, Billing, Member, Organization
 
-# Plain decimal notation with an optional exponent. Decimal() alone would also accept
-# "NaN", "Infinity" and digit separators such as "1_000", none of which is money.
-_DECIMAL_TEXT = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?")
-# Amounts of 10**18 or more are nonsense for credits and would let a hostile value such as
-# "1e999999999" make later formatting build a billion-digit string.
+# Plain decimal notation in ASCII digits, as the API writes money. Decimal() alone would also
+# accept "NaN", "Infinity", exponents, "1_000" and other scripts' digits ("\u0665" as 5).
+_DECIMAL_TEXT = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)")
+# Amounts of 10**18 or more are nonsense for credits. Amounts are shown with every decimal
+# they have (the email must never round away a difference the rule saw), so their decimals
+# are bounded too: together at most 38 digits, however long the text.
 _MAX_ADJUSTED_EXPONENT = 17
+MAX_DECIMAL_PLACES = 20
 _SHOWN_VALUE_LIMIT = 60
+# Every id the API gives (organization, membership, user) is a database key: "type: integer,
+# readOnly" in its OpenAPI document, an auto-increment primary key, which starts at 1. Poller
+# stores ids as 64-bit signed integers (BIGINT), so anything above 2**63 - 1 cannot be stored
+# (PostgreSQL refuses it, SQLite would keep it as an inexact REAL): the org is an error instead.
+MIN_ID = 1
+MAX_ID = 2**63 - 1
+_Id = Annotated[int, msgspec.Meta(ge=MIN_ID, le=MAX_ID)]
 
 
 class ParseError(ValueError):
@@ -50,11 +60,15 @@ def parse_decimal(value: object, field: str) -> Decimal:
     if isinstance(value, bool):
         raise ParseError(field, f"{_show(value)} is not a decimal number")
     if isinstance(value, int):
-        text = str(value) if abs(value) < 10**40 else "1e40"  # sidesteps int->str digit limits
+        if abs(value) >= 10**40:  # sidesteps int->str digit limits
+            raise ParseError(field, f"{_show(value)} is out of range")
+        text = str(value)
     elif isinstance(value, float):
+        if value != value or value in (float("inf"), float("-inf")):
+            raise ParseError(field, f"{_show(value)} is not a decimal number")
         # repr() is the shortest text that round-trips, so 0.1 becomes Decimal("0.1"),
-        # not the binary approximation Decimal(0.1) would give.
-        text = repr(value)
+        # not the binary approximation Decimal(0.1) would give (1e16 is written "1e+16").
+        text = format(Decimal(repr(value)), "f")
     elif isinstance(value, str):
         text = value.strip()
     else:
@@ -67,6 +81,8 @@ def parse_decimal(value: object, field: str) -> Decimal:
         raise ParseError(field, f"{_show(value)} is not a decimal number") from None
     if number and number.adjusted() > _MAX_ADJUSTED_EXPONENT:
         raise ParseError(field, f"{_show(value)} is out of range")
+    if -number.as_tuple().exponent > MAX_DECIMAL_PLACES:  # finite here: an int exponent
+        raise ParseError(field, f"{_show(value)} has more than {MAX_DECIMAL_PLACES} decimals")
     return number
 
 
@@ -74,13 +90,13 @@ def parse_decimal(value: object, field: str) -> Decimal:
 
 
 class _UserBody(msgspec.Struct):
-    id: int
+    id: _Id
     name: str | None = None
     email: str | None = None
 
 
 class _MemberBody(msgspec.Struct):
-    id: int
+    id: _Id
     user: _UserBody
     role: str
     is_email_notify_enabled: bool | None = None
@@ -89,7 +105,7 @@ class _MemberBody(msgspec.Struct):
 class OrganizationBody(msgspec.Struct):
     """One organization as the fast decoder read it; ``parse_organization`` finishes it."""
 
-    id: int
+    id: _Id
     name: str
     notify_low_credits: bool | None = None
     low_credits_threshold: str | int | float | None = None
@@ -107,7 +123,7 @@ class PageBody(msgspec.Struct):
 
 
 class BillingBody(msgspec.Struct):
-    organization: int
+    organization: _Id
     credits_remaining: str | int | float
     credits_used: str | int | float | None = None
 
@@ -143,7 +159,7 @@ def parse_organization(data: object) -> Organization:
     obj = _object(data, "organization")
     threshold = obj.get("low_credits_threshold")
     return Organization(
-        id=_required_int(obj, "id"),
+        id=_required_id(obj, "id"),
         name=_required_str(obj, "name"),
         notify_low_credits=_optional_bool(obj, "notify_low_credits", default=False),
         low_credits_threshold=(
@@ -200,7 +216,7 @@ def parse_billing(data: object) -> Billing:
     obj = _object(data, "billing")
     credits_used = obj.get("credits_used")
     return Billing(
-        organization_id=_required_int(obj, "organization"),
+        organization_id=_required_id(obj, "organization"),
         credits_remaining=parse_decimal(
             _required(obj, "credits_remaining"), "credits_remaining"
         ),
@@ -223,8 +239,8 @@ def _member(data: object, path: str) -> Member:
     if notify is not None and not isinstance(notify, bool):
         raise ParseError(f"{path}.is_email_notify_enabled", f"{_show(notify)} is not a boolean")
     return Member(
-        membership_id=_required_int(obj, "id", path),
-        user_id=_required_int(user, "id", f"{path}.user"),
+        membership_id=_required_id(obj, "id", path),
+        user_id=_required_id(user, "id", f"{path}.user"),
         # A member without a name or email is still a member: alert_recipients() skips
         # empty emails, so a null here must not cost the whole organization its alerts.
         name=_optional_str(user, "name", f"{path}.user"),
@@ -250,10 +266,17 @@ def _required(obj: dict[str, object], key: str, parent: str = "") -> object:
     return obj[key]
 
 
-def _required_int(obj: dict[str, object], key: str, parent: str = "") -> int:
+def is_id(value: object) -> bool:
+    """Whether ``value`` is an id poller can store and use (see MIN_ID, MAX_ID)."""
+    return isinstance(value, int) and not isinstance(value, bool) and MIN_ID <= value <= MAX_ID
+
+
+def _required_id(obj: dict[str, object], key: str, parent: str = "") -> int:
     value = _required(obj, key, parent)
     if isinstance(value, bool) or not isinstance(value, int):
         raise ParseError(_field_path(parent, key), f"{_show(value)} is not an integer")
+    if not is_id(value):
+        raise ParseError(_field_path(parent, key), f"{_show(value)} is out of range")
     return value
 
 

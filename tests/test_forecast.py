@@ -6,16 +6,19 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from poller.forecast import (
+    HORIZON_DAYS,
     Point,
     forecast,
     needs_advice,
     suggest_threshold,
     window,
 )
+from poller.mail import AlertContent, forecast_line
+from poller.notices import forecast_fields
 
 T0 = datetime(2024, 5, 1, tzinfo=UTC)
 
@@ -163,8 +166,8 @@ def test_an_estimate_is_positive_and_agrees_with_its_runway(points) -> None:
     if prediction.rate is None:
         return
     assert prediction.rate > 0
-    assert prediction.runway_days is not None and prediction.runs_out_at is not None
-    assert prediction.runs_out_at >= prediction.as_of
+    assert prediction.runway_days is not None
+    assert prediction.beyond_horizon or prediction.runs_out_at is not None
     if prediction.balance > 0:
         assert abs(prediction.runway_days * prediction.rate - prediction.balance) < Decimal("1e-6")
 
@@ -176,3 +179,51 @@ def test_a_suggestion_always_covers_the_days_and_is_a_valid_api_amount(rate, day
     assert suggested >= min(rate * days, Decimal("99999999"))
     assert suggested == suggested.quantize(Decimal("0.01"))
     assert suggested <= Decimal("99999999")
+
+
+# Near-idle and huge balances alike: amounts up to the 10**18 parsing allows, with fractions
+# of a cent, polled for seconds or days, as of any time up to the year 9000.
+any_amounts = st.decimals(min_value=-(10**17), max_value=10**17, places=6)
+
+
+@st.composite
+def any_histories(draw) -> list[Point]:
+    moment = draw(
+        st.datetimes(
+            min_value=datetime(2000, 1, 1), max_value=datetime(9000, 1, 1), timezones=st.just(UTC)
+        )
+    )
+    points = []
+    for balance in draw(st.lists(any_amounts, min_size=1, max_size=12)):
+        moment += timedelta(seconds=draw(st.integers(min_value=1, max_value=3 * 86400)))
+        points.append(Point(moment, balance))
+    return points
+
+
+@settings(max_examples=300)
+@given(any_histories())
+def test_any_history_runs_out_within_the_horizon_beyond_it_or_not_at_all(points) -> None:
+    prediction = forecast(points)
+    runs_out_at = prediction.runs_out_at  # never an OverflowError
+    if prediction.rate is None:
+        assert runs_out_at is None and not prediction.beyond_horizon
+    elif prediction.beyond_horizon:
+        assert runs_out_at is None and prediction.runway_days > HORIZON_DAYS
+    else:
+        assert runs_out_at is not None
+        assert prediction.as_of <= runs_out_at <= prediction.as_of + timedelta(days=3653)
+    # The email's sentence about it renders too, whatever the estimate.
+    content = AlertContent(
+        org_id=1,
+        org_name="Org",
+        breach_number=1,
+        balance=prediction.balance,
+        threshold=Decimal(1000),
+        detected_at=prediction.as_of,
+        billing_url="https://x.example/b",
+        auto_refill=False,
+        **forecast_fields(prediction),
+    )
+    line = forecast_line(content)
+    if prediction.beyond_horizon and prediction.balance > 0:
+        assert line is not None and line.endswith("your credits will last more than 10 years.")

@@ -32,7 +32,9 @@ from poller.mail import (
     SmtpTransport,
     build_message,
     find_templates_dir,
+    forecast_line,
     format_credits,
+    format_runway,
     message_id_for,
     one_line,
     render_email,
@@ -132,17 +134,47 @@ class HtmlOutline(HTMLParser):
         ("-12", "-12.00 credits"),
         ("1", "1.00 credits"),
         ("0", "0.00 credits"),
-        ("-0.001", "0.00 credits"),
-        ("0.015", "0.02 credits"),
-        ("0.025", "0.02 credits"),
+        # Every decimal the amount has: the rule compared these, the reader must see them.
+        ("-0.001", "-0.001 credits"),
+        ("0.015", "0.015 credits"),
+        ("999.999", "999.999 credits"),
+        ("1234567.00000001", "1,234,567.00000001 credits"),
         ("99999999.99", "99,999,999.99 credits"),
         ("1E+3", "1,000.00 credits"),
+        ("-0", "0.00 credits"),
+        ("-0.00", "0.00 credits"),
+        ("-0E-7", "0.0000000 credits"),
     ],
 )
-def test_credit_amounts_read_with_two_decimals_and_thousands_separators(
+def test_credit_amounts_read_exactly_with_thousands_separators_and_at_least_two_decimals(
     amount: str, expected: str
 ) -> None:
     assert format_credits(Decimal(amount)) == expected
+
+
+# Every amount parsing accepts: below 10**18, at most 20 decimals.
+parsed_amounts = st.decimals(
+    min_value=-(10**18) + 1, max_value=10**18 - 1, places=20, allow_nan=False
+).map(lambda amount: amount.normalize() if amount else amount) | st.decimals(
+    min_value=-(10**6), max_value=10**6, places=3
+)
+
+
+def shown_value(text: str) -> Decimal:
+    return Decimal(text.removesuffix(" credits").replace(",", ""))
+
+
+@given(parsed_amounts, parsed_amounts)
+def test_a_balance_below_its_threshold_is_shown_below_it(
+    balance: Decimal, threshold: Decimal
+) -> None:
+    balance, threshold = sorted((balance, threshold))
+    if balance == threshold:
+        return
+    shown_balance, shown_threshold = format_credits(balance), format_credits(threshold)
+    assert shown_balance != shown_threshold
+    assert shown_value(shown_balance) == balance and shown_value(shown_threshold) == threshold
+    assert not shown_balance.startswith("-0.") or balance < 0
 
 
 def test_it_refuses_to_format_a_float_amount() -> None:
@@ -154,6 +186,46 @@ def test_it_refuses_to_format_a_float_amount() -> None:
 def test_it_refuses_to_format_a_non_finite_amount(amount: str) -> None:
     with pytest.raises(ValueError, match="non-finite"):
         format_credits(Decimal(amount))
+
+
+@pytest.mark.parametrize(
+    ("changes", "line"),
+    [
+        ({}, None),
+        (
+            {
+                "burn_per_day": Decimal("120"),
+                "runs_out_at": DETECTED_AT + timedelta(days=3, hours=4),
+            },
+            "At your recent usage (\u2248 120.00 credits/day) you will run out around 4 May 2024 "
+            "(in about 3 days).",
+        ),
+        # A rate without a date: the runway is beyond the forecast horizon.
+        (
+            {"burn_per_day": Decimal("0.25"), "runs_out_at": None},
+            "At your recent usage (\u2248 0.25 credits/day) your credits will last more than 10 "
+            "years.",
+        ),
+    ],
+)
+def test_the_forecast_line_gives_a_date_within_the_horizon_and_no_date_beyond_it(
+    changes: dict[str, object], line: str | None
+) -> None:
+    assert forecast_line(alert(**changes)) == line
+
+
+@pytest.mark.parametrize(
+    ("days", "phrase"),
+    [
+        ("0.5", "in less than a day"),
+        ("1.4", "in about 1 day"),
+        ("3653", "in about 3653 days"),
+        ("3653.01", "in more than 10 years"),
+        ("1e30", "in more than 10 years"),
+    ],
+)
+def test_a_runway_beyond_ten_years_is_said_without_a_number(days: str, phrase: str) -> None:
+    assert format_runway(Decimal(days)) == phrase
 
 
 # --- the subject ----------------------------------------------------------------------------

@@ -125,7 +125,8 @@ def test_a_member_without_notify_flag_or_name_is_still_read() -> None:
         (0.1, Decimal("0.1")),
         (1e15, Decimal("1000000000000000")),
         (2.5e-3, Decimal("0.0025")),
-        ("1E+3", Decimal("1000")),
+        (1e16, Decimal("10000000000000000")),  # a float whose repr has an exponent
+        ("0.00000000000000000001", Decimal("1E-20")),
     ],
 )
 def test_it_parses_decimal_strings_integers_and_floats_exactly(
@@ -154,7 +155,19 @@ def test_decimal_arithmetic_on_parsed_values_is_exact() -> None:
         (True, "amount: true is not a decimal number"),
         (None, "amount: null is not a decimal number"),
         ([1], "amount: a list is not a decimal number"),
-        ("1e999999999", "amount: '1e999999999' is out of range"),
+        ("1e999999999", "amount: '1e999999999' is not a decimal number"),
+        ("1E+3", "amount: '1E+3' is not a decimal number"),
+        ("\u0665", "amount: '\u0665' is not a decimal number"),  # an Arabic-Indic five
+        ("\uff11\uff10", "amount: '\uff11\uff10' is not a decimal number"),  # fullwidth 10
+        ("1,000", "amount: '1,000' is not a decimal number"),
+        ("-Infinity", "amount: '-Infinity' is not a decimal number"),
+        ("1" * 10_000, f"amount: '{'1' * 56}... is out of range"),
+        ("0." + "1" * 10_000, f"amount: '0.{'1' * 54}... has more than 20 decimals"),
+        (
+            "0.000000000000000000001",
+            "amount: '0.000000000000000000001' has more than 20 decimals",
+        ),
+        (1e-300, "amount: 1e-300 has more than 20 decimals"),
         (10**5000, "amount: a very large integer is out of range"),
     ],
     ids=lambda value: f"{type(value).__name__}:{str(value)[:20]}" if value != 10**5000 else "huge",
@@ -316,6 +329,56 @@ def outcome(parse, data: object) -> object:
         return f"ParseError: {error}"
 
 
+MEMBER = FULL_ORG["members"][0]
+
+
+def both_paths(data: object) -> tuple[object, object]:
+    """What the fast decoder and the field-by-field checks make of one listed organization."""
+    body = json.dumps({"count": 1, "next": None, "previous": None, "results": [data]}).encode()
+    page = loads_page(body)
+    fast = page.results[0] if isinstance(page, PageBody) else page["results"][0]
+    checked = json.loads(body)["results"][0]
+    return outcome(parse_organization, fast), outcome(parse_organization, checked)
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (org_with(id=2**63), "id: 9223372036854775808 is out of range"),
+        (org_with(id=2**64 + 1), "id: 18446744073709551617 is out of range"),
+        (org_with(id=0), "id: 0 is out of range"),
+        (org_with(id=-37), "id: -37 is out of range"),
+        (org_with(id=10**50), "id: a very large integer is out of range"),
+        (
+            org_with(members=[dict(MEMBER, id=2**63)]),
+            "members[0].id: 9223372036854775808 is out of range",
+        ),
+        (
+            org_with(members=[dict(MEMBER, user={"id": -1, "email": "a@b.example"})]),
+            "members[0].user.id: -1 is out of range",
+        ),
+    ],
+)
+def test_an_id_outside_1_to_2_63_minus_1_is_refused_by_both_paths(
+    data: object, message: str
+) -> None:
+    assert both_paths(data) == (f"ParseError: {message}", f"ParseError: {message}")
+
+
+@pytest.mark.parametrize("org_id", [1, 2**63 - 1])
+def test_the_ids_at_the_ends_of_the_range_are_read_by_both_paths(org_id: int) -> None:
+    fast, checked = both_paths(org_with(id=org_id))
+    assert fast == checked and isinstance(fast, Organization) and fast.id == org_id
+
+
+@pytest.mark.parametrize("organization", [0, -1, 2**63])
+def test_a_billing_organization_id_out_of_range_is_refused_by_both_paths(organization: int) -> None:
+    body = json.dumps(dict(BILLING, organization=organization)).encode()
+    expected = f"ParseError: organization: {organization} is out of range"
+    assert outcome(parse_billing, loads_billing(body)) == expected
+    assert outcome(parse_billing, json.loads(body)) == expected
+
+
 valid_member = st.fixed_dictionaries(
     {
         "id": st.integers(),
@@ -357,11 +420,8 @@ def nearly_valid_org(draw: st.DrawFn) -> dict:
 @settings(max_examples=500, deadline=None)
 @given(st.one_of(nearly_valid_org(), org_like, json_values))
 def test_an_organization_decoded_fast_is_read_exactly_as_the_checks_read_it(data: object) -> None:
-    body = json.dumps({"count": 1, "next": None, "previous": None, "results": [data]}).encode()
-    page = loads_page(body)
-    fast = page.results[0] if isinstance(page, PageBody) else page["results"][0]
-    checked = json.loads(body)["results"][0]
-    assert outcome(parse_organization, fast) == outcome(parse_organization, checked)
+    fast, checked = both_paths(data)
+    assert fast == checked
 
 
 @settings(max_examples=300, deadline=None)
