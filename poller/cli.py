@@ -10,7 +10,7 @@ import re
 import sys
 import threading
 from collections.abc import Callable
-from datetime import datetime
+from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
@@ -33,7 +33,7 @@ from poller.mail import (
     format_runway,
     render_email,
 )
-from poller.notifications import content_for
+from poller.notifications import content_for, delivery_summary
 from poller.ops_commands import health, preview, send_test
 from poller.progress import terminal_progress
 from poller.sharding import Shard, parse_shard
@@ -422,7 +422,7 @@ def _status_cells(row: StatusRow, outlook: Outlook) -> tuple[str, ...]:
         row.state.value,
         when(row.last_checked_at),
         when(row.last_alert_at),
-        row.notification_status or "-",
+        _delivery_text(row),
         "-" if outlook.forecast.rate is None else f"{outlook.forecast.rate:,.2f}",
         _runs_out_text(outlook) if outlook.forecast.rate is not None else "-",
         _advice_text(outlook),
@@ -488,6 +488,13 @@ def _shorten(text: str, width: int) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
+def _delivery_text(row: StatusRow) -> str:
+    if row.notification_status is None:
+        return "-"
+    return delivery_summary(row.notification_status, row.notification_recipients,
+                            row.notification_deliveries or {})
+
+
 def _jsonable(row: StatusRow) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in dataclasses.asdict(row).items():
@@ -495,8 +502,34 @@ def _jsonable(row: StatusRow) -> dict[str, Any]:
             value = str(value)
         elif isinstance(value, datetime):
             value = value.isoformat()
+        elif isinstance(value, tuple):
+            value = list(value)
         out[key] = value
+    out["delivery"] = _delivery_text(row)
     return out
+
+
+@cli.command()
+@click.option("--failed", is_flag=True, required=True,
+              help="Requeue failed notifications and the failed recipients of sent ones.")
+@click.option("--org", "org_id", type=int, help="Only this organization's notifications.")
+@click.pass_obj
+def requeue(settings: Settings, failed: bool, org_id: int | None) -> None:
+    """Put failed emails back to pending, due at once, and say how many.
+
+    A notification is failed when the SMTP server refused every recipient for good; a sent
+    one may still have failed recipients. Once the address (in Cekura) or the server is
+    fixed, this sends each of them again at the next delivery (`poller once`, or the
+    daemon's next cycle), with the same Message-ID; recipients who have it get nothing more.
+
+    \b
+    Example:
+      poller requeue --failed --org 37 && poller once
+    """
+    store = _open_store(settings)
+    rows, recipients = store.requeue_failed(datetime.now(UTC), org_id)
+    click.echo(f"requeued {rows} notification{'s' if rows != 1 else ''} "
+               f"({recipients} recipient{'s' if recipients != 1 else ''})")
 
 
 @cli.command("forecast")

@@ -22,6 +22,7 @@ from urllib.parse import urlsplit
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
+from poller.addresses import InvalidAddress, checked_billing_url, checked_sender
 from poller.sharding import Shard, parse_shard
 
 
@@ -346,13 +347,22 @@ def _database_url(value: str) -> str | None:
     return None
 
 
-def _plausible_address(value: str | None) -> str | None:
+def _sender(value: str | None) -> str | None:
+    # The message builder's own check: what passes here is what it can put in From.
     if value is None:
         return None
-    local, _, domain = value.partition("@")
-    one_line = "\r" not in value and "\n" not in value
-    if value.count("@") != 1 or not local.strip() or not domain.strip() or not one_line:
-        return f"{_show(value)} is not an email address"
+    try:
+        checked_sender(value)
+    except InvalidAddress as problem:
+        return str(problem)
+    return None
+
+
+def _billing_url(value: str) -> str | None:
+    try:
+        checked_billing_url(value)
+    except ValueError as problem:
+        return str(problem)
     return None
 
 
@@ -396,8 +406,8 @@ _SPECS: dict[str, _Spec] = {
         _Spec("smtp_password", _one_secret, secret=True),
         _Spec("smtp_timeout", _number, _greater_than_zero),
         _Spec("smtp_connections", _whole_number, _at_least(1)),
-        _Spec("mail_from", _optional_text, _plausible_address),
-        _Spec("billing_url", _required_text, _http_url),
+        _Spec("mail_from", _optional_text, _sender),
+        _Spec("billing_url", _required_text, _billing_url),
         _Spec("interval", _number, _greater_than_zero),
         _Spec("jitter", _number, _at_least(0)),
         _Spec("cycle_timeout", _number, _greater_than_zero),

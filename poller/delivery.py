@@ -27,14 +27,26 @@ from datetime import UTC, datetime, timedelta
 
 import structlog
 
+from poller.addresses import InvalidAddress, checked_address, needs_smtputf8
 from poller.config import Settings
 from poller.mail import (
+    NO_SMTPUTF8,
     AlertContent,
     DeliveryError,
     SmtpTransport,
     build_message,
+    is_permanent,
     message_id_for,
     render_email,
+    reply_text,
+)
+from poller.notifications import (
+    FAILED,
+    RETRYING,
+    SENT,
+    delivery_summary,
+    row_status,
+    still_to_send,
 )
 from poller.store import ClaimedNotification, DatabaseError, Store
 
@@ -138,35 +150,72 @@ class Deliverer:
             for index, row in enumerate(claimed):
                 if cancel.is_set():
                     # Not the server's fault: due again at once for whichever poller runs next.
-                    self._release(claimed[index:], "stopped before sending", report, backoff=False)
+                    self._release(claimed[index:], None, report, backoff=False)
                     return False
-                try:
-                    message = self._message(row)
-                except ValueError as exc:
-                    # Nothing the server could say will fix an unbuildable message (an
-                    # address the API gave us that is not an address): fail it loudly.
-                    self._fail(row, DeliveryError(f"cannot build the email: {exc}",
-                                                  permanent=True), report)
-                    continue
                 if not lease.holds(index, self._now()):
                     # The batch outlasted our lease and another poller took this row over:
                     # sending it too would be a duplicate.
                     log.info("email.handed_over", org_id=row.org_id, breach=row.breach_number)
                     continue
                 try:
-                    refused = transport.send(message, row.recipients)
+                    self._send_row(row, transport, report)
                 except DeliveryError as exc:
-                    if exc.permanent:
-                        self._fail(row, exc, report)
-                        continue
-                    # A temporary failure (server down, 4xx) will hit the rest of the batch
-                    # too: put them all back for later instead of timing out on each.
-                    self._release(claimed[index:], str(exc), report)
+                    # Not about this message's recipients (server down, login, sender refused,
+                    # 4xx to MAIL or DATA): the rest of the batch would meet it too, so put
+                    # them all back for later instead of timing out on each.
+                    self._release(claimed[index:], exc, report)
                     return False
-                self._mark_sent(row, refused, report)
         return True
 
-    def _message(self, row: ClaimedNotification):
+    def _send_row(
+        self, row: ClaimedNotification, transport: SmtpTransport, report: DeliveryReport
+    ) -> None:
+        """Send ``row`` to its recipients still to send, and record each one's outcome.
+
+        Raises DeliveryError for a failure that is not about the recipients and would hit the
+        next message too; the caller releases the batch.
+        """
+        outcomes = _Outcomes(row, self._now())
+        # Addresses recorded before poller checked them as the builder does: one bad address
+        # costs its own recipient only.
+        addressable = []
+        for address in row.recipients:
+            try:
+                checked_address(address)
+            except InvalidAddress as problem:
+                outcomes.settle(address, FAILED, str(problem))
+            else:
+                addressable.append(address)
+        if any(map(needs_smtputf8, addressable)) and not transport.smtputf8():
+            for address in filter(needs_smtputf8, addressable):
+                outcomes.settle(address, FAILED, reply_text(*NO_SMTPUTF8))
+            addressable = [address for address in addressable if not needs_smtputf8(address)]
+        envelope = still_to_send(addressable, outcomes.deliveries)
+        if envelope:
+            try:
+                # Every attempt says the same To (all the recipients this server can
+                # address), whichever of them it goes to: it is the same email.
+                message = self._message(row, addressable)
+            except ValueError as exc:
+                # Not about the recipients (a setting, a template): failing it would lose the
+                # alert, so it waits, loudly, for the fix.
+                self._hold(row, f"cannot build the email: {exc}", outcomes, report)
+                return
+            try:
+                refused = transport.send(message, envelope)
+            except DeliveryError as exc:
+                if exc.refused:
+                    refused = exc.refused
+                elif exc.permanent:
+                    # The server refuses this message itself (5xx to DATA): others may pass.
+                    self._hold(row, str(exc), outcomes, report)
+                    return
+                else:
+                    raise
+            outcomes.record_answers(envelope, refused)
+        self._finish(row, outcomes, report)
+
+    def _message(self, row: ClaimedNotification, recipients: list[str]):
         mail_from = self._settings.mail_from
         assert mail_from, "callers check Settings.require_mail_from() before delivering"
         content = AlertContent(
@@ -185,7 +234,7 @@ class Deliverer:
         return build_message(
             render_email(content),
             mail_from=mail_from,
-            recipients=row.recipients,
+            recipients=recipients,
             message_id=self._message_id(row),
             date=row.detected_at,
         )
@@ -198,84 +247,108 @@ class Deliverer:
             kind=row.kind.replace("_", "-"),
         )
 
-    def _mark_sent(self, row: ClaimedNotification, refused: dict, report: DeliveryReport) -> None:
+    def _finish(
+        self, row: ClaimedNotification, outcomes: _Outcomes, report: DeliveryReport
+    ) -> None:
+        """Record the outcomes of this attempt and the row status they add up to."""
+        for address, (outcome, answer) in outcomes.new_refusals.items():
+            log.warning("email.recipient_refused", org_id=row.org_id, breach=row.breach_number,
+                        recipient=address, outcome=outcome, answer=answer)
+        deliveries = outcomes.deliveries
+        status = row_status(row.recipients, deliveries)
         message_id = self._message_id(row)
-        if not self._record_sent(row, message_id):
+        now = self._now()
+        if status == "sent":
+            held = self._record(row, outcomes, lambda: self._store.mark_sent(
+                row.id, worker=self.worker, message_id=message_id, now=now,
+                deliveries=deliveries))
+            report.sent += 1
+            log.info("email.sent", org_id=row.org_id, breach=row.breach_number,
+                     recipients=outcomes.accepted, message_id=message_id,
+                     outcome=delivery_summary(status, row.recipients, deliveries))
+        elif status == "failed":
+            error = "; ".join(f"{address}: {deliveries[address]['answer']}"
+                              for address in row.recipients)
+            held = self._record(row, outcomes, lambda: self._store.mark_failed(
+                row.id, worker=self.worker, error=error, now=now, deliveries=deliveries))
+            report.failed += 1
+            log.error("email.failed", org_id=row.org_id, breach=row.breach_number, error=error,
+                      hint="every recipient was refused for good: check the admins' addresses "
+                      "in Cekura; `poller requeue --failed` sends it again")
+        else:
+            next_attempt = now + timedelta(seconds=retry_delay(row.attempts))
+            # No message-level error: only some recipients are to be tried again.
+            held = self._record(row, outcomes, lambda: self._store.mark_retry(
+                row.id, worker=self.worker, error=None, next_attempt_at=next_attempt, now=now,
+                deliveries=deliveries))
+            report.retried += 1
+            log.warning("email.retry", org_id=row.org_id, breach=row.breach_number,
+                        attempt=row.attempts, next_attempt_at=next_attempt.isoformat(),
+                        outcome=delivery_summary(status, row.recipients, deliveries))
+        if not held and outcomes.accepted:
             # Our lease ran out while sending and someone else took the row over; they
             # will send it again with the same Message-ID. Say so: it is a duplicate.
             log.warning("email.lease_lost", org_id=row.org_id, breach=row.breach_number)
-        report.sent += 1
-        log.info(
-            "email.sent",
-            org_id=row.org_id,
-            breach=row.breach_number,
-            recipients=len(row.recipients) - len(refused),
-            message_id=message_id,
-        )
-        for address, (code, answer) in refused.items():
-            log.warning(
-                "email.recipient_refused",
-                org_id=row.org_id,
-                breach=row.breach_number,
-                recipient=address,
-                smtp_code=code,
-                answer=answer.decode("utf-8", "replace") if isinstance(answer, bytes) else answer,
-            )
 
-    def _record_sent(self, row: ClaimedNotification, message_id: str) -> bool:
-        """Mark the row sent, trying again on a fresh connection if the database hiccups.
+    def _record(self, row: ClaimedNotification, outcomes: _Outcomes,
+                mark: Callable[[], bool]) -> bool:
+        """Record an attempt, trying again on a fresh connection if the database hiccups.
 
-        The server has the message already: every failed attempt here widens the one window
-        in which an email can be sent twice, so a dropped connection is worth a few retries.
+        When the server accepted the message for someone, every failed attempt here widens
+        the one window in which an email can be sent twice, so a dropped connection is worth
+        a few retries.
         """
+        if not outcomes.accepted:
+            return mark()
         for delay in MARK_SENT_RETRY_DELAYS:
             try:
-                return self._store.mark_sent(row.id, worker=self.worker, message_id=message_id,
-                                             now=self._now())
+                return mark()
             except DatabaseError as exc:
                 log.warning("email.mark_sent_retry", org_id=row.org_id,
                             breach=row.breach_number, error=str(exc))
                 time.sleep(delay)
         try:
-            return self._store.mark_sent(row.id, worker=self.worker, message_id=message_id,
-                                         now=self._now())
+            return mark()
         except DatabaseError:
             log.error(
                 "email.unrecorded",
                 org_id=row.org_id,
                 breach=row.breach_number,
-                message_id=message_id,
+                message_id=self._message_id(row),
                 hint="the SMTP server accepted this email but the database could not record "
                 "it; it will be sent again, with the same Message-ID, once its lease expires",
             )
             raise
 
-    def _fail(self, row: ClaimedNotification, exc: DeliveryError, report: DeliveryReport) -> None:
-        self._store.mark_failed(row.id, worker=self.worker, error=str(exc), now=self._now())
-        report.failed += 1
-        log.error(
-            "email.failed",
-            org_id=row.org_id,
-            breach=row.breach_number,
-            error=str(exc),
-            hint="this email will not be retried: check the admins' addresses in Cekura, "
-            "POLLER_MAIL_FROM and the SMTP server's answer above",
-        )
+    def _hold(self, row: ClaimedNotification, error: str, outcomes: _Outcomes,
+              report: DeliveryReport) -> None:
+        """Keep one row pending with backoff for a problem that is not about its recipients."""
+        now = self._now()
+        next_attempt = now + timedelta(seconds=retry_delay(row.attempts))
+        if self._store.mark_retry(row.id, worker=self.worker, error=error,
+                                  next_attempt_at=next_attempt, now=now,
+                                  deliveries=outcomes.deliveries):
+            report.retried += 1
+        log.error("email.held", org_id=row.org_id, breach=row.breach_number, error=error,
+                  next_attempt_at=next_attempt.isoformat(), hint=HELD_HINT)
 
     def _release(
         self,
         rows: list[ClaimedNotification],
-        error: str,
+        error: DeliveryError | None,
         report: DeliveryReport,
         *,
         backoff: bool = True,
     ) -> None:
+        """Put rows back to pending; ``error`` None: not tried, keeping what each row said."""
         now = self._now()
         for row in rows:
             delay = retry_delay(row.attempts) if backoff else 0.0
             next_attempt = now + timedelta(seconds=delay)
+            text = row.last_error if error is None else str(error)
             if not self._store.mark_retry(
-                row.id, worker=self.worker, error=error, next_attempt_at=next_attempt, now=now
+                row.id, worker=self.worker, error=text, next_attempt_at=next_attempt, now=now,
+                deliveries=row.deliveries,
             ):
                 continue  # taken over by another poller once our lease ran out: theirs now
             report.retried += 1
@@ -285,8 +358,46 @@ class Deliverer:
                 breach=row.breach_number,
                 attempt=row.attempts,
                 next_attempt_at=next_attempt.isoformat(),
-                error=error,
+                error=text,
             )
+        if error is not None and (error.smtp_code or 0) >= 500:
+            # A 5xx that is not about the recipients (sender refused, login rejected): no
+            # retry fixes it by itself, someone must.
+            log.error("email.held", error=str(error), emails=len(rows), hint=HELD_HINT)
+
+
+HELD_HINT = ("not about the recipients: the emails stay pending and go out once fixed; check "
+             "POLLER_MAIL_FROM, POLLER_SMTP_USERNAME / PASSWORD and the SMTP server's answer")
+
+
+class _Outcomes:
+    """One attempt's view of a row's per-recipient outcomes, started from what is stored."""
+
+    def __init__(self, row: ClaimedNotification, now: datetime) -> None:
+        self.deliveries = {address: dict(entry) for address, entry in row.deliveries.items()}
+        self._pending = set(still_to_send(row.recipients, row.deliveries))
+        self._at = now.isoformat()
+        self.accepted = 0
+        self.new_refusals: dict[str, tuple[str, str]] = {}
+
+    def settle(self, address: str, outcome: str, answer: str) -> None:
+        """Record an outcome for a recipient that did not have a final one yet."""
+        if address not in self._pending:
+            return
+        self.deliveries[address] = {"outcome": outcome, "answer": answer, "at": self._at}
+        if outcome == SENT:
+            self.accepted += 1
+        else:
+            self.new_refusals[address] = (outcome, answer)
+
+    def record_answers(self, envelope: list[str], refused: dict[str, tuple[int, bytes]]) -> None:
+        for address in envelope:
+            if address not in refused:
+                self.settle(address, SENT, "accepted")
+                continue
+            code, text = refused[address]
+            outcome = FAILED if is_permanent(code) else RETRYING
+            self.settle(address, outcome, reply_text(code, text))
 
 
 def renewal_margin(settings: Settings) -> float:

@@ -1,10 +1,11 @@
 """Is the poller doing its job? One verdict, shared by `/healthz` and `poller health`.
 
-Healthy means: a successful cycle finished less than ``max_age`` seconds ago. A successful
-cycle read the organization list and at least one organization's balance (or there were none
-to read): a cycle that could not reach the API is not one. Email trouble does not make the
-poller unhealthy, because restarting it cannot fix a mail server; it shows in the
-``poller_outbox_pending`` metric and in ``email.retry`` / ``email.failed`` log events.
+Healthy means: a successful cycle finished less than ``max_age`` seconds ago, and no email is
+held back by a problem that is not about its recipients (SMTP server unreachable, login or
+sender refused, a setting the email cannot be built with): such a problem holds back every
+alert until someone fixes it, so it must show. An admin's address being refused does not
+count: it costs that admin's copy only (``email.recipient_refused`` / ``email.failed`` log
+events, ``poller status``).
 """
 
 from __future__ import annotations
@@ -40,12 +41,20 @@ def judge(
     now: datetime,
     max_age: float,
     running_since: datetime | None = None,
+    held: tuple[int, str | None] = (0, None),
 ) -> Verdict:
     """``running_since``: a process that started less than ``max_age`` ago gets time to finish
-    its first cycle before it is called unhealthy (the daemon passes its start time)."""
+    its first cycle before it is called unhealthy (the daemon passes its start time).
+    ``held``: ``Store.held_back()``, emails waiting on a problem not about their recipients."""
     if last_success is not None:
         age = (now - last_success).total_seconds()
         when = f"{_seconds(age)} ago (at {last_success:%Y-%m-%d %H:%M:%S} UTC)"
+        if age <= max_age and held[0]:
+            return Verdict(
+                False,
+                f"{held[0]} email(s) held back by a problem that is not about their recipients: "
+                f"{held[1]}; see the email.held and email.retry log events",
+            )
         if age <= max_age:
             return Verdict(True, f"last successful cycle {when}")
         return Verdict(

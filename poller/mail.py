@@ -15,19 +15,26 @@ import smtplib
 import ssl
 import unicodedata
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import ROUND_HALF_EVEN, Decimal
-from email.utils import format_datetime, parseaddr
+from email.utils import format_datetime, quote
 from functools import lru_cache
 from pathlib import Path
 from types import TracebackType
 from typing import Any
-from urllib.parse import urlsplit
 
 import jinja2
 import structlog
 
+from poller.addresses import (
+    InvalidAddress,
+    checked_billing_url,
+    checked_sender,
+    needs_smtputf8,
+    smtp_address,
+)
 from poller.config import Secret
 from poller.forecast import BEYOND_HORIZON, HORIZON_DAYS
 from poller.terminal import BIDI_CONTROLS
@@ -233,7 +240,7 @@ def _template_context(content: AlertContent) -> dict[str, Any]:
         "balance": format_credits(content.balance),
         "threshold": format_credits(content.threshold),
         "detected_at": format_detected_at(content.detected_at),
-        "billing_url": _checked_billing_url(content.billing_url),
+        "billing_url": _billing_url(content.billing_url),
         "auto_refill": content.auto_refill,
         "reminder": content.reminder,
         "forecast_line": forecast_line(content),
@@ -241,13 +248,11 @@ def _template_context(content: AlertContent) -> dict[str, Any]:
     }
 
 
-def _checked_billing_url(url: str) -> str:
-    # It lands in an href: anything but a plain http(s) URL (javascript:, data:) is refused.
-    parts = urlsplit(url)
-    has_space = any(char.isspace() for char in url) or one_line(url) != url
-    if parts.scheme not in ("http", "https") or not parts.netloc or has_space:
-        raise ValueError(f"billing_url must be an http(s) URL without spaces, got {url!r}")
-    return url
+def _billing_url(url: str) -> str:
+    try:
+        return checked_billing_url(url)
+    except ValueError as problem:
+        raise ValueError(f"billing_url: {problem}") from None
 
 
 @lru_cache(maxsize=1)
@@ -291,8 +296,9 @@ def message_id_for(
 @lru_cache(maxsize=8)
 def _message_id_domain(mail_from: str) -> str:
     # The same sender for every email of a run: parsed once.
-    _, at, domain = parseaddr(mail_from)[1].rpartition("@")
-    if not at:
+    try:
+        domain = checked_sender(mail_from)[1].rpartition("@")[2]
+    except InvalidAddress:
         domain = ""
     try:
         domain = domain.encode("idna").decode("ascii")
@@ -341,7 +347,7 @@ def build_message(
         # CR/LF reaches a header, so nothing can add a header of its own.
         _subject_header(one_line(rendered.subject)),
         from_header,
-        _to_header([_checked_recipient(address) for address in recipients]),
+        _to_header([smtp_address(address) for address in recipients]),
         f"Date: {format_datetime(date.astimezone(UTC))}",
         f"Message-ID: {message_id}",
         # RFC 3834: tells autoresponders (vacation replies) not to answer an automatic alert.
@@ -400,15 +406,19 @@ def _from_header(mail_from: str) -> tuple[str, str]:
 
     A display name may need quoting or encoding: the ``email`` package does that here.
     """
-    value = _checked_address_header(mail_from, "mail_from")
-    address = parseaddr(value)[1]
+    try:
+        name, address = checked_sender(mail_from)
+    except InvalidAddress as problem:
+        raise InvalidAddress(f"mail_from: {problem}") from None
+    address = smtp_address(address)
+    value = f'"{quote(name)}" <{address}>' if name else address
     policy = _MESSAGE_POLICY if address.isascii() else _MESSAGE_POLICY.clone(utf8=True)
     folded = policy.header_factory("From", value).fold(policy=policy)
     return folded.rstrip("\r\n"), address
 
 
 def _to_header(addresses: list[str]) -> str:
-    # An address that is not ASCII goes as it is (RFC 6532): the transport then asks the
+    # A local part that is not ASCII goes as it is (RFC 6532): the transport then asks the
     # server for SMTPUTF8, as smtplib does for such addresses.
     one = "To: " + ", ".join(addresses)
     if len(one.encode("utf-8")) <= MAX_LINE:
@@ -446,36 +456,28 @@ def _boundary(*parts: bytes) -> str:
             return boundary
 
 
-def _checked_address_header(value: str, what: str) -> str:
-    address = parseaddr(value)[1]
-    if one_line(value) != value.strip() or "@" not in address:
-        raise ValueError(f"{what} is not a valid email address: {value!r}")
-    return value.strip()
-
-
-def _checked_recipient(address: str) -> str:
-    if (
-        parseaddr(address)[1] != address
-        or address.count("@") != 1
-        or one_line(address) != address
-        # RFC 5321 caps a path at 256 octets with its <>: no server takes a longer address.
-        or len(address.encode("utf-8")) > 254
-    ):
-        raise ValueError(f"not a plain email address: {address!r}")
-    return address
-
-
 class DeliveryError(Exception):
-    """Sending failed. ``permanent``: retrying this message cannot help.
+    """Sending failed. ``permanent``: retrying the same message to the same recipients
+    cannot help.
 
     The message is the server's own answer where there is one ("550 5.1.1 no such user"),
     otherwise what went wrong with the connection. It never contains the SMTP password.
     """
 
-    def __init__(self, message: str, *, permanent: bool, smtp_code: int | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        permanent: bool,
+        smtp_code: int | None = None,
+        refused: dict[str, tuple[int, bytes]] | None = None,
+    ) -> None:
         super().__init__(message)
         self.permanent = permanent
         self.smtp_code = smtp_code
+        # Each recipient's answer when the server refused every recipient; empty when the
+        # failure is not about the recipients (connection, login, sender, the message itself).
+        self.refused = refused or {}
 
 
 SECURITY_MODES = ("none", "starttls", "ssl")
@@ -515,6 +517,9 @@ class SmtpTransport:
         self._timeout = timeout
         self._local_hostname = local_hostname
         self._connection: smtplib.SMTP | None = None
+        # Opened by smtputf8() and not used for a message yet: a failure on it is not an
+        # idle connection the server dropped, so it is not worth a second one.
+        self._fresh = False
 
     def __repr__(self) -> str:
         return (
@@ -549,35 +554,62 @@ class SmtpTransport:
     ) -> dict[str, tuple[int, bytes]]:
         """Hand the message over for ``recipients``; returns the refused ones (if some were).
 
-        Raises DeliveryError when the server did not accept it for anyone.
+        Addresses are given and returned as stored; on the wire their domains are
+        IDNA-encoded. A recipient whose local part is not ASCII is refused here (553) when the
+        server does not offer SMTPUTF8. Raises DeliveryError when nobody accepted the message.
         """
         if not recipients:
             raise ValueError("send needs at least one recipient")
-        # As smtplib.send_message does: an address that is not ASCII needs SMTPUTF8 (sendmail
-        # refuses with SMTPNotSupportedError when the server does not offer it).
-        addresses = "".join([message.envelope_from, *recipients])
-        options = [] if addresses.isascii() else ["SMTPUTF8", "BODY=8BITMIME"]
+        # Raises InvalidAddress (a ValueError) for an address no message can be built for.
+        wire = {smtp_address(address): address for address in recipients}
+        with self._smtp_errors(wire):
+            refused = self._transfer(message, wire)
+        return {wire.get(address, address): answer for address, answer in refused.items()}
+
+    def smtputf8(self) -> bool:
+        """Whether the server takes local parts that are not ASCII (connects if need be)."""
+        with self._smtp_errors():
+            if self._connection is None:
+                self._connection = self._connect()
+                self._fresh = True
+            return self._connection.has_extn("smtputf8")
+
+    @contextmanager
+    def _smtp_errors(self, wire: dict[str, str] | None = None) -> Iterator[None]:
+        """Every way a send can go wrong, as a DeliveryError; the connection is dropped."""
         try:
-            return self._transfer(message, list(recipients), options)
+            yield
         except DeliveryError:
             self._discard()
             raise
         except smtplib.SMTPRecipientsRefused as error:
             self._discard()
-            raise self._all_recipients_refused(error.recipients) from error
-        except (smtplib.SMTPSenderRefused, smtplib.SMTPDataError) as error:
+            refused = {(wire or {}).get(address, address): answer
+                       for address, answer in error.recipients.items()}
+            raise self._all_recipients_refused(refused) from error
+        except smtplib.SMTPSenderRefused as error:
             self._discard()
-            # The server judged this message: a 5xx means it will never take it.
+            # Refusing the sender (an unverified address, a policy) is not about this
+            # message's recipients: every message would get the same answer until it is fixed.
             raise self._error(
-                _reply_text(error.smtp_code, error.smtp_error),
-                permanent=_is_permanent(error.smtp_code),
+                f"SMTP server {self._address} refused the sender {error.sender!r}: "
+                f"{reply_text(error.smtp_code, error.smtp_error)}",
+                permanent=False,
+                smtp_code=error.smtp_code,
+            ) from error
+        except smtplib.SMTPDataError as error:
+            self._discard()
+            # The server judged this message: a 5xx means it will never take it as it is.
+            raise self._error(
+                reply_text(error.smtp_code, error.smtp_error),
+                permanent=is_permanent(error.smtp_code),
                 smtp_code=error.smtp_code,
             ) from error
         except smtplib.SMTPResponseException as error:
             self._discard()
             raise self._error(
                 f"SMTP server {self._address} answered "
-                f"{_reply_text(error.smtp_code, error.smtp_error)}",
+                f"{reply_text(error.smtp_code, error.smtp_error)}",
                 permanent=False,
                 smtp_code=error.smtp_code,
             ) from error
@@ -615,13 +647,14 @@ class SmtpTransport:
         return f"{self._host}:{self._port}"
 
     def _transfer(
-        self, message: OutgoingMessage, recipients: list[str], options: list[str]
+        self, message: OutgoingMessage, wire: dict[str, str]
     ) -> dict[str, tuple[int, bytes]]:
-        reused = self._connection is not None
+        reused = self._connection is not None and not self._fresh
         if self._connection is None:
             self._connection = self._connect()
+        self._fresh = False
         try:
-            return _sendmail(self._connection, message, recipients, options)
+            return _sendmail(self._connection, message, list(wire))
         except _ClosedBeforeMail:
             if not reused:
                 raise
@@ -635,7 +668,7 @@ class SmtpTransport:
         # safe. Finding that out here instead of with a NOOP first saves a round trip per email.
         self._discard()
         self._connection = self._connect()
-        return _sendmail(self._connection, message, recipients, options)
+        return _sendmail(self._connection, message, list(wire))
 
     def _connect(self) -> smtplib.SMTP:
         connection: smtplib.SMTP
@@ -687,15 +720,16 @@ class SmtpTransport:
 
     def _all_recipients_refused(self, refused: dict[str, tuple[int, bytes]]) -> DeliveryError:
         answers = "; ".join(
-            f"{address}: {_reply_text(code, text)}" for address, (code, text) in refused.items()
+            f"{address}: {reply_text(code, text)}" for address, (code, text) in refused.items()
         )
         codes = [code for code, _ in refused.values()]
         # If any refusal is temporary, a retry may still reach that recipient.
-        temporary = [code for code in codes if not _is_permanent(code)]
-        return self._error(
-            f"all recipients refused: {answers}",
+        temporary = [code for code in codes if not is_permanent(code)]
+        return DeliveryError(
+            self._redacted(f"all recipients refused: {answers}"),
             permanent=not temporary,
             smtp_code=(temporary or codes or [None])[0],
+            refused=refused,
         )
 
     def _timed_out(self) -> DeliveryError:
@@ -723,18 +757,34 @@ class SmtpTransport:
 
 
 def _sendmail(
-    connection: smtplib.SMTP, message: OutgoingMessage, recipients: list[str],
-    options: list[str],
+    connection: smtplib.SMTP, message: OutgoingMessage, recipients: list[str]
 ) -> dict[str, tuple[int, bytes]]:
-    if "SMTPUTF8" in options and not connection.has_extn("smtputf8"):
-        # sendmail checks this only on an ESMTP server; on a HELO-only one it would drop the
-        # options and fail encoding the address instead.
-        raise smtplib.SMTPNotSupportedError(
-            "an address is not ASCII and the server does not offer SMTPUTF8"
-        )
-    return connection.sendmail(
+    """sendmail, after refusing here the recipients a server without SMTPUTF8 cannot take."""
+    refused: dict[str, tuple[int, bytes]] = {}
+    if not connection.has_extn("smtputf8"):
+        # Checked here, not left to sendmail: on a HELO-only server it would drop the options
+        # and fail encoding the address instead, for every recipient at once.
+        if needs_smtputf8(message.envelope_from):
+            raise smtplib.SMTPNotSupportedError(
+                f"the sender {message.envelope_from!r} is not ASCII and the server does not "
+                "offer SMTPUTF8"
+            )
+        refused = {address: NO_SMTPUTF8 for address in recipients if needs_smtputf8(address)}
+        recipients = [address for address in recipients if address not in refused]
+        if not recipients:
+            raise smtplib.SMTPRecipientsRefused(refused)
+    # As smtplib.send_message does: a local part that is not ASCII needs SMTPUTF8.
+    utf8 = any(map(needs_smtputf8, [message.envelope_from, *recipients]))
+    options = ["SMTPUTF8", "BODY=8BITMIME"] if utf8 else []
+    accepted_refused = connection.sendmail(
         message.envelope_from, recipients, message.data, mail_options=options
     )
+    return {**refused, **accepted_refused}
+
+
+# A permanent answer of our own (RFC 6531's code) for a recipient the server cannot address.
+NO_SMTPUTF8 = (553, b"5.6.7 not sent: the local part is not ASCII and the server does not "
+               b"offer SMTPUTF8")
 
 
 class _ClosedBeforeMail(smtplib.SMTPServerDisconnected):
@@ -770,11 +820,11 @@ def _causes(error: BaseException) -> Iterator[BaseException]:
         link = link.__cause__ or link.__context__
 
 
-def _is_permanent(code: int) -> bool:
+def is_permanent(code: int) -> bool:
     return 500 <= code <= 599
 
 
-def _reply_text(code: int, text: bytes | str) -> str:
+def reply_text(code: int, text: bytes | str) -> str:
     if isinstance(text, bytes):
         text = text.decode("utf-8", errors="replace")
     return f"{code} {one_line(text)}"

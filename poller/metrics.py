@@ -109,6 +109,7 @@ class PollerMetrics:
         self.registry = CollectorRegistry()
         self._clock = clock
         self._max_age = 2 * interval
+        self._held: tuple[int, str | None] = (0, None)
         self._started_at = clock()
         self._last_success_at: datetime | None = None
         self._cycle_duration = Histogram(
@@ -145,6 +146,7 @@ class PollerMetrics:
         # Database counts first: a scrape that sees this cycle counted also sees its effects.
         try:
             self._store_counts.counts = read_store_counts(store)
+            self._held = store.held_back()
         except DatabaseError as exc:
             # Stale gauges are better than a daemon that stops polling over a metrics query.
             log.warning("metrics.store_unreadable", error=str(exc))
@@ -161,6 +163,7 @@ class PollerMetrics:
             now=self._clock(),
             max_age=self._max_age,
             running_since=self._started_at,
+            held=self._held,
         )
 
     def exposition(self) -> bytes:

@@ -181,8 +181,10 @@ def health(settings: Settings, max_age: float | None) -> None:
     """Say whether a successful cycle finished recently, from the database's cycle history.
 
     Exit status 0 healthy, 1 unhealthy (with the reason). A successful cycle read the
-    organization list and at least one balance. Works for cron setups, where no daemon
-    serves /healthz; with several pollers on one database it covers all of them.
+    organization list and at least one balance. Emails held back by a problem that is not
+    about their recipients (SMTP server down, login or sender refused) make it unhealthy
+    too. Works for cron setups, where no daemon serves /healthz; with several pollers on one
+    database it covers all of them.
 
     \b
     Example (cron mails the reason when it is unhealthy):
@@ -192,9 +194,10 @@ def health(settings: Settings, max_age: float | None) -> None:
     store = open_database(settings.database_url)
     try:
         last = last_successful_cycle(store)
+        held = store.held_back()
     finally:
         store.close()
-    verdict = judge(last, now=datetime.now(UTC), max_age=limit)
+    verdict = judge(last, now=datetime.now(UTC), max_age=limit, held=held)
     # Unhealthy goes to stderr, so cron (which mails any output) stays quiet with >/dev/null.
     echo(verdict.status_line, err=not verdict.healthy)
     sys.exit(0 if verdict.healthy else 1)

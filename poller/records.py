@@ -6,12 +6,16 @@ Parsing from API JSON lives in ``poller.parsing``; these are plain values.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, replace
 from decimal import Decimal
 
+import structlog
+
+from poller.addresses import InvalidAddress, checked_address
+
+log = structlog.get_logger(__name__)
+
 DEFAULT_THRESHOLD = Decimal("1000")
-_PLAIN_ADDRESS = re.compile(r"[^@\s<>,;\"]+@[^@\s<>,;\"]+")
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,15 +57,22 @@ class Organization:
         return self if len(members) == len(self.members) else replace(self, members=members)
 
     def alert_recipients(self) -> tuple[Recipient, ...]:
-        """Admins with a well-formed email who have not opted out of email, in API order."""
+        """Admins with a deliverable email who have not opted out of email, in API order.
+
+        Deliverable is what the message builder and the transport check too
+        (``poller.addresses``): one admin's bad address must not stop the others' email.
+        """
         seen: set[str] = set()
         recipients = []
         for member in self.members:
             email = member.email.strip()
-            if not _may_receive_alerts(member):
+            if not _may_receive_alerts(member) or not email:
                 continue
-            if not _PLAIN_ADDRESS.fullmatch(email):
-                # Empty or malformed (spaces, no '@', CR/LF): nothing can be delivered there.
+            try:
+                checked_address(email)
+            except InvalidAddress as problem:
+                log.warning("recipient.invalid_address", org_id=self.id,
+                            user_id=member.user_id, error=str(problem))
                 continue
             if email.lower() in seen:
                 continue

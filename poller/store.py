@@ -237,6 +237,8 @@ notification = Table(
     # The forecast when the notice was detected (revision 0002); None: no meaningful estimate.
     Column("burn_per_day", Money),
     Column("runs_out_at", UTCDateTime),
+    # Each recipient's outcome so far (revision 0003; see Deliveries); NULL on older rows.
+    Column("deliveries", JSON(none_as_null=True)),
 )
 
 cycle_run = Table(
@@ -390,17 +392,22 @@ def _finish_claim_statement(**values: Any) -> Update:
     )
 
 
+_DELIVERIES = bindparam("b_deliveries", type_=JSON(none_as_null=True))
 _MARK_SENT = _finish_claim_statement(
     status="sent",
     message_id=bindparam("b_message_id"),
     sent_at=bindparam("b_now", type_=UTCDateTime),
     last_error=None,
+    deliveries=_DELIVERIES,
 )
 _MARK_RETRY = _finish_claim_statement(
     last_error=bindparam("b_error"),
     next_attempt_at=bindparam("b_next_attempt_at", type_=UTCDateTime),
+    deliveries=_DELIVERIES,
 )
-_MARK_FAILED = _finish_claim_statement(status="failed", last_error=bindparam("b_error"))
+_MARK_FAILED = _finish_claim_statement(
+    status="failed", last_error=bindparam("b_error"), deliveries=_DELIVERIES
+)
 # PostgreSQL: this transaction's commit does not wait for the WAL flush (Store._progress_write).
 _ASYNC_COMMIT = text("SET LOCAL synchronous_commit = off")
 
@@ -518,7 +525,12 @@ class NotificationRecord:
     sent_at: datetime | None
     burn_per_day: Decimal | None
     runs_out_at: datetime | None
+    deliveries: Deliveries
 
+
+# Recipient address -> {"outcome": "sent" | "failed" | "retrying", "answer": str, "at": ISO
+# time}; a recipient without an entry has not been tried yet (poller.notifications reads it).
+Deliveries = dict[str, dict[str, str]]
 
 # What claim_due hands out: a record whose lease the claiming worker now holds.
 ClaimedNotification = NotificationRecord
@@ -542,6 +554,8 @@ class StatusRow:
     last_error_at: datetime | None
     notification_status: str | None  # of the org's latest notification
     notification_error: str | None
+    notification_recipients: tuple[str, ...] = ()
+    notification_deliveries: Deliveries | None = None
 
 
 def create_configured_engine(url: str) -> Engine:
@@ -874,6 +888,7 @@ def _alert_time(change: StateChange) -> datetime | None:
 def _record(row: Any) -> NotificationRecord:
     values = dict(row._mapping)
     values["recipients"] = tuple(values["recipients"])
+    values["deliveries"] = values["deliveries"] or {}
     return NotificationRecord(**values)
 
 
@@ -1177,10 +1192,16 @@ class Store:
             return set(connection.execute(_RENEW, values).scalars())
 
     def mark_sent(
-        self, notification_id: int, *, worker: str, message_id: str | None, now: datetime
+        self,
+        notification_id: int,
+        *,
+        worker: str,
+        message_id: str | None,
+        now: datetime,
+        deliveries: Deliveries | None = None,
     ) -> bool:
         """Record delivery; False if ``worker`` no longer holds the claim (someone took over)."""
-        values = {"b_message_id": message_id}
+        values = {"b_message_id": message_id, "b_deliveries": deliveries or None}
         return self._finish_claim(_MARK_SENT, notification_id, worker, now, values,
                                   "marking a notification sent")
 
@@ -1189,17 +1210,33 @@ class Store:
         notification_id: int,
         *,
         worker: str,
-        error: str,
+        error: str | None,
         next_attempt_at: datetime,
         now: datetime,
+        deliveries: Deliveries | None = None,
     ) -> bool:
-        values = {"b_error": _one_line(error), "b_next_attempt_at": next_attempt_at}
+        """Back to pending until ``next_attempt_at``. ``error``: why the message as a whole
+        could not go (not about its recipients); None when only recipients are to retry."""
+        values = {
+            "b_error": None if error is None else _one_line(error),
+            "b_next_attempt_at": next_attempt_at,
+            "b_deliveries": deliveries or None,
+        }
         return self._finish_claim(_MARK_RETRY, notification_id, worker, now, values,
                                   "scheduling a notification retry")
 
-    def mark_failed(self, notification_id: int, *, worker: str, error: str, now: datetime) -> bool:
-        return self._finish_claim(_MARK_FAILED, notification_id, worker, now,
-                                  {"b_error": _one_line(error)}, "marking a notification failed")
+    def mark_failed(
+        self,
+        notification_id: int,
+        *,
+        worker: str,
+        error: str,
+        now: datetime,
+        deliveries: Deliveries | None = None,
+    ) -> bool:
+        values = {"b_error": _one_line(error), "b_deliveries": deliveries or None}
+        return self._finish_claim(_MARK_FAILED, notification_id, worker, now, values,
+                                  "marking a notification failed")
 
     def _finish_claim(
         self,
@@ -1254,6 +1291,55 @@ class Store:
         ):
             return connection.execute(query).scalar_one()
 
+    def held_back(self) -> tuple[int, str | None]:
+        """Pending notifications whose last attempt failed for a reason that is not about
+        their recipients (server, login, sender, settings), and the latest such reason."""
+        held = and_(notification.c.status == "pending", notification.c.last_error.is_not(None))
+        count = select(func.count()).where(held)
+        latest = (
+            select(notification.c.last_error)
+            .where(held)
+            .order_by(notification.c.updated_at.desc())
+            .limit(1)
+        )
+        with self.database_errors("counting held notifications"), self.reader.connect() as c:
+            return c.execute(count).scalar_one(), c.execute(latest).scalar_one_or_none()
+
+    def requeue_failed(self, now: datetime, org_id: int | None = None) -> tuple[int, int]:
+        """Failed notifications, and sent ones with failed recipients, back to pending, due now.
+
+        Each failed recipient is tried again; recipients who have the email keep their outcome.
+        Returns (notifications, recipients) requeued.
+        """
+        candidates = select(
+            notification.c.id, notification.c.status, notification.c.recipients,
+            notification.c.deliveries,
+        ).where(
+            or_(notification.c.status == "failed",
+                and_(notification.c.status == "sent", notification.c.deliveries.is_not(None))),
+            *([notification.c.org_id == org_id] if org_id is not None else []),
+        )
+        rows = recipients = 0
+        with self.database_errors("requeueing notifications"), self.engine.begin() as connection:
+            for row in connection.execute(candidates).all():
+                deliveries = row.deliveries or {}
+                kept = {address: entry for address, entry in deliveries.items()
+                        if entry.get("outcome") != "failed"}
+                if row.status == "sent" and kept == deliveries:
+                    continue  # every recipient has it
+                # A failed row from before per-recipient outcomes: all its recipients.
+                again = len(deliveries) - len(kept) if deliveries else len(row.recipients)
+                requeue = (
+                    update(notification)
+                    .where(notification.c.id == row.id, notification.c.status == row.status)
+                    .values(status="pending", next_attempt_at=now, attempts=0, last_error=None,
+                            deliveries=kept or None, updated_at=now)
+                )
+                if connection.execute(requeue).rowcount == 1:
+                    rows += 1
+                    recipients += again
+        return rows, recipients
+
     def notifications_for(self, org_id: int) -> list[NotificationRecord]:
         query = (
             select(notification).where(notification.c.org_id == org_id).order_by(notification.c.id)
@@ -1269,7 +1355,13 @@ class Store:
         )
         latest = notification.alias("latest_notification")
         query = (
-            select(org_state, latest.c.status, latest.c.last_error.label("notification_error"))
+            select(
+                org_state,
+                latest.c.status,
+                latest.c.last_error.label("notification_error"),
+                latest.c.recipients,
+                latest.c.deliveries,
+            )
             .select_from(
                 org_state.outerjoin(
                     latest_ids, latest_ids.c.org_id == org_state.c.org_id
@@ -1296,6 +1388,8 @@ class Store:
                     last_error_at=row.last_error_at,
                     notification_status=row.status,
                     notification_error=row.notification_error,
+                    notification_recipients=tuple(row.recipients or ()),
+                    notification_deliveries=row.deliveries or {},
                 )
                 for row in connection.execute(query)
             ]

@@ -230,9 +230,9 @@ def test_allow_insecure_http_reads_the_usual_boolean_words(text: str, expected: 
         ),
         (
             {"POLLER_MAIL_FROM": "alerts.example.com"},
-            "POLLER_MAIL_FROM: 'alerts.example.com' is not an email",
+            "POLLER_MAIL_FROM: 'alerts.example.com' is not a deliverable email address",
         ),
-        ({"POLLER_MAIL_FROM": "a@b@c"}, "POLLER_MAIL_FROM: 'a@b@c' is not an email address"),
+        ({"POLLER_MAIL_FROM": "a@b@c"}, "POLLER_MAIL_FROM: 'a@b@c' is not a deliverable"),
         ({"POLLER_MAIL_FROM": "a@b\r\nBcc: x@y"}, "POLLER_MAIL_FROM: must be a single line"),
         (
             {"POLLER_SMTP_PORTS": "25"},

@@ -20,6 +20,7 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from poller.addresses import smtp_address
 from poller.config import Secret
 from poller.mail import (
     HTML_TEMPLATE,
@@ -545,7 +546,9 @@ def test_a_mail_client_reads_exactly_what_was_rendered(
     assert parsed["From"].addresses[0].display_name == display_name
     assert parsed["From"].addresses[0].addr_spec == address
     # str() decodes addresses sent as UTF-8 (RFC 6532); addr_spec would leave them escaped.
-    assert [address for _, address in getaddresses([str(parsed["To"])])] == recipients
+    # Domains that are not ASCII go IDNA-encoded.
+    to = [address for _, address in getaddresses([str(parsed["To"])])]
+    assert to == [smtp_address(address) for address in recipients]
     assert parsed["Message-ID"] == "<low-credits.7.1.20240501T140327Z@poller.example.com>"
     assert parsed.get_content_type() == "multipart/alternative"
     plain, rich = parsed.iter_parts()
@@ -683,9 +686,10 @@ def test_every_recipient_refused_but_one_only_for_now_is_a_temporary_error(
 @pytest.mark.parametrize(
     ("stage", "reply", "permanent"),
     [
+        # Refusing the sender is not about this message: no answer to MAIL fails it for good.
         ("mail", "421 4.3.2 service shutting down", False),
         ("mail", "451 4.3.0 local error", False),
-        ("mail", "554 5.7.1 sender rejected", True),
+        ("mail", "554 5.7.1 sender rejected", False),
         ("data", "421 4.3.2 service shutting down", False),
         ("data", "451 4.3.0 try again later", False),
         ("data", "554 5.6.0 message rejected as spam", True),
@@ -700,8 +704,8 @@ def test_the_server_answer_to_mail_or_data_decides_if_the_error_is_permanent(
         smtp_server.answer_data(reply)
     with transport(smtp_server) as smtp, pytest.raises(DeliveryError) as caught:
         send(smtp)
-    assert str(caught.value) == reply
-    assert caught.value.permanent is permanent
+    assert str(caught.value).endswith(reply)
+    assert caught.value.permanent is permanent and caught.value.refused == {}
     assert caught.value.smtp_code == int(reply[:3])
     assert smtp_server.messages == []
 
@@ -743,8 +747,18 @@ def test_an_address_that_is_not_ascii_is_delivered_with_smtputf8(
     with transport(smtp_server) as smtp:
         assert send(smtp, recipients) == {}
     [received] = smtp_server.received
-    assert received.rcpt_tos == tuple(recipients)
-    assert str(received.message["To"]) == "jürgen@bücher.example, ops@acme.example"
+    # The domain goes IDNA-encoded; only the local part needs SMTPUTF8.
+    assert received.rcpt_tos == ("jürgen@xn--bcher-kva.example", OPS)
+    assert str(received.message["To"]) == "jürgen@xn--bcher-kva.example, ops@acme.example"
+
+
+def test_a_domain_that_is_not_ascii_needs_no_smtputf8() -> None:
+    with SmtpCapture(enable_SMTPUTF8=False) as server:
+        with transport(host=server.host, port=server.port) as smtp:
+            assert send(smtp, ["admin@bücher.de", OPS]) == {}
+        [received] = server.received
+    assert received.rcpt_tos == ("admin@xn--bcher-kva.de", OPS)
+    assert str(received.message["To"]) == "admin@xn--bcher-kva.de, ops@acme.example"
 
 
 def test_a_helo_only_server_cannot_take_an_address_that_is_not_ascii_either() -> None:
@@ -776,16 +790,19 @@ def test_a_helo_only_server_cannot_take_an_address_that_is_not_ascii_either() ->
     finally:
         server.join(timeout=5)
         listener.close()
-    assert "SMTPUTF8" in str(caught.value) and caught.value.permanent is False
+    # That recipient's own permanent outcome, refused without asking the server.
+    assert "SMTPUTF8" in str(caught.value) and caught.value.permanent is True
+    assert list(caught.value.refused) == ["jürgen@bücher.example"]
     assert commands[:2] == [b"EHLO", b"HELO"] and b"RCPT" not in commands
 
 
-def test_a_server_without_smtputf8_cannot_take_an_address_that_is_not_ascii() -> None:
+def test_a_server_without_smtputf8_cannot_take_a_local_part_that_is_not_ascii() -> None:
     with SmtpCapture(enable_SMTPUTF8=False) as server, pytest.raises(DeliveryError) as caught:
         with transport(host=server.host, port=server.port) as smtp:
             send(smtp, ["jürgen@bücher.example"])
     assert "SMTPUTF8" in str(caught.value)
-    assert caught.value.permanent is False
+    assert caught.value.permanent is True
+    assert caught.value.refused["jürgen@bücher.example"][0] == 553
     assert server.received == []
 
 

@@ -50,7 +50,7 @@ from poller.store import (
 
 NOW = datetime(2024, 11, 24, 12, 0, tzinfo=UTC)
 ARMED = StoredState(AlertState.ARMED, 0)
-HEAD = "0002"
+HEAD = "0003"
 # PostgreSQL's view of its sessions, read to see one waiting for a row lock.
 pg_stat_activity = Table(
     "pg_stat_activity", MetaData(), Column("datname", Text), Column("wait_event_type", Text)
