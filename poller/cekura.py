@@ -175,8 +175,9 @@ class _RequestCounter:
         if self.cancel is not None and self.cancel.is_set():
             raise ApiError(f"{what}: not sent: stopping")
         if time.monotonic() >= self.deadline:
-            raise ApiError(f"{what}: not sent: the fetch took longer than cycle_timeout "
-                           f"({self.timeout:g} s)")
+            raise ApiError(
+                f"{what}: not sent: the fetch took longer than cycle_timeout ({self.timeout:g} s)"
+            )
 
     def expect(self, count: int) -> None:
         with self._lock:
@@ -350,7 +351,8 @@ class CekuraClient:
             errors.extend(key_errors)
         # An org read through one credential needs no error about another credential.
         errors = [
-            e for e in errors
+            e
+            for e in errors
             if e.org_id is None or (e.org_id not in snapshots and self._owns(e.org_id, only_org))
         ]
         for error in errors:
@@ -366,7 +368,12 @@ class CekuraClient:
         data = self._with_org_credential(
             org_id,
             lambda credential, counter: self._request(
-                "GET", self._url(path), credential, counter, endpoint=path, org_id=org_id,
+                "GET",
+                self._url(path),
+                credential,
+                counter,
+                endpoint=path,
+                org_id=org_id,
                 max_body=ORGANIZATION_MAX_BYTES,
             ),
         )
@@ -379,8 +386,14 @@ class CekuraClient:
         data = self._with_org_credential(
             org_id,
             lambda credential, counter: self._request(
-                "PATCH", self._url(path), credential, counter,
-                endpoint=path, org_id=org_id, body=body, max_body=ORGANIZATION_MAX_BYTES,
+                "PATCH",
+                self._url(path),
+                credential,
+                counter,
+                endpoint=path,
+                org_id=org_id,
+                body=body,
+                max_body=ORGANIZATION_MAX_BYTES,
             ),
         )
         return _organization_from_response(data, f"PATCH {path}")
@@ -398,7 +411,12 @@ class CekuraClient:
             try:
                 raw_orgs = [
                     self._request(
-                        "GET", self._url(path), token, counter, endpoint=path, org_id=only_org,
+                        "GET",
+                        self._url(path),
+                        token,
+                        counter,
+                        endpoint=path,
+                        org_id=only_org,
                         max_body=ORGANIZATION_MAX_BYTES,
                     )
                 ]
@@ -421,8 +439,9 @@ class CekuraClient:
                     org = parse_organization(raw)
                 except ParseError as exc:
                     org_id = _raw_id(raw)
-                    where = (f"organization {org_id}" if org_id is not None
-                             else f"organization #{index}")
+                    where = (
+                        f"organization {org_id}" if org_id is not None else f"organization #{index}"
+                    )
                     results.append(OrgError(org_id, f"{where} in the list: {exc}"))
                     continue
                 # Pages can shift while we read them; the same org may be listed twice.
@@ -441,9 +460,7 @@ class CekuraClient:
             results.extend(self._map(read, organizations()))
         return results
 
-    def _list_organizations(
-        self, token: _Credential, counter: _RequestCounter
-    ) -> Iterator[object]:
+    def _list_organizations(self, token: _Credential, counter: _RequestCounter) -> Iterator[object]:
         """The organizations of the v2 (paginated) listing, or v1 if v2 is absent, as
         ``parse_organization`` takes them (decoded structs, or raw JSON objects).
 
@@ -458,8 +475,14 @@ class CekuraClient:
         while True:
             try:
                 page = self._request(
-                    "GET", url, token, counter, endpoint=LIST_V2_PATH, params=params,
-                    decode=loads_page, max_body=PAGE_MAX_BYTES,
+                    "GET",
+                    url,
+                    token,
+                    counter,
+                    endpoint=LIST_V2_PATH,
+                    params=params,
+                    decode=loads_page,
+                    max_body=PAGE_MAX_BYTES,
                 )
             except ApiNotFound:
                 if followed:
@@ -479,17 +502,14 @@ class CekuraClient:
             elif isinstance(page, dict) and isinstance(page.get("results"), list):
                 results, next_url, count = page["results"], page.get("next"), page.get("count")
             else:
-                raise ApiUnavailable(
-                    f"GET {LIST_V2_PATH}: expected a page with a results list"
-                )
+                raise ApiUnavailable(f"GET {LIST_V2_PATH}: expected a page with a results list")
             if isinstance(count, int) and not isinstance(count, bool):
                 announced = max(announced, count)
             page_size = page_size or max(1, len(results))  # what the server really serves
             listed += len(results)
-            if (
-                listed > announced + page_size
-                or (next_url is not None
-                    and len(followed) + 1 >= -(-announced // page_size) + LIST_SLACK_PAGES)
+            if listed > announced + page_size or (
+                next_url is not None
+                and len(followed) + 1 >= -(-announced // page_size) + LIST_SLACK_PAGES
             ):
                 raise ApiUnavailable(
                     f"GET {LIST_V2_PATH}: the listing goes on past the {announced} "
@@ -524,12 +544,14 @@ class CekuraClient:
             )
         return url
 
-    def _list_organizations_v1(
-        self, token: _Credential, counter: _RequestCounter
-    ) -> list[object]:
+    def _list_organizations_v1(self, token: _Credential, counter: _RequestCounter) -> list[object]:
         try:
             data = self._request(
-                "GET", self._url(LIST_V1_PATH), token, counter, endpoint=LIST_V1_PATH,
+                "GET",
+                self._url(LIST_V1_PATH),
+                token,
+                counter,
+                endpoint=LIST_V1_PATH,
                 max_body=LIST_V1_MAX_BYTES,
             )
         except AuthError:
@@ -546,17 +568,21 @@ class CekuraClient:
         where = f"organization {org.id}: billing info"
         try:
             data = self._request(
-                "GET", self._url(BILLING_PATH), token, counter,
-                endpoint=BILLING_PATH, org_id=org.id, params={"organization_id": org.id},
-                decode=loads_billing, max_body=BILLING_MAX_BYTES,
+                "GET",
+                self._url(BILLING_PATH),
+                token,
+                counter,
+                endpoint=BILLING_PATH,
+                org_id=org.id,
+                params={"organization_id": org.id},
+                decode=loads_billing,
+                max_body=BILLING_MAX_BYTES,
             )
             billing = parse_billing(data)
         except (ApiError, ParseError) as exc:
             return OrgError(org.id, f"{where}: {exc}")
         if billing.organization_id != org.id:
-            return OrgError(
-                org.id, f"{where}: answered for organization {billing.organization_id}"
-            )
+            return OrgError(org.id, f"{where}: answered for organization {billing.organization_id}")
         return OrgSnapshot(org=org, balance=billing.credits_remaining)
 
     # --- org-scoped API keys ---------------------------------------------------------------
@@ -585,8 +611,7 @@ class CekuraClient:
                 errors.append(
                     OrgError(
                         only_org,
-                        f"organization {only_org}: no API key of {_KEYS_SETTING} "
-                        "belongs to it",
+                        f"organization {only_org}: no API key of {_KEYS_SETTING} belongs to it",
                     )
                 )
         # Without a token the keys are the listing: if none worked, nothing can be trusted.
@@ -629,13 +654,21 @@ class CekuraClient:
         where = f"{key.label}: organization {org_id}"
         try:
             data = self._request(
-                "GET", self._url(path), key, counter, endpoint=path, org_id=org_id,
+                "GET",
+                self._url(path),
+                key,
+                counter,
+                endpoint=path,
+                org_id=org_id,
                 max_body=ORGANIZATION_MAX_BYTES,
             )
             org = parse_organization(data)
         except AuthError as exc:
-            return _KeyOutcome(error=OrgError(org_id, f"organization {org_id}: {exc}"),
-                               failure="auth", auth_error=exc)
+            return _KeyOutcome(
+                error=OrgError(org_id, f"organization {org_id}: {exc}"),
+                failure="auth",
+                auth_error=exc,
+            )
         except ApiError as exc:
             return _KeyOutcome(error=OrgError(org_id, f"{where}: {exc}"), failure="api")
         except ParseError as exc:
@@ -649,8 +682,15 @@ class CekuraClient:
 
     def _billing_for_key(self, key: _Credential, counter: _RequestCounter) -> Billing:
         # No organization_id: an org-scoped key's organization comes from the key itself.
-        data = self._request("GET", self._url(BILLING_PATH), key, counter, endpoint=BILLING_PATH,
-                             decode=loads_billing, max_body=BILLING_MAX_BYTES)
+        data = self._request(
+            "GET",
+            self._url(BILLING_PATH),
+            key,
+            counter,
+            endpoint=BILLING_PATH,
+            decode=loads_billing,
+            max_body=BILLING_MAX_BYTES,
+        )
         billing = parse_billing(data)
         with self._lock:
             self._key_for_org.setdefault(billing.organization_id, key)
@@ -714,8 +754,12 @@ class CekuraClient:
         headers = self._headers[credential]
         if body is not None:
             headers = {**headers, "Content-Type": "application/json"}
-        context = {"endpoint": endpoint, "method": method, "org_id": org_id,
-                   "credential": credential.label}
+        context = {
+            "endpoint": endpoint,
+            "method": method,
+            "org_id": org_id,
+            "credential": credential.label,
+        }
         failure = ""
         status: int | None = None
         for attempt in range(1, self._attempts + 1):
@@ -725,8 +769,16 @@ class CekuraClient:
             retry_after: float | None = None
             deadline = min(time.monotonic() + self._request_timeout, counter.deadline)
             try:
-                response = self._send(method, url, endpoint, params=params, body=body,
-                                      headers=headers, max_body=max_body, deadline=deadline)
+                response = self._send(
+                    method,
+                    url,
+                    endpoint,
+                    params=params,
+                    body=body,
+                    headers=headers,
+                    max_body=max_body,
+                    deadline=deadline,
+                )
             except ResponseTooLarge as exc:
                 log.warning("api.request_failed", reason=str(exc), attempt=attempt, **context)
                 raise ApiError(f"{method} {endpoint}: {exc}") from exc
@@ -734,9 +786,12 @@ class CekuraClient:
                 status, failure = None, "timed out"
             except TransportTlsError:
                 # Verification is always on; say how to trust a private CA, not just "failed".
-                status, failure = None, (
-                    "TLS failed: the server's certificate could not be verified (a private CA "
-                    "can be added with REQUESTS_CA_BUNDLE=/path/to/ca.pem)"
+                status, failure = (
+                    None,
+                    (
+                        "TLS failed: the server's certificate could not be verified (a private CA "
+                        "can be added with REQUESTS_CA_BUNDLE=/path/to/ca.pem)"
+                    ),
                 )
             except TransportError as exc:
                 status, failure = None, str(exc)
@@ -769,12 +824,19 @@ class CekuraClient:
             if attempt == self._attempts:
                 break
             counter.check(f"{method} {endpoint}")
-            log.info("api.retry", status=status, reason=failure, attempt=attempt,
-                     delay=round(delay, 3), **context)
+            log.info(
+                "api.retry",
+                status=status,
+                reason=failure,
+                attempt=attempt,
+                delay=round(delay, 3),
+                **context,
+            )
             if status != 429:
                 self._pause(delay, counter)
-        log.warning("api.request_failed", status=status, reason=failure,
-                    attempt=self._attempts, **context)
+        log.warning(
+            "api.request_failed", status=status, reason=failure, attempt=self._attempts, **context
+        )
         raise ApiError(
             f"{method} {endpoint} failed after {self._attempts} attempts: {failure}",
             status=status,
@@ -794,8 +856,15 @@ class CekuraClient:
     ) -> HttpResponse:
         """One HTTP attempt, reported to the request observer (for metrics)."""
         try:
-            response = self._http.request(method, url, headers=headers, params=params, body=body,
-                                          max_body=max_body, deadline=deadline)
+            response = self._http.request(
+                method,
+                url,
+                headers=headers,
+                params=params,
+                body=body,
+                max_body=max_body,
+                deadline=deadline,
+            )
         except TransportTimeout:
             self._observe(endpoint, "timeout")
             raise

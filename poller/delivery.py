@@ -115,8 +115,9 @@ class Deliverer:
             report.add(self._deliver_loop(batch, cancel, halt))
         else:
             with ThreadPoolExecutor(connections, thread_name_prefix="smtp") as pool:
-                parts = [pool.submit(self._deliver_loop, batch, cancel, halt)
-                         for _ in range(connections)]
+                parts = [
+                    pool.submit(self._deliver_loop, batch, cancel, halt) for _ in range(connections)
+                ]
                 for part in parts:
                     report.add(part.result())
         report.undelivered = self._store.pending_count(self._now(), exclude_in_flight=True)
@@ -144,8 +145,7 @@ class Deliverer:
         self, claimed: list[ClaimedNotification], report: DeliveryReport, cancel: threading.Event
     ) -> bool:
         """Send a claimed batch over one SMTP connection; False when the server is unusable."""
-        lease = _BatchLease(claimed, store=self._store, worker=self.worker,
-                            settings=self._settings)
+        lease = _BatchLease(claimed, store=self._store, worker=self.worker, settings=self._settings)
         with self._transport_factory() as transport:
             for index, row in enumerate(claimed):
                 if cancel.is_set():
@@ -241,7 +241,9 @@ class Deliverer:
 
     def _message_id(self, row: ClaimedNotification) -> str:
         return message_id_for(
-            row.org_id, row.breach_number, self._settings.mail_from or "",
+            row.org_id,
+            row.breach_number,
+            self._settings.mail_from or "",
             detected_at=row.detected_at,
             # Each kind numbers its notices separately: the kind keeps their IDs apart.
             kind=row.kind.replace("_", "-"),
@@ -252,46 +254,91 @@ class Deliverer:
     ) -> None:
         """Record the outcomes of this attempt and the row status they add up to."""
         for address, (outcome, answer) in outcomes.new_refusals.items():
-            log.warning("email.recipient_refused", org_id=row.org_id, breach=row.breach_number,
-                        recipient=address, outcome=outcome, answer=answer)
+            log.warning(
+                "email.recipient_refused",
+                org_id=row.org_id,
+                breach=row.breach_number,
+                recipient=address,
+                outcome=outcome,
+                answer=answer,
+            )
         deliveries = outcomes.deliveries
         status = row_status(row.recipients, deliveries)
         message_id = self._message_id(row)
         now = self._now()
         if status == "sent":
-            held = self._record(row, outcomes, lambda: self._store.mark_sent(
-                row.id, worker=self.worker, message_id=message_id, now=now,
-                deliveries=deliveries))
+            held = self._record(
+                row,
+                outcomes,
+                lambda: self._store.mark_sent(
+                    row.id,
+                    worker=self.worker,
+                    message_id=message_id,
+                    now=now,
+                    deliveries=deliveries,
+                ),
+            )
             report.sent += 1
-            log.info("email.sent", org_id=row.org_id, breach=row.breach_number,
-                     recipients=outcomes.accepted, message_id=message_id,
-                     outcome=delivery_summary(status, row.recipients, deliveries))
+            log.info(
+                "email.sent",
+                org_id=row.org_id,
+                breach=row.breach_number,
+                recipients=outcomes.accepted,
+                message_id=message_id,
+                outcome=delivery_summary(status, row.recipients, deliveries),
+            )
         elif status == "failed":
-            error = "; ".join(f"{address}: {deliveries[address]['answer']}"
-                              for address in row.recipients)
-            held = self._record(row, outcomes, lambda: self._store.mark_failed(
-                row.id, worker=self.worker, error=error, now=now, deliveries=deliveries))
+            error = "; ".join(
+                f"{address}: {deliveries[address]['answer']}" for address in row.recipients
+            )
+            held = self._record(
+                row,
+                outcomes,
+                lambda: self._store.mark_failed(
+                    row.id, worker=self.worker, error=error, now=now, deliveries=deliveries
+                ),
+            )
             report.failed += 1
-            log.error("email.failed", org_id=row.org_id, breach=row.breach_number, error=error,
-                      hint="every recipient was refused for good: check the admins' addresses "
-                      "in Cekura; `poller requeue --failed` sends it again")
+            log.error(
+                "email.failed",
+                org_id=row.org_id,
+                breach=row.breach_number,
+                error=error,
+                hint="every recipient was refused for good: check the admins' addresses "
+                "in Cekura; `poller requeue --failed` sends it again",
+            )
         else:
             next_attempt = now + timedelta(seconds=retry_delay(row.attempts))
             # No message-level error: only some recipients are to be tried again.
-            held = self._record(row, outcomes, lambda: self._store.mark_retry(
-                row.id, worker=self.worker, error=None, next_attempt_at=next_attempt, now=now,
-                deliveries=deliveries))
+            held = self._record(
+                row,
+                outcomes,
+                lambda: self._store.mark_retry(
+                    row.id,
+                    worker=self.worker,
+                    error=None,
+                    next_attempt_at=next_attempt,
+                    now=now,
+                    deliveries=deliveries,
+                ),
+            )
             report.retried += 1
-            log.warning("email.retry", org_id=row.org_id, breach=row.breach_number,
-                        attempt=row.attempts, next_attempt_at=next_attempt.isoformat(),
-                        outcome=delivery_summary(status, row.recipients, deliveries))
+            log.warning(
+                "email.retry",
+                org_id=row.org_id,
+                breach=row.breach_number,
+                attempt=row.attempts,
+                next_attempt_at=next_attempt.isoformat(),
+                outcome=delivery_summary(status, row.recipients, deliveries),
+            )
         if not held and outcomes.accepted:
             # Our lease ran out while sending and someone else took the row over; they
             # will send it again with the same Message-ID. Say so: it is a duplicate.
             log.warning("email.lease_lost", org_id=row.org_id, breach=row.breach_number)
 
-    def _record(self, row: ClaimedNotification, outcomes: _Outcomes,
-                mark: Callable[[], bool]) -> bool:
+    def _record(
+        self, row: ClaimedNotification, outcomes: _Outcomes, mark: Callable[[], bool]
+    ) -> bool:
         """Record an attempt, trying again on a fresh connection if the database hiccups.
 
         When the server accepted the message for someone, every failed attempt here widens
@@ -304,8 +351,12 @@ class Deliverer:
             try:
                 return mark()
             except DatabaseError as exc:
-                log.warning("email.mark_sent_retry", org_id=row.org_id,
-                            breach=row.breach_number, error=str(exc))
+                log.warning(
+                    "email.mark_sent_retry",
+                    org_id=row.org_id,
+                    breach=row.breach_number,
+                    error=str(exc),
+                )
                 time.sleep(delay)
         try:
             return mark()
@@ -320,17 +371,29 @@ class Deliverer:
             )
             raise
 
-    def _hold(self, row: ClaimedNotification, error: str, outcomes: _Outcomes,
-              report: DeliveryReport) -> None:
+    def _hold(
+        self, row: ClaimedNotification, error: str, outcomes: _Outcomes, report: DeliveryReport
+    ) -> None:
         """Keep one row pending with backoff for a problem that is not about its recipients."""
         now = self._now()
         next_attempt = now + timedelta(seconds=retry_delay(row.attempts))
-        if self._store.mark_retry(row.id, worker=self.worker, error=error,
-                                  next_attempt_at=next_attempt, now=now,
-                                  deliveries=outcomes.deliveries):
+        if self._store.mark_retry(
+            row.id,
+            worker=self.worker,
+            error=error,
+            next_attempt_at=next_attempt,
+            now=now,
+            deliveries=outcomes.deliveries,
+        ):
             report.retried += 1
-        log.error("email.held", org_id=row.org_id, breach=row.breach_number, error=error,
-                  next_attempt_at=next_attempt.isoformat(), hint=HELD_HINT)
+        log.error(
+            "email.held",
+            org_id=row.org_id,
+            breach=row.breach_number,
+            error=error,
+            next_attempt_at=next_attempt.isoformat(),
+            hint=HELD_HINT,
+        )
 
     def _release(
         self,
@@ -347,7 +410,11 @@ class Deliverer:
             next_attempt = now + timedelta(seconds=delay)
             text = row.last_error if error is None else str(error)
             if not self._store.mark_retry(
-                row.id, worker=self.worker, error=text, next_attempt_at=next_attempt, now=now,
+                row.id,
+                worker=self.worker,
+                error=text,
+                next_attempt_at=next_attempt,
+                now=now,
                 deliveries=row.deliveries,
             ):
                 continue  # taken over by another poller once our lease ran out: theirs now
@@ -366,8 +433,10 @@ class Deliverer:
             log.error("email.held", error=str(error), emails=len(rows), hint=HELD_HINT)
 
 
-HELD_HINT = ("not about the recipients: the emails stay pending and go out once fixed; check "
-             "POLLER_MAIL_FROM, POLLER_SMTP_USERNAME / PASSWORD and the SMTP server's answer")
+HELD_HINT = (
+    "not about the recipients: the emails stay pending and go out once fixed; check "
+    "POLLER_MAIL_FROM, POLLER_SMTP_USERNAME / PASSWORD and the SMTP server's answer"
+)
 
 
 class _Outcomes:

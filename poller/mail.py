@@ -584,8 +584,10 @@ class SmtpTransport:
             raise
         except smtplib.SMTPRecipientsRefused as error:
             self._discard()
-            refused = {(wire or {}).get(address, address): answer
-                       for address, answer in error.recipients.items()}
+            refused = {
+                (wire or {}).get(address, address): answer
+                for address, answer in error.recipients.items()
+            }
             raise self._all_recipients_refused(refused) from error
         except smtplib.SMTPSenderRefused as error:
             self._discard()
@@ -783,8 +785,10 @@ def _sendmail(
 
 
 # A permanent answer of our own (RFC 6531's code) for a recipient the server cannot address.
-NO_SMTPUTF8 = (553, b"5.6.7 not sent: the local part is not ASCII and the server does not "
-               b"offer SMTPUTF8")
+NO_SMTPUTF8 = (
+    553,
+    b"5.6.7 not sent: the local part is not ASCII and the server does not offer SMTPUTF8",
+)
 
 
 class _ClosedBeforeMail(smtplib.SMTPServerDisconnected):

@@ -68,8 +68,11 @@ SENT, FAILED, RETRYING = "sent", "failed", "retrying"
 
 def still_to_send(recipients: Sequence[str], deliveries: Deliveries) -> list[str]:
     """The recipients without a final outcome: never tried, or temporarily refused."""
-    return [address for address in recipients
-            if deliveries.get(address, {}).get("outcome") not in (SENT, FAILED)]
+    return [
+        address
+        for address in recipients
+        if deliveries.get(address, {}).get("outcome") not in (SENT, FAILED)
+    ]
 
 
 def row_status(recipients: Sequence[str], deliveries: Deliveries) -> str:

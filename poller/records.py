@@ -71,8 +71,12 @@ class Organization:
             try:
                 checked_address(email)
             except InvalidAddress as problem:
-                log.warning("recipient.invalid_address", org_id=self.id,
-                            user_id=member.user_id, error=str(problem))
+                log.warning(
+                    "recipient.invalid_address",
+                    org_id=self.id,
+                    user_id=member.user_id,
+                    error=str(problem),
+                )
                 continue
             if email.lower() in seen:
                 continue

@@ -333,6 +333,7 @@ def _storable_text(text: str) -> str:
         return text
     return _UNSTORABLE.sub("\ufffd", text)
 
+
 # Delivery statements, built once: they run once per email (or per batch).
 _CLAIMABLE = and_(
     notification.c.status == "pending",
@@ -777,8 +778,19 @@ _ERRORS = JsonRows("errors", _types(org_state, "org_id", "last_error"))
 _OUTBOX = JsonRows(
     "notifications",
     _types(
-        notification, "org_id", "breach_number", "kind", "org_name", "recipients", "subject",
-        "balance", "threshold", "auto_refill", "burn_per_day", "runs_out_at", "detected_at",
+        notification,
+        "org_id",
+        "breach_number",
+        "kind",
+        "org_name",
+        "recipients",
+        "subject",
+        "balance",
+        "threshold",
+        "auto_refill",
+        "burn_per_day",
+        "runs_out_at",
+        "detected_at",
         "status",
     ),
 )
@@ -1027,9 +1039,7 @@ class Store:
         hit = self._insert_new_orgs(connection, new_orgs, now)
         hit |= self._transition(connection, transitions, now)
         self._refresh_observed(connection, refreshes, now)
-        applied = [
-            change for change in (*new_orgs, *transitions) if change.observed.org_id in hit
-        ]
+        applied = [change for change in (*new_orgs, *transitions) if change.observed.org_id in hit]
         notification_ids = self.add_notifications(
             connection,
             [
@@ -1186,8 +1196,12 @@ class Store:
         """
         if not notification_ids:
             return set()
-        values = {"b_ids": list(notification_ids), "b_worker": worker, "b_now": now,
-                  "b_until": until}
+        values = {
+            "b_ids": list(notification_ids),
+            "b_worker": worker,
+            "b_now": now,
+            "b_until": until,
+        }
         with self._progress_write("renewing delivery claims") as connection:
             return set(connection.execute(_RENEW, values).scalars())
 
@@ -1202,8 +1216,9 @@ class Store:
     ) -> bool:
         """Record delivery; False if ``worker`` no longer holds the claim (someone took over)."""
         values = {"b_message_id": message_id, "b_deliveries": deliveries or None}
-        return self._finish_claim(_MARK_SENT, notification_id, worker, now, values,
-                                  "marking a notification sent")
+        return self._finish_claim(
+            _MARK_SENT, notification_id, worker, now, values, "marking a notification sent"
+        )
 
     def mark_retry(
         self,
@@ -1222,8 +1237,9 @@ class Store:
             "b_next_attempt_at": next_attempt_at,
             "b_deliveries": deliveries or None,
         }
-        return self._finish_claim(_MARK_RETRY, notification_id, worker, now, values,
-                                  "scheduling a notification retry")
+        return self._finish_claim(
+            _MARK_RETRY, notification_id, worker, now, values, "scheduling a notification retry"
+        )
 
     def mark_failed(
         self,
@@ -1235,8 +1251,9 @@ class Store:
         deliveries: Deliveries | None = None,
     ) -> bool:
         values = {"b_error": _one_line(error), "b_deliveries": deliveries or None}
-        return self._finish_claim(_MARK_FAILED, notification_id, worker, now, values,
-                                  "marking a notification failed")
+        return self._finish_claim(
+            _MARK_FAILED, notification_id, worker, now, values, "marking a notification failed"
+        )
 
     def _finish_claim(
         self,
@@ -1281,8 +1298,10 @@ class Store:
         conditions = [notification.c.status == "pending", notification.c.created_at <= now]
         if exclude_in_flight:
             conditions.append(
-                or_(notification.c.claim_expires_at.is_(None),
-                    notification.c.claim_expires_at <= now)
+                or_(
+                    notification.c.claim_expires_at.is_(None),
+                    notification.c.claim_expires_at <= now,
+                )
             )
         query = select(func.count()).where(*conditions)
         with (
@@ -1312,19 +1331,26 @@ class Store:
         Returns (notifications, recipients) requeued.
         """
         candidates = select(
-            notification.c.id, notification.c.status, notification.c.recipients,
+            notification.c.id,
+            notification.c.status,
+            notification.c.recipients,
             notification.c.deliveries,
         ).where(
-            or_(notification.c.status == "failed",
-                and_(notification.c.status == "sent", notification.c.deliveries.is_not(None))),
+            or_(
+                notification.c.status == "failed",
+                and_(notification.c.status == "sent", notification.c.deliveries.is_not(None)),
+            ),
             *([notification.c.org_id == org_id] if org_id is not None else []),
         )
         rows = recipients = 0
         with self.database_errors("requeueing notifications"), self.engine.begin() as connection:
             for row in connection.execute(candidates).all():
                 deliveries = row.deliveries or {}
-                kept = {address: entry for address, entry in deliveries.items()
-                        if entry.get("outcome") != "failed"}
+                kept = {
+                    address: entry
+                    for address, entry in deliveries.items()
+                    if entry.get("outcome") != "failed"
+                }
                 if row.status == "sent" and kept == deliveries:
                     continue  # every recipient has it
                 # A failed row from before per-recipient outcomes: all its recipients.
@@ -1332,8 +1358,14 @@ class Store:
                 requeue = (
                     update(notification)
                     .where(notification.c.id == row.id, notification.c.status == row.status)
-                    .values(status="pending", next_attempt_at=now, attempts=0, last_error=None,
-                            deliveries=kept or None, updated_at=now)
+                    .values(
+                        status="pending",
+                        next_attempt_at=now,
+                        attempts=0,
+                        last_error=None,
+                        deliveries=kept or None,
+                        updated_at=now,
+                    )
                 )
                 if connection.execute(requeue).rowcount == 1:
                     rows += 1

@@ -79,8 +79,16 @@ class HttpResponse:
 
 
 class _Connections(Protocol):
-    def send(self, method: str, url: str, query: str, headers: dict[str, str],
-             body: bytes | None, max_body: int, deadline: float) -> HttpResponse: ...
+    def send(
+        self,
+        method: str,
+        url: str,
+        query: str,
+        headers: dict[str, str],
+        body: bytes | None,
+        max_body: int,
+        deadline: float,
+    ) -> HttpResponse: ...
 
     def abort(self) -> None: ...
 
@@ -129,8 +137,13 @@ class HttpTransport:
         when the whole answer has not arrived by ``deadline`` (time.monotonic()), even if it
         keeps trickling in (the read timeout alone applies to each read)."""
         return self._connections.send(
-            method, url, _query(params) if params else "", {**self._headers, **headers},
-            body.encode() if body is not None else None, max_body, deadline,
+            method,
+            url,
+            _query(params) if params else "",
+            {**self._headers, **headers},
+            body.encode() if body is not None else None,
+            max_body,
+            deadline,
         )
 
     @staticmethod
@@ -193,9 +206,7 @@ def ca_bundle_path() -> str:
     An empty variable counts as unset, as in requests: it never turns verification off.
     """
     return (
-        os.environ.get("REQUESTS_CA_BUNDLE")
-        or os.environ.get("CURL_CA_BUNDLE")
-        or certifi.where()
+        os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE") or certifi.where()
     )
 
 
@@ -224,8 +235,14 @@ class _DirectConnections:
         self._aborted = False
 
     def send(
-        self, method: str, url: str, query: str, headers: dict[str, str], body: bytes | None,
-        max_body: int, deadline: float,
+        self,
+        method: str,
+        url: str,
+        query: str,
+        headers: dict[str, str],
+        body: bytes | None,
+        max_body: int,
+        deadline: float,
     ) -> HttpResponse:
         target = _with_query(_request_target(url), query)
         try:
@@ -354,8 +371,9 @@ class _TrackingProxyManager(urllib3.ProxyManager):
         self._made: weakref.WeakSet[Any] = weakref.WeakSet()
         self._aborted = False
 
-    def _new_pool(self, scheme: str, host: str, port: int,
-                  request_context: dict[str, Any] | None = None) -> Any:
+    def _new_pool(
+        self, scheme: str, host: str, port: int, request_context: dict[str, Any] | None = None
+    ) -> Any:
         pool = super()._new_pool(scheme, host, port, request_context)
         new_conn = pool._new_conn
 
@@ -385,7 +403,11 @@ class _ProxiedConnections:
     """urllib3's ProxyManager: CONNECT tunnels for https, absolute URLs for http."""
 
     def __init__(
-        self, proxy: str, ca_bundle: str, pool_size: int, connect_timeout: float,
+        self,
+        proxy: str,
+        ca_bundle: str,
+        pool_size: int,
+        connect_timeout: float,
         read_timeout: float,
     ) -> None:
         if not proxy.lower().startswith(("http://", "https://")):
@@ -400,27 +422,44 @@ class _ProxiedConnections:
         location = "ca_cert_dir" if os.path.isdir(ca_bundle) else "ca_certs"
         self._connect_timeout, self._read_timeout = connect_timeout, read_timeout
         self._pool = _TrackingProxyManager(
-            proxy, proxy_headers=proxy_headers, num_pools=4, maxsize=max(1, pool_size),
-            cert_reqs="CERT_REQUIRED", retries=False,
+            proxy,
+            proxy_headers=proxy_headers,
+            num_pools=4,
+            maxsize=max(1, pool_size),
+            cert_reqs="CERT_REQUIRED",
+            retries=False,
             timeout=urllib3.Timeout(connect=connect_timeout, read=read_timeout),
             **{location: ca_bundle},
         )
 
     def send(
-        self, method: str, url: str, query: str, headers: dict[str, str], body: bytes | None,
-        max_body: int, deadline: float,
+        self,
+        method: str,
+        url: str,
+        query: str,
+        headers: dict[str, str],
+        body: bytes | None,
+        max_body: int,
+        deadline: float,
     ) -> HttpResponse:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise TransportTimeout("timed out")
         # No single wait may outlast the deadline; read1 below checks it between reads.
-        timeout = urllib3.Timeout(connect=min(self._connect_timeout, remaining),
-                                  read=min(self._read_timeout, remaining))
+        timeout = urllib3.Timeout(
+            connect=min(self._connect_timeout, remaining), read=min(self._read_timeout, remaining)
+        )
         response = None
         try:
             response = self._pool.request(
-                method, _with_query(url, query), body=body, headers=headers, timeout=timeout,
-                retries=False, redirect=False, preload_content=False,
+                method,
+                _with_query(url, query),
+                body=body,
+                headers=headers,
+                timeout=timeout,
+                retries=False,
+                redirect=False,
+                preload_content=False,
             )
             content = _read_body(response, max_body, deadline)
         # Order matters: urllib3's NewConnectionError is a subclass of its TimeoutError.
@@ -450,9 +489,7 @@ class _ProxiedConnections:
         self._pool.clear()
 
 
-def _read_body(
-    response: urllib3.BaseHTTPResponse, max_body: int, deadline: float
-) -> bytearray:
+def _read_body(response: urllib3.BaseHTTPResponse, max_body: int, deadline: float) -> bytearray:
     """The body, read as it arrives: over ``max_body`` bytes or past ``deadline`` it fails
     (and the connection is closed) instead of being buffered or waited for without end."""
     try:
