@@ -49,7 +49,7 @@ import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -94,7 +94,14 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import URL, make_url
-from sqlalchemy.exc import ArgumentError, NoSuchModuleError, SQLAlchemyError
+from sqlalchemy.exc import (
+    ArgumentError,
+    DBAPIError,
+    InterfaceError,
+    NoSuchModuleError,
+    OperationalError,
+    SQLAlchemyError,
+)
 from sqlalchemy.sql.dml import Insert, Update
 from sqlalchemy.sql.selectable import Subquery
 from sqlalchemy.types import TypeDecorator, TypeEngine
@@ -331,6 +338,7 @@ def _storable_text(text: str) -> str:
         return text
     return _UNSTORABLE.sub("\ufffd", text)
 
+
 # Delivery statements, built once: they run once per email (or per batch).
 _CLAIMABLE = and_(
     notification.c.status == "pending",
@@ -491,6 +499,19 @@ class ApplyResult:
     written: int
     notifications: list[int]
     conflicts: int
+    # Orgs whose state write (a first insert or a guarded transition) this call made: a
+    # concurrent poller that won the race wrote the others, and it alone reports them.
+    applied: frozenset[int] = frozenset()
+    # Orgs whose own change could not be written (org id -> why); nothing of theirs was.
+    failed: dict[int, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class _BatchResult:
+    written: int
+    notifications: list[int]
+    conflicts: int
+    applied: set[int]
 
 
 @dataclass(frozen=True)
@@ -641,6 +662,32 @@ def _one_line(text: str, limit: int = MAX_ERROR_LENGTH) -> str:
     return flat if len(flat) <= limit else flat[: limit - 1] + "…"
 
 
+def describe_failure(error: BaseException) -> str:
+    """One line naming an unexpected exception: its type and message (DatabaseError's own
+    message already names the action and hides the password)."""
+    if isinstance(error, DatabaseError):
+        return str(error)
+    return _one_line(f"{type(error).__name__}: {error}".rstrip(": "))
+
+
+def _row_specific(error: Exception) -> bool:
+    """Whether a failed batch may owe its failure to one of its rows rather than the database.
+
+    A refused connection, a lost one, a lock held past the busy timeout, a full disk or a
+    deadlock that kept coming back fail every batch alike (OperationalError, InterfaceError):
+    halving the batch would only repeat them. Anything else (a value a column or a bind
+    processor refuses, a bug in building one row) is worth narrowing down.
+    """
+    if isinstance(error, MemoryError):
+        return False
+    if not isinstance(error, DatabaseError):
+        return True
+    cause = error.__cause__
+    if isinstance(cause, DBAPIError) and cause.connection_invalidated:
+        return False
+    return not isinstance(cause, OperationalError | InterfaceError)
+
+
 def _describe(error: BaseException, url: URL) -> str:
     cause = getattr(error, "orig", None) or error
     text = _one_line(str(cause)) or type(cause).__name__
@@ -763,8 +810,19 @@ _ERRORS = JsonRows("errors", _types(org_state, "org_id", "last_error"))
 _OUTBOX = JsonRows(
     "notifications",
     _types(
-        notification, "org_id", "breach_number", "kind", "org_name", "recipients", "subject",
-        "balance", "threshold", "auto_refill", "burn_per_day", "runs_out_at", "detected_at",
+        notification,
+        "org_id",
+        "breach_number",
+        "kind",
+        "org_name",
+        "recipients",
+        "subject",
+        "balance",
+        "threshold",
+        "auto_refill",
+        "burn_per_day",
+        "runs_out_at",
+        "detected_at",
         "status",
     ),
 )
@@ -956,28 +1014,67 @@ class Store:
     def apply_changes(self, changes: Sequence[StateChange], now: datetime) -> ApplyResult:
         """Write changes in batches; a change whose expected state no longer holds is skipped.
 
-        At most one change per org: a batch's writes tell which orgs they hit by org id.
+        At most one change per org: a batch's writes tell which orgs they hit by org id. A
+        change that cannot be written on its own account (a value the database or a bind
+        processor refuses) fails only its org, reported in ``failed``; a database that cannot
+        be used at all raises DatabaseError as before.
         """
         if len({change.observed.org_id for change in changes}) != len(changes):
             raise ValueError("apply_changes takes at most one change per organization")
         written = conflicts = 0
         notification_ids: list[int] = []
+        applied: set[int] = set()
+        failed: dict[int, str] = {}
         # Sorted by org id, two pollers writing overlapping orgs mostly meet in the same batch
         # ranges. Within one statement PostgreSQL locks rows in its own join order, so a
         # deadlock stays possible: its victim's batch is run again whole (below).
         ordered = sorted(changes, key=lambda change: change.observed.org_id)
-        batches = self.write_batches(ordered, lambda batch: self._apply_batch_retrying(batch, now))
-        for batch_written, batch_ids, batch_conflicts in batches:
-            written += batch_written
-            notification_ids += batch_ids
-            conflicts += batch_conflicts
+
+        def write(batch: Sequence[StateChange]) -> tuple[list[_BatchResult], dict[int, str]]:
+            return self.write_isolating(
+                batch,
+                lambda part: self._apply_batch_retrying(part, now),
+                lambda change: change.observed.org_id,
+            )
+
+        for results, batch_failed in self.write_batches(ordered, write):
+            failed |= batch_failed
+            for result in results:
+                written += result.written
+                notification_ids += result.notifications
+                conflicts += result.conflicts
+                applied |= result.applied
         if conflicts:
             log.info("store.conflicts", conflicts=conflicts)
-        return ApplyResult(written, notification_ids, conflicts)
+        return ApplyResult(written, notification_ids, conflicts, frozenset(applied), failed)
 
-    def _apply_batch_retrying(
-        self, batch: Sequence[StateChange], now: datetime
-    ) -> tuple[int, list[int], int]:
+    def write_isolating(
+        self,
+        batch: Sequence[Item],
+        write: Callable[[Sequence[Item]], Result],
+        org_id_of: Callable[[Item], int],
+    ) -> tuple[list[Result], dict[int, str]]:
+        """``write(batch)``, or, when one of its rows makes it fail, each half of it again.
+
+        ``write`` runs one transaction, so a failed one wrote nothing and the halves start
+        from the same state. Returns the results of the writes that succeeded and, by org id,
+        why each item that fails on its own could not be written. A bad row costs about two
+        transactions per halving (some 22 for a full batch); a failure of the database itself
+        (see _row_specific) is raised at once, as without this.
+        """
+        try:
+            return [write(batch)], {}
+        except Exception as error:
+            if not _row_specific(error):
+                raise
+            if len(batch) == 1:
+                return [], {org_id_of(batch[0]): describe_failure(error)}
+        middle = len(batch) // 2
+        first, first_failed = self.write_isolating(batch[:middle], write, org_id_of)
+        second, second_failed = self.write_isolating(batch[middle:], write, org_id_of)
+        return first + second, first_failed | second_failed
+
+    def _apply_batch_retrying(self, batch: Sequence[StateChange], now: datetime) -> _BatchResult:
         # A deadlock victim's transaction was rolled back whole; running it again is safe
         # because every state write re-checks its guard.
         attempt = 1
@@ -994,7 +1091,7 @@ class Store:
 
     def _apply_batch(
         self, connection: Connection, batch: Sequence[StateChange], now: datetime
-    ) -> tuple[int, list[int], int]:
+    ) -> _BatchResult:
         new_orgs = [change for change in batch if change.expected is None]
         transitions = [
             change
@@ -1012,9 +1109,7 @@ class Store:
         hit = self._insert_new_orgs(connection, new_orgs, now)
         hit |= self._transition(connection, transitions, now)
         self._refresh_observed(connection, refreshes, now)
-        applied = [
-            change for change in (*new_orgs, *transitions) if change.observed.org_id in hit
-        ]
+        applied = [change for change in (*new_orgs, *transitions) if change.observed.org_id in hit]
         notification_ids = self.add_notifications(
             connection,
             [
@@ -1026,7 +1121,7 @@ class Store:
             now,
         )
         conflicts = len(new_orgs) + len(transitions) - len(applied)
-        return len(applied) + len(refreshes), notification_ids, conflicts
+        return _BatchResult(len(applied) + len(refreshes), notification_ids, conflicts, hit)
 
     def _insert_new_orgs(
         self, connection: Connection, changes: list[StateChange], now: datetime
@@ -1171,8 +1266,12 @@ class Store:
         """
         if not notification_ids:
             return set()
-        values = {"b_ids": list(notification_ids), "b_worker": worker, "b_now": now,
-                  "b_until": until}
+        values = {
+            "b_ids": list(notification_ids),
+            "b_worker": worker,
+            "b_now": now,
+            "b_until": until,
+        }
         with self._progress_write("renewing delivery claims") as connection:
             return set(connection.execute(_RENEW, values).scalars())
 
@@ -1181,8 +1280,9 @@ class Store:
     ) -> bool:
         """Record delivery; False if ``worker`` no longer holds the claim (someone took over)."""
         values = {"b_message_id": message_id}
-        return self._finish_claim(_MARK_SENT, notification_id, worker, now, values,
-                                  "marking a notification sent")
+        return self._finish_claim(
+            _MARK_SENT, notification_id, worker, now, values, "marking a notification sent"
+        )
 
     def mark_retry(
         self,
@@ -1194,12 +1294,19 @@ class Store:
         now: datetime,
     ) -> bool:
         values = {"b_error": _one_line(error), "b_next_attempt_at": next_attempt_at}
-        return self._finish_claim(_MARK_RETRY, notification_id, worker, now, values,
-                                  "scheduling a notification retry")
+        return self._finish_claim(
+            _MARK_RETRY, notification_id, worker, now, values, "scheduling a notification retry"
+        )
 
     def mark_failed(self, notification_id: int, *, worker: str, error: str, now: datetime) -> bool:
-        return self._finish_claim(_MARK_FAILED, notification_id, worker, now,
-                                  {"b_error": _one_line(error)}, "marking a notification failed")
+        return self._finish_claim(
+            _MARK_FAILED,
+            notification_id,
+            worker,
+            now,
+            {"b_error": _one_line(error)},
+            "marking a notification failed",
+        )
 
     def _finish_claim(
         self,
@@ -1244,8 +1351,10 @@ class Store:
         conditions = [notification.c.status == "pending", notification.c.created_at <= now]
         if exclude_in_flight:
             conditions.append(
-                or_(notification.c.claim_expires_at.is_(None),
-                    notification.c.claim_expires_at <= now)
+                or_(
+                    notification.c.claim_expires_at.is_(None),
+                    notification.c.claim_expires_at <= now,
+                )
             )
         query = select(func.count()).where(*conditions)
         with (
