@@ -315,7 +315,13 @@ def _between(low: float | Decimal, high: float | Decimal, unit: str = "") -> Che
 
 
 def _zero_or(check: Check) -> Check:
-    return lambda value: None if value == 0 else check(value)
+    """0 (meaning "off"), or what ``check`` allows."""
+
+    def zero_or(value: float) -> str | None:
+        problem = None if value == 0 else check(value)
+        return None if problem is None else f"must be 0 or {problem.removeprefix('must be ')}"
+
+    return zero_or
 
 
 def _unset_or(check: Check) -> Check:

@@ -192,7 +192,7 @@ def test_any_numeric_value_is_refused_in_one_line_or_usable(
         ("DELIVERY_LEASE", "1e300", "must be between 1 and 86400 seconds"),
         ("INTERVAL", "1e300", "must be between 0.1 and 604800 seconds"),
         ("JITTER", "1e300", "must be between 0 and 86400 seconds"),
-        ("MAX_REQUESTS_PER_SECOND", "1e-300", "must be between 0.01 and 100000 (got 1e-300)"),
+        ("MAX_REQUESTS_PER_SECOND", "1e-300", "must be 0 or between 0.01 and 100000 (got 1e-300)"),
         ("HISTORY_RETENTION_DAYS", "99999999999", "must be between 7 and 3650"),
         ("REMIND_EVERY", "1e300", "must be between 60 and 31536000 seconds"),
         ("REARM_MARGIN", "1e999999999", "must be between 0 and 1000000000000000"),

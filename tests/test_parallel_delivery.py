@@ -18,9 +18,14 @@ ORGS = 6
 
 def seed_alike_orgs(api: SimulatedApi) -> None:
     for number in range(1, ORGS + 1):
-        api.add_org(f"Org {number}", org_id=number, credits_remaining="5000.00",
-                    notify_low_credits=True, low_credits_threshold="1000.00",
-                    members=[{"name": "Ops", "email": f"ops@org{number}.example"}])
+        api.add_org(
+            f"Org {number}",
+            org_id=number,
+            credits_remaining="5000.00",
+            notify_low_credits=True,
+            low_credits_threshold="1000.00",
+            members=[{"name": "Ops", "email": f"ops@org{number}.example"}],
+        )
 
 
 @pytest.fixture
@@ -68,5 +73,5 @@ def test_two_pollers_delivering_in_parallel_still_send_each_email_once(
 
 
 def test_smtp_connections_must_be_at_least_one() -> None:
-    with pytest.raises(ConfigError, match="^POLLER_SMTP_CONNECTIONS: must be at least 1"):
+    with pytest.raises(ConfigError, match="^POLLER_SMTP_CONNECTIONS: must be between 1 and 64"):
         load_settings(env={"POLLER_SMTP_CONNECTIONS": "0"})

@@ -130,7 +130,10 @@ def test_however_many_429s_the_rate_never_drops_below_the_floor() -> None:
 
 def settings_for(url: str, **overrides: object) -> Settings:
     values: dict[str, object] = {
-        "api_url": url, "api_token": Secret(TOKEN), "api_retries": 3, "concurrency": 8,
+        "api_url": url,
+        "api_token": Secret(TOKEN),
+        "api_retries": 3,
+        "concurrency": 8,
     }
     values.update(overrides)
     return Settings(**values)  # type: ignore[arg-type]
@@ -204,5 +207,5 @@ def test_repeated_429s_slow_the_workers_down_and_the_cycle_completes() -> None:
 def test_the_rate_cap_is_a_setting_where_zero_means_no_cap() -> None:
     assert load_settings(env={}).max_requests_per_second == 100.0
     assert load_settings(env={"POLLER_MAX_REQUESTS_PER_SECOND": "0"}).max_requests_per_second == 0
-    with pytest.raises(ConfigError, match="^POLLER_MAX_REQUESTS_PER_SECOND: must be at least 0"):
+    with pytest.raises(ConfigError, match="^POLLER_MAX_REQUESTS_PER_SECOND: must be 0 or "):
         load_settings(env={"POLLER_MAX_REQUESTS_PER_SECOND": "-5"})
