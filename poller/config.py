@@ -183,12 +183,16 @@ def _boolean(raw: object) -> bool:
 
 
 _WHOLE_NUMBER = re.compile(r"[+-]?[0-9]+")
+# More digits than any setting's range allows, and far fewer than int() accepts (4300).
+_MAX_DIGITS = 100
 
 
 def _whole_number(raw: object) -> int:
     if isinstance(raw, int) and not isinstance(raw, bool):
         return raw
     if isinstance(raw, str) and _WHOLE_NUMBER.fullmatch(raw.strip()):
+        if len(raw.strip()) > _MAX_DIGITS:  # int() refuses these with a ValueError of its own
+            raise _BadValue(f"{_show(raw)} is far too large")
         return int(raw.strip())
     # TOML floats arrive as Decimal (parse_float=Decimal); 8.0 is still a whole number.
     if isinstance(raw, Decimal | float) and math.isfinite(raw) and raw == int(raw):
@@ -199,7 +203,10 @@ def _whole_number(raw: object) -> int:
 def _number(raw: object) -> float:
     """Durations in seconds: binary floats are fine here, unlike money."""
     if isinstance(raw, int | float | Decimal) and not isinstance(raw, bool):
-        value = float(raw)
+        try:
+            value = float(raw)
+        except OverflowError:  # an int beyond any float (TOML integers have no limit)
+            value = math.inf
     elif isinstance(raw, str):
         try:
             value = float(raw.strip())
@@ -297,16 +304,33 @@ def _secret_list(raw: object) -> tuple[Secret, ...]:
 # --- validators: typed value -> complaint or None ---
 
 
-def _at_least(minimum: int | float | Decimal) -> Callable[[Any], str | None]:
-    return lambda value: None if value >= minimum else f"must be at least {minimum} (got {value})"
+Check = Callable[[Any], str | None]
 
 
-def _greater_than_zero(value: float) -> str | None:
-    return None if value > 0 else f"must be greater than 0 (got {value})"
+def _between(low: float | Decimal, high: float | Decimal, unit: str = "") -> Check:
+    """Every number has a range: beyond it a value crashes or hangs something later (a socket
+    timeout past time_t, a timedelta past year 9999, 10^8 threads) or makes no sense."""
+
+    def check(value: float | Decimal) -> str | None:
+        if low <= value <= high:
+            return None
+        return f"must be between {low} and {high}{unit} (got {_show(value)})"
+
+    return check
 
 
-def _unset_or_positive(value: float | Decimal | None) -> str | None:
-    return None if value is None else _greater_than_zero(value)
+def _zero_or(check: Check) -> Check:
+    """0 (meaning "off"), or what ``check`` allows."""
+
+    def zero_or(value: float) -> str | None:
+        problem = None if value == 0 else check(value)
+        return None if problem is None else f"must be 0 or {problem.removeprefix('must be ')}"
+
+    return zero_or
+
+
+def _unset_or(check: Check) -> Check:
+    return lambda value: None if value is None else check(value)
 
 
 def _port(value: int) -> str | None:
@@ -343,9 +367,20 @@ def _database_url(value: str) -> str | None:
     except (ArgumentError, ValueError):
         return "not a database URL (e.g. sqlite:///poller.db or postgresql+psycopg2://...)"
     try:
-        url.get_dialect()
+        dialect = url.get_dialect()
     except ArgumentError:
         return f"unknown database kind {url.drivername!r} (use sqlite:// or postgresql+psycopg2://)"
+    try:
+        # The driver's own reading of the URL's query (e.g. sqlite's ?timeout=): done here, a
+        # bad value would otherwise surface as a traceback when the database is first opened.
+        dialect().create_connect_args(url)
+    except (ArgumentError, ValueError, TypeError):
+        names = ", ".join(sorted(url.query)) or "the port"
+        return f"a value in the URL ({names}) is not valid for {url.get_backend_name()}"
+    if url.get_backend_name() == "sqlite" and "timeout" in url.query:
+        timeout = float(str(url.query["timeout"]))
+        if not 0 <= timeout <= 3600:
+            return f"?timeout= must be between 0 and 3600 seconds (got {_show(timeout)})"
     return None
 
 
@@ -386,6 +421,11 @@ class _Spec:
     secret: bool = False
 
 
+_DAY = 86400
+_WEEK = 7 * _DAY
+# Credits: far beyond any balance, and exact within Decimal's default 28 digits.
+_MAX_AMOUNT = Decimal(10) ** 15
+
 _SPECS: dict[str, _Spec] = {
     spec.name: spec
     for spec in (
@@ -393,12 +433,12 @@ _SPECS: dict[str, _Spec] = {
         _Spec("api_keys", _secret_list, secret=True),
         _Spec("api_token", _one_secret, secret=True),
         _Spec("allow_insecure_http", _boolean),
-        _Spec("api_connect_timeout", _number, _greater_than_zero),
-        _Spec("api_read_timeout", _number, _greater_than_zero),
-        _Spec("api_request_timeout", _number, _greater_than_zero),
-        _Spec("api_retries", _whole_number, _at_least(0)),
-        _Spec("concurrency", _whole_number, _at_least(1)),
-        _Spec("max_requests_per_second", _number, _at_least(0)),
+        _Spec("api_connect_timeout", _number, _between(0.1, 300, " seconds")),
+        _Spec("api_read_timeout", _number, _between(0.1, 3600, " seconds")),
+        _Spec("api_request_timeout", _number, _between(0.1, 3600, " seconds")),
+        _Spec("api_retries", _whole_number, _between(0, 20)),
+        _Spec("concurrency", _whole_number, _between(1, 256)),
+        _Spec("max_requests_per_second", _number, _zero_or(_between(0.01, 100_000))),
         _Spec("shard", _shard),
         _Spec("database_url", _required_text, _database_url),
         _Spec("smtp_host", _required_text),
@@ -406,19 +446,19 @@ _SPECS: dict[str, _Spec] = {
         _Spec("smtp_security", _choice("none", "starttls", "ssl")),
         _Spec("smtp_username", _optional_text),
         _Spec("smtp_password", _one_secret, secret=True),
-        _Spec("smtp_timeout", _number, _greater_than_zero),
-        _Spec("smtp_connections", _whole_number, _at_least(1)),
+        _Spec("smtp_timeout", _number, _between(0.1, 3600, " seconds")),
+        _Spec("smtp_connections", _whole_number, _between(1, 64)),
         _Spec("mail_from", _optional_text, _sender),
         _Spec("billing_url", _required_text, _billing_url),
-        _Spec("interval", _number, _greater_than_zero),
-        _Spec("jitter", _number, _at_least(0)),
-        _Spec("cycle_timeout", _number, _greater_than_zero),
-        _Spec("rearm_margin", _decimal, _at_least(0)),
-        _Spec("delivery_lease", _number, _greater_than_zero),
-        _Spec("history_retention_days", _whole_number, _at_least(7)),
-        _Spec("advice_days", _decimal, _greater_than_zero),
-        _Spec("runway_days", _optional_decimal, _unset_or_positive),
-        _Spec("remind_every", _optional_duration, _unset_or_positive),
+        _Spec("interval", _number, _between(0.1, _WEEK, " seconds")),
+        _Spec("jitter", _number, _between(0, _DAY, " seconds")),
+        _Spec("cycle_timeout", _number, _between(1, _DAY, " seconds")),
+        _Spec("rearm_margin", _decimal, _between(0, _MAX_AMOUNT)),
+        _Spec("delivery_lease", _number, _between(1, _DAY, " seconds")),
+        _Spec("history_retention_days", _whole_number, _between(7, 3650)),
+        _Spec("advice_days", _decimal, _between(Decimal("0.1"), 365)),
+        _Spec("runway_days", _optional_decimal, _unset_or(_between(Decimal("0.1"), 365))),
+        _Spec("remind_every", _optional_duration, _unset_or(_between(60, 365 * _DAY, " seconds"))),
         _Spec("recovery_notice", _boolean),
         _Spec("log_format", _optional_choice("json", "console")),
         _Spec("metrics_port", _optional_whole_number, _optional_port),
@@ -470,7 +510,21 @@ def load_settings(
 
     settings = Settings(**values, config_path=config_path, warnings=warnings)
     _refuse_credentials_over_plain_http(settings, labels.get("api_url", "api_url"))
+    _require_both_smtp_credentials(settings, labels)
     return settings
+
+
+def _require_both_smtp_credentials(settings: Settings, labels: Mapping[str, str]) -> None:
+    # Half a login cannot be used: say so now rather than at the first email.
+    if (settings.smtp_username is None) == (settings.smtp_password is None):
+        return
+    given, missing = ("smtp_username", "smtp_password")
+    if settings.smtp_username is None:
+        given, missing = missing, given
+    raise ConfigError(
+        f"{labels.get(given, given)}: is set but {missing} is not; set both (POLLER_"
+        f"{missing.upper()}), or neither to send without logging in"
+    )
 
 
 def _parse(spec: _Spec, raw: object, label: str) -> Any:
@@ -526,6 +580,8 @@ def _file_layer(path: str, path_source: str) -> tuple[_Layer, tuple[str, ...]]:
     except tomllib.TOMLDecodeError as error:
         reason = " ".join(str(error).split())
         raise ConfigError(f"{where}: invalid TOML: {reason}") from None
+    except ValueError:  # tomllib passes on int()'s refusal of an integer of 4,300+ digits
+        raise ConfigError(f"{where}: invalid TOML: a number is far too large") from None
 
     for key, value in data.items():
         if key not in _KNOWN_NAMES:

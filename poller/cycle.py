@@ -21,11 +21,18 @@ import structlog
 from poller.cekura import ApiError, CekuraClient
 from poller.config import Settings
 from poller.delivery import Deliverer, DeliveryReport
-from poller.insights import InsightReport, Insights
+from poller.insights import InsightReport, Insights, OrgFailure
 from poller.notifications import content_for, notification_for
 from poller.records import OrgError, OrgSnapshot
 from poller.rules import Decision, StoredState, evaluate
-from poller.store import NewNotification, ObservedOrg, StateChange, Store, StoredRow
+from poller.store import (
+    NewNotification,
+    ObservedOrg,
+    StateChange,
+    Store,
+    StoredRow,
+    describe_failure,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -78,6 +85,9 @@ class CycleReport:
     fatal: str | None = None
     written: int = 0
     conflicts: int = 0
+    # Orgs whose state write this process made (ApplyResult.applied); None when nothing was
+    # written (a dry run): then the plans are what the cycle would have done.
+    applied: frozenset[int] | None = None
     delivery: DeliveryReport | None = None
     duration: float = 0.0
     outcome: str = ""  # ok | partial | list_failed | abandoned, once the cycle has finished
@@ -90,13 +100,17 @@ class CycleReport:
     def orgs_read(self) -> int:
         return len(self.plans)
 
+    def wrote(self, plan: OrgPlan) -> bool:
+        """Whether this process made the plan's state change (not a poller that won a race)."""
+        return self.applied is None or plan.snapshot.id in self.applied
+
     @property
     def breaches(self) -> int:
-        return sum(1 for plan in self.plans if plan.notification is not None)
+        return sum(1 for plan in self.plans if plan.notification is not None and self.wrote(plan))
 
     @property
     def rearmed(self) -> int:
-        return sum(1 for plan in self.plans if plan.decision.rearmed)
+        return sum(1 for plan in self.plans if plan.decision.rearmed and self.wrote(plan))
 
     @property
     def ok(self) -> bool:
@@ -159,19 +173,26 @@ def plan_cycle(
     settings: Settings,
     baseline: bool,
     now: datetime,
+    failed: OrgFailure,
 ) -> list[OrgPlan]:
+    """Each org's plan; an org whose planning raises is handed to ``failed`` and left out."""
     rearm_margin, billing_url = settings.rearm_margin, settings.billing_url
-    return [
-        plan_org(
-            snapshot,
-            stored.get(snapshot.id),
-            rearm_margin=rearm_margin,
-            baseline=baseline,
-            billing_url=billing_url,
-            now=now,
-        )
-        for snapshot in snapshots
-    ]
+    plans = []
+    for snapshot in snapshots:
+        try:
+            plans.append(
+                plan_org(
+                    snapshot,
+                    stored.get(snapshot.id),
+                    rearm_margin=rearm_margin,
+                    baseline=baseline,
+                    billing_url=billing_url,
+                    now=now,
+                )
+            )
+        except Exception as error:
+            failed(snapshot.id, "planning", error)
+    return plans
 
 
 def run_cycle(
@@ -251,7 +272,8 @@ def _fetch_and_persist(
     with _no_garbage_collection():
         _diff_and_persist(report, fetched.snapshots, settings, store, baseline, dry_run, now_fn())
     for plan in report.plans:
-        _log_plan(plan)
+        if report.wrote(plan):
+            _log_plan(plan)
 
 
 def _diff_and_persist(
@@ -263,24 +285,45 @@ def _diff_and_persist(
     dry_run: bool,
     now: datetime,
 ) -> None:
+    # An exception about one org (a value no step expected, a bug it triggers) fails that org
+    # only: it is reported like an org that could not be read, and nothing of it is written.
+    failed_ids: set[int] = set()
+
+    def failed(org_id: int, step: str, error: BaseException | str) -> None:
+        failed_ids.add(org_id)
+        why = error if isinstance(error, str) else describe_failure(error)
+        report.errors.append(OrgError(org_id, f"{step} failed: {why}"))
+        log.error("org.failed", org_id=org_id, step=step, error=why)
+
+    def drop_failed() -> None:
+        if failed_ids:
+            report.plans = [plan for plan in report.plans if plan.snapshot.id not in failed_ids]
+
     with _phase(report, "diff"):
         stored = store.load_states()
-        report.plans = plan_cycle(snapshots, stored, settings=settings, baseline=baseline, now=now)
-        insights = Insights(store, settings)
+        report.plans = plan_cycle(
+            snapshots, stored, settings=settings, baseline=baseline, now=now, failed=failed
+        )
+        insights = Insights(store, settings, failed=failed)
         amended = insights.before_persist(
             report.plans, stored, baseline=baseline, now=now, report=report.insights
         )
         for index, change in amended.items():
             report.plans[index] = replace(report.plans[index], change=change)
+        drop_failed()
     if dry_run:
         return
     with _phase(report, "persist"):
         result = store.apply_changes([p.change for p in report.plans if p.change], now)
         report.written, report.conflicts = result.written, result.conflicts
-        store.record_errors([(e.org_id, e.message) for e in report.errors if e.org_id], now)
+        report.applied = result.applied
+        for org_id, why in result.failed.items():
+            failed(org_id, "saving", why)
+        drop_failed()
         insights.after_persist(
             report.plans, stored, baseline=baseline, now=now, report=report.insights
         )
+        store.record_errors([(e.org_id, e.message) for e in report.errors if e.org_id], now)
 
 
 @contextmanager

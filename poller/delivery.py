@@ -7,8 +7,8 @@ enough of the lease left (``renewal_margin``: half the lease, at least four SMTP
 when less is left, the lease of the rest of the batch is renewed first, in one statement, so
 a long batch never outlives its claim. The one duplicate window is a process dying (or one
 send outlasting what was left of its lease) after the server has the message and before the
-row is marked sent; the lease then expires and another poller sends it again, with the same
-Message-ID.
+row is marked sent, open on each of its ``smtp_connections`` at once; the lease then expires
+and another poller sends it again, with the same Message-ID.
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ writes none. The main alert rule is never consulted or changed here.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from decimal import Decimal
@@ -46,6 +46,11 @@ log = structlog.get_logger(__name__)
 READ_ALL_ABOVE = 2000
 
 
+# What a cycle does with an org that one of its steps failed on: (org id, step, exception or
+# the reason already put in words). The org is then reported as an error, not written.
+OrgFailure = Callable[[int, str, BaseException | str], None]
+
+
 class PlanLike(Protocol):
     """What the hooks read from a cycle's OrgPlan (structural: cycle imports this module)."""
 
@@ -69,21 +74,29 @@ def with_current(points: Sequence[Point], current: Point) -> list[Point]:
 
 
 class Insights:
-    def __init__(self, store: Store, settings: Settings) -> None:
+    def __init__(self, store: Store, settings: Settings, *, failed: OrgFailure) -> None:
         self.settings = settings
         self.history = History(store, retention=timedelta(days=settings.history_retention_days))
         self.notices = NoticeStore(store)
+        self.failed = failed
 
     def forecasts(self, snapshots: Iterable[OrgSnapshot], now: datetime) -> dict[int, Forecast]:
-        """Each org's forecast from its stored history plus the balance observed at ``now``."""
+        """Each org's forecast from its stored history plus the balance observed at ``now``.
+
+        An org whose forecast raises is handed to ``failed`` and has none."""
         by_id = {snapshot.id: snapshot for snapshot in snapshots}
         if not by_id:
             return {}
         series = self.history.series(by_id, since=now - WEEK)
-        return {
-            org_id: forecast(with_current(series.get(org_id, []), Point(now, snapshot.balance)))
-            for org_id, snapshot in by_id.items()
-        }
+        forecasts = {}
+        for org_id, snapshot in by_id.items():
+            try:
+                forecasts[org_id] = forecast(
+                    with_current(series.get(org_id, []), Point(now, snapshot.balance))
+                )
+            except Exception as error:
+                self.failed(org_id, "forecasting", error)
+        return forecasts
 
     def before_persist(
         self,
@@ -100,31 +113,45 @@ class Insights:
         changing = [(index, plan) for index, plan in enumerate(plans) if plan.change is not None]
         alerting = [plan.snapshot for _, plan in changing if _alert(plan) is not None]
         report.forecasts.update(self.forecasts(alerting, now))
-        recovering = set()
-        if self.settings.recovery_notice and not baseline:
-            recovering = {plan.snapshot.id for _, plan in changing if _recovered(plan, stored)}
+        recovery = self.settings.recovery_notice and not baseline
         amended: dict[int, StateChange] = {}
         for index, plan in changing:
-            change = original = plan.change
-            assert change is not None
-            alert = _alert(plan)
-            if alert is not None:
-                prediction = report.forecasts.get(plan.snapshot.id)
-                change = replace(change, notification=replace(alert, **forecast_fields(prediction)))
-            if plan.snapshot.id in recovering:
-                content = content_for(
-                    plan.snapshot,
-                    kind="recovery",
-                    number=plan.decision.breach_count,
-                    billing_url=self.settings.billing_url,
-                    now=now,
-                )
-                change = replace(
-                    change, also_notify=(notification_for(content, plan.snapshot, baseline=False),)
-                )
-            if change is not original:
+            try:
+                change = self._amended(plan, stored, recovery, report.forecasts, now)
+            except Exception as error:
+                self.failed(plan.snapshot.id, "preparing notices", error)
+                continue
+            if change is not plan.change:
                 amended[index] = change
         return amended
+
+    def _amended(
+        self,
+        plan: PlanLike,
+        stored: Mapping[int, StoredRow],
+        recovery: bool,
+        forecasts: Mapping[int, Forecast],
+        now: datetime,
+    ) -> StateChange:
+        """The plan's change with its alert's forecast and its recovery notice, if any."""
+        change = plan.change
+        assert change is not None
+        alert = _alert(plan)
+        if alert is not None:
+            prediction = forecasts.get(plan.snapshot.id)
+            change = replace(change, notification=replace(alert, **forecast_fields(prediction)))
+        if recovery and _recovered(plan, stored):
+            content = content_for(
+                plan.snapshot,
+                kind="recovery",
+                number=plan.decision.breach_count,
+                billing_url=self.settings.billing_url,
+                now=now,
+            )
+            change = replace(
+                change, also_notify=(notification_for(content, plan.snapshot, baseline=False),)
+            )
+        return change
 
     def after_persist(
         self,
@@ -161,20 +188,24 @@ class Insights:
     ) -> None:
         states = self.notices.load()
         last_alerts = self.notices.last_alerts() if self.settings.remind_every else {}
-        reminding = {
-            plan.snapshot.id
-            for plan in plans
-            if self.settings.remind_every is not None
-            and not plan.decision.breached
-            and reminder_due(
-                states.get(plan.snapshot.id, NOTICE_INITIAL),
-                alerted=plan.decision.state == AlertState.ALERTED,
-                enabled=plan.snapshot.enabled,
-                last_alert_at=last_alerts.get(plan.snapshot.id),
-                every=timedelta(seconds=self.settings.remind_every),
-                now=now,
-            )
-        }
+        reminding = set()
+        if self.settings.remind_every is not None:
+            every = timedelta(seconds=self.settings.remind_every)
+            for plan in plans:
+                try:
+                    due = not plan.decision.breached and reminder_due(
+                        states.get(plan.snapshot.id, NOTICE_INITIAL),
+                        alerted=plan.decision.state == AlertState.ALERTED,
+                        enabled=plan.snapshot.enabled,
+                        last_alert_at=last_alerts.get(plan.snapshot.id),
+                        every=every,
+                        now=now,
+                    )
+                except Exception as error:
+                    self.failed(plan.snapshot.id, "deciding a reminder", error)
+                    continue
+                if due:
+                    reminding.add(plan.snapshot.id)
         # Only a balance change can shorten the runway (or be the top-up that re-arms it).
         runway_candidates = (
             [s for s in changed if s.id in stored] if self.settings.runway_days else []
@@ -186,30 +217,40 @@ class Insights:
             if p.snapshot.id in reminding and p.snapshot.id not in report.forecasts
         ]
         report.forecasts.update(self.forecasts(needed, now))
+        # An org whose forecast failed gets no notice decision this cycle (it was reported).
+        unforecast = {snapshot.id for snapshot in needed} - report.forecasts.keys()
 
         runway_ids = {snapshot.id for snapshot in runway_candidates}
         changes = []
         for plan in plans:
             org_id = plan.snapshot.id
-            if org_id not in runway_ids and org_id not in reminding:
+            if org_id not in runway_ids and org_id not in reminding or org_id in unforecast:
                 continue
             expected = states.get(org_id)
             current = expected or NOTICE_INITIAL
-            new, notices = self._org_notices(
-                plan,
-                stored,
-                current,
-                org_id in runway_ids,
-                org_id in reminding,
-                report.forecasts.get(org_id),
-                now,
-            )
+            try:
+                new, notices = self._org_notices(
+                    plan,
+                    stored,
+                    current,
+                    org_id in runway_ids,
+                    org_id in reminding,
+                    report.forecasts.get(org_id),
+                    now,
+                )
+            except Exception as error:
+                self.failed(org_id, "deciding notices", error)
+                continue
             if notices or new != current:
                 changes.append(NoticeChange(org_id, expected, new, tuple(notices)))
-        ids, conflicts = self.notices.apply(changes, now)
+        ids, conflicts, failed = self.notices.apply(changes, now)
+        for org_id, why in failed.items():
+            self.failed(org_id, "saving notices", why)
         report.notices += ids
         report.conflicts += conflicts
         for change in changes:
+            if change.org_id in failed:
+                continue
             for notice in change.notifications:
                 log.info(
                     f"org.{notice.kind}_notice",

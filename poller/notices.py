@@ -159,8 +159,11 @@ class NoticeStore:
         ):
             return {row.org_id: row.last_alert_at for row in connection.execute(query)}
 
-    def apply(self, changes: Sequence[NoticeChange], now: datetime) -> tuple[list[int], int]:
-        """Write the changes whose loaded state still holds; (notification ids, conflicts)."""
+    def apply(
+        self, changes: Sequence[NoticeChange], now: datetime
+    ) -> tuple[list[int], int, dict[int, str]]:
+        """Write the changes whose loaded state still holds; (notification ids, conflicts,
+        why each org whose own change could not be written failed)."""
 
         def write(batch: Sequence[NoticeChange]) -> tuple[list[int], int]:
             with (
@@ -176,15 +179,23 @@ class NoticeStore:
                     notifications += [(change.org_id, new) for new in change.notifications]
                 return self._store.add_notifications(connection, notifications, now), conflicts
 
+        def write_isolating(
+            batch: Sequence[NoticeChange],
+        ) -> tuple[list[tuple[list[int], int]], dict[int, str]]:
+            return self._store.write_isolating(batch, write, lambda change: change.org_id)
+
         ordered = sorted(changes, key=lambda change: change.org_id)
         ids: list[int] = []
         conflicts = 0
-        for batch_ids, batch_conflicts in self._store.write_batches(ordered, write):
-            ids += batch_ids
-            conflicts += batch_conflicts
+        failed: dict[int, str] = {}
+        for results, batch_failed in self._store.write_batches(ordered, write_isolating):
+            failed |= batch_failed
+            for batch_ids, batch_conflicts in results:
+                ids += batch_ids
+                conflicts += batch_conflicts
         if conflicts:
             log.info("notices.conflicts", conflicts=conflicts)
-        return ids, conflicts
+        return ids, conflicts, failed
 
     def _write(self, connection: Connection, change: NoticeChange, now: datetime) -> bool:
         values = {

@@ -49,7 +49,7 @@ import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -94,7 +94,14 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import URL, make_url
-from sqlalchemy.exc import ArgumentError, NoSuchModuleError, SQLAlchemyError
+from sqlalchemy.exc import (
+    ArgumentError,
+    DBAPIError,
+    InterfaceError,
+    NoSuchModuleError,
+    OperationalError,
+    SQLAlchemyError,
+)
 from sqlalchemy.sql.dml import Insert, Update
 from sqlalchemy.sql.selectable import Subquery
 from sqlalchemy.types import TypeDecorator, TypeEngine
@@ -499,6 +506,19 @@ class ApplyResult:
     written: int
     notifications: list[int]
     conflicts: int
+    # Orgs whose state write (a first insert or a guarded transition) this call made: a
+    # concurrent poller that won the race wrote the others, and it alone reports them.
+    applied: frozenset[int] = frozenset()
+    # Orgs whose own change could not be written (org id -> why); nothing of theirs was.
+    failed: dict[int, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class _BatchResult:
+    written: int
+    notifications: list[int]
+    conflicts: int
+    applied: set[int]
 
 
 @dataclass(frozen=True)
@@ -654,6 +674,32 @@ def _safe_url(url: URL) -> str:
 def _one_line(text: str, limit: int = MAX_ERROR_LENGTH) -> str:
     flat = " ".join(text.split())
     return flat if len(flat) <= limit else flat[: limit - 1] + "…"
+
+
+def describe_failure(error: BaseException) -> str:
+    """One line naming an unexpected exception: its type and message (DatabaseError's own
+    message already names the action and hides the password)."""
+    if isinstance(error, DatabaseError):
+        return str(error)
+    return _one_line(f"{type(error).__name__}: {error}".rstrip(": "))
+
+
+def _row_specific(error: Exception) -> bool:
+    """Whether a failed batch may owe its failure to one of its rows rather than the database.
+
+    A refused connection, a lost one, a lock held past the busy timeout, a full disk or a
+    deadlock that kept coming back fail every batch alike (OperationalError, InterfaceError):
+    halving the batch would only repeat them. Anything else (a value a column or a bind
+    processor refuses, a bug in building one row) is worth narrowing down.
+    """
+    if isinstance(error, MemoryError):
+        return False
+    if not isinstance(error, DatabaseError):
+        return True
+    cause = error.__cause__
+    if isinstance(cause, DBAPIError) and cause.connection_invalidated:
+        return False
+    return not isinstance(cause, OperationalError | InterfaceError)
 
 
 def _describe(error: BaseException, url: URL) -> str:
@@ -983,28 +1029,67 @@ class Store:
     def apply_changes(self, changes: Sequence[StateChange], now: datetime) -> ApplyResult:
         """Write changes in batches; a change whose expected state no longer holds is skipped.
 
-        At most one change per org: a batch's writes tell which orgs they hit by org id.
+        At most one change per org: a batch's writes tell which orgs they hit by org id. A
+        change that cannot be written on its own account (a value the database or a bind
+        processor refuses) fails only its org, reported in ``failed``; a database that cannot
+        be used at all raises DatabaseError as before.
         """
         if len({change.observed.org_id for change in changes}) != len(changes):
             raise ValueError("apply_changes takes at most one change per organization")
         written = conflicts = 0
         notification_ids: list[int] = []
+        applied: set[int] = set()
+        failed: dict[int, str] = {}
         # Sorted by org id, two pollers writing overlapping orgs mostly meet in the same batch
         # ranges. Within one statement PostgreSQL locks rows in its own join order, so a
         # deadlock stays possible: its victim's batch is run again whole (below).
         ordered = sorted(changes, key=lambda change: change.observed.org_id)
-        batches = self.write_batches(ordered, lambda batch: self._apply_batch_retrying(batch, now))
-        for batch_written, batch_ids, batch_conflicts in batches:
-            written += batch_written
-            notification_ids += batch_ids
-            conflicts += batch_conflicts
+
+        def write(batch: Sequence[StateChange]) -> tuple[list[_BatchResult], dict[int, str]]:
+            return self.write_isolating(
+                batch,
+                lambda part: self._apply_batch_retrying(part, now),
+                lambda change: change.observed.org_id,
+            )
+
+        for results, batch_failed in self.write_batches(ordered, write):
+            failed |= batch_failed
+            for result in results:
+                written += result.written
+                notification_ids += result.notifications
+                conflicts += result.conflicts
+                applied |= result.applied
         if conflicts:
             log.info("store.conflicts", conflicts=conflicts)
-        return ApplyResult(written, notification_ids, conflicts)
+        return ApplyResult(written, notification_ids, conflicts, frozenset(applied), failed)
 
-    def _apply_batch_retrying(
-        self, batch: Sequence[StateChange], now: datetime
-    ) -> tuple[int, list[int], int]:
+    def write_isolating(
+        self,
+        batch: Sequence[Item],
+        write: Callable[[Sequence[Item]], Result],
+        org_id_of: Callable[[Item], int],
+    ) -> tuple[list[Result], dict[int, str]]:
+        """``write(batch)``, or, when one of its rows makes it fail, each half of it again.
+
+        ``write`` runs one transaction, so a failed one wrote nothing and the halves start
+        from the same state. Returns the results of the writes that succeeded and, by org id,
+        why each item that fails on its own could not be written. A bad row costs about two
+        transactions per halving (some 22 for a full batch); a failure of the database itself
+        (see _row_specific) is raised at once, as without this.
+        """
+        try:
+            return [write(batch)], {}
+        except Exception as error:
+            if not _row_specific(error):
+                raise
+            if len(batch) == 1:
+                return [], {org_id_of(batch[0]): describe_failure(error)}
+        middle = len(batch) // 2
+        first, first_failed = self.write_isolating(batch[:middle], write, org_id_of)
+        second, second_failed = self.write_isolating(batch[middle:], write, org_id_of)
+        return first + second, first_failed | second_failed
+
+    def _apply_batch_retrying(self, batch: Sequence[StateChange], now: datetime) -> _BatchResult:
         # A deadlock victim's transaction was rolled back whole; running it again is safe
         # because every state write re-checks its guard.
         attempt = 1
@@ -1021,7 +1106,7 @@ class Store:
 
     def _apply_batch(
         self, connection: Connection, batch: Sequence[StateChange], now: datetime
-    ) -> tuple[int, list[int], int]:
+    ) -> _BatchResult:
         new_orgs = [change for change in batch if change.expected is None]
         transitions = [
             change
@@ -1051,7 +1136,7 @@ class Store:
             now,
         )
         conflicts = len(new_orgs) + len(transitions) - len(applied)
-        return len(applied) + len(refreshes), notification_ids, conflicts
+        return _BatchResult(len(applied) + len(refreshes), notification_ids, conflicts, hit)
 
     def _insert_new_orgs(
         self, connection: Connection, changes: list[StateChange], now: datetime

@@ -265,10 +265,10 @@ def test_a_poller_holding_a_stale_notice_state_records_no_second_reminder(world)
     second = notices.apply([change], T0)  # loaded the same (absent) state: loses the race
 
     assert len(first[0]) == 1 and first[1] == 0
-    assert second == ([], 1)
+    assert second == ([], 1, {})
     assert notices.load()[ACME] == reminded
     stale = NoticeChange(ACME, NOTICE_INITIAL, reminded, (reminder,))
-    assert notices.apply([stale], T0) == ([], 1)
+    assert notices.apply([stale], T0) == ([], 1, {})
     assert [n.kind for n in world.store.notifications_for(ACME)] == ["low_credits", "reminder"]
 
 

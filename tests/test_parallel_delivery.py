@@ -73,5 +73,5 @@ def test_two_pollers_delivering_in_parallel_still_send_each_email_once(
 
 
 def test_smtp_connections_must_be_at_least_one() -> None:
-    with pytest.raises(ConfigError, match="^POLLER_SMTP_CONNECTIONS: must be at least 1"):
+    with pytest.raises(ConfigError, match="^POLLER_SMTP_CONNECTIONS: must be between 1 and 64"):
         load_settings(env={"POLLER_SMTP_CONNECTIONS": "0"})

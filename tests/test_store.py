@@ -30,6 +30,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.dialects import sqlite
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.pool import NullPool
 from structlog.testing import capture_logs
 
@@ -290,9 +291,10 @@ def test_a_failing_notification_insert_rolls_back_the_state_write(store: Store) 
     org = observed(1)
     store.apply_changes([first_sight(org)], NOW)
 
-    with pytest.raises(ValueError, match="cannot have status 'sent'"):
-        store.apply_changes([breach(org, ARMED, status="sent")], NOW)
+    result = store.apply_changes([breach(org, ARMED, status="sent")], NOW)
 
+    assert "cannot have status 'sent'" in result.failed[1]
+    assert (result.written, result.applied) == (0, frozenset())
     assert store.load_states()[1].stored == ARMED
     assert store.notifications_for(1) == []
 
@@ -306,8 +308,9 @@ def test_the_same_breach_applied_twice_yields_one_notification_and_one_conflict(
     first = store.apply_changes([breach(org, ARMED)], NOW)
     second = store.apply_changes([breach(org, ARMED)], NOW + timedelta(seconds=1))
 
-    assert (len(first.notifications), first.conflicts) == (1, 0)
+    assert (len(first.notifications), first.conflicts, first.applied) == (1, 0, {1})
     assert (second.written, second.notifications, second.conflicts) == (0, [], 1)
+    assert second.applied == frozenset()
     assert len(store.notifications_for(1)) == 1
 
 
@@ -889,3 +892,41 @@ def test_status_rows_show_state_last_check_and_latest_notification(store: Store)
     assert (rows[3].notification_status, rows[3].last_alert_at) == ("baseline", None)
     assert {row.last_checked_at for row in rows.values()} == {finished}
     assert rows[2].threshold == Decimal("100.00") and rows[2].enabled is True
+
+
+def test_a_change_the_database_or_a_check_refuses_fails_its_org_only(store: Store) -> None:
+    orgs = [observed(org_id) for org_id in range(1, 41)]
+    store.apply_changes([first_sight(org) for org in orgs], NOW)
+    # Org 17: a notification that cannot be new (refused before the database sees it). Org 23:
+    # a balance of 200,001 digits, more than PostgreSQL's NUMERIC holds (SQLite stores text).
+    changes = [breach(org, ARMED, status="sent" if org.org_id == 17 else "pending") for org in orgs]
+    changes[22] = breach(observed(23, balance="1E+200000"), ARMED)
+
+    result = store.apply_changes(changes, NOW)
+
+    refused = {17, 23} if store.engine.dialect.name == "postgresql" else {17}
+    assert set(result.failed) == refused
+    assert "cannot have status 'sent'" in result.failed[17]
+    assert result.applied == frozenset(range(1, 41)) - refused
+    assert (result.written, len(result.notifications)) == (40 - len(refused),) * 2
+    states = store.load_states()
+    for org_id in range(1, 41):
+        expected = ARMED if org_id in refused else StoredState(AlertState.ALERTED, 1)
+        assert states[org_id].stored == expected, org_id
+        assert len(store.notifications_for(org_id)) == (org_id not in refused)
+
+
+def test_a_database_that_fails_every_batch_fails_the_write_without_halving_it(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    orgs = [observed(org_id) for org_id in range(1, 41)]
+    calls = []
+
+    def unusable(connection, batch, now):
+        calls.append(len(batch))
+        raise OperationalError("INSERT ...", {}, Exception("could not connect to server"))
+
+    monkeypatch.setattr(store, "_apply_batch", unusable)
+    with pytest.raises(DatabaseError, match="could not connect"):
+        store.apply_changes([first_sight(org) for org in orgs], NOW)
+    assert calls == [40]
