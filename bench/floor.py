@@ -62,8 +62,11 @@ def measure_floor(
 ) -> float:
     """Seconds for one billing request per org id; raises if any answer is not 200."""
     headers = {"Authorization": f"Bearer {token}", "Accept": "application/json"}
-    make_fetch = {"http.client": _http_client_fetch, "requests": _requests_fetch,
-                  CEILING_CLIENT: _socket_fetch}[client]
+    make_fetch = {
+        "http.client": _http_client_fetch,
+        "requests": _requests_fetch,
+        CEILING_CLIENT: _socket_fetch,
+    }[client]
     fetch, close = make_fetch(api_url, headers)
     started = time.monotonic()
     with ThreadPoolExecutor(concurrency) as pool:
@@ -113,8 +116,9 @@ def _socket_fetch(
         raise ValueError("the raw socket client runs against the benchmark's plain-http simulator")
     address = (parts.hostname or "", parts.port or 80)
     head = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
-    template = (f"GET {BILLING_PATH}?organization_id={{}} HTTP/1.1\r\n"
-                f"Host: {parts.netloc}\r\n{head}\r\n")
+    template = (
+        f"GET {BILLING_PATH}?organization_id={{}} HTTP/1.1\r\nHost: {parts.netloc}\r\n{head}\r\n"
+    )
 
     def connect() -> socket.socket:
         sock = socket.create_connection(address)

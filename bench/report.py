@@ -50,15 +50,33 @@ class Row:
     floors: dict[str, Floor]
 
     @classmethod
-    def from_cycle(cls, orgs: int, db: str, kind: str, *, wall: float, peak_rss_mb: float,
-                   summary: dict, requests: int, cpu_seconds: float,
-                   simulator_cpu_seconds: float, floors: dict[str, Floor]) -> Row:
+    def from_cycle(
+        cls,
+        orgs: int,
+        db: str,
+        kind: str,
+        *,
+        wall: float,
+        peak_rss_mb: float,
+        summary: dict,
+        requests: int,
+        cpu_seconds: float,
+        simulator_cpu_seconds: float,
+        floors: dict[str, Floor],
+    ) -> Row:
         return cls(
-            orgs=orgs, db=db, kind=kind, wall=wall, peak_rss_mb=peak_rss_mb,
+            orgs=orgs,
+            db=db,
+            kind=kind,
+            wall=wall,
+            peak_rss_mb=peak_rss_mb,
             phases={name: float(summary.get(f"{name}_seconds", 0.0)) for name in PHASES},
-            requests=requests, breaches=int(summary["breaches"]),
-            emails=int(summary["emails_sent"]), written=int(summary["written"]),
-            cpu_seconds=cpu_seconds, simulator_cpu_seconds=simulator_cpu_seconds,
+            requests=requests,
+            breaches=int(summary["breaches"]),
+            emails=int(summary["emails_sent"]),
+            written=int(summary["written"]),
+            cpu_seconds=cpu_seconds,
+            simulator_cpu_seconds=simulator_cpu_seconds,
             floors=dict(floors),
         )
 
@@ -127,10 +145,12 @@ class Row:
         return self.wall / self.orgs * 1e6
 
     def one_line(self) -> str:
-        return (f"bench: {self.orgs} orgs {self.db} {self.kind}: {self.wall:.1f} s, "
-                f"{self.orgs_per_second:.0f} orgs/s, "
-                f"floor {self.floor_rps:.0f}/s ({self.floor_client}), "
-                f"RSS {self.peak_rss_mb:.0f} MB, written {self.written}")
+        return (
+            f"bench: {self.orgs} orgs {self.db} {self.kind}: {self.wall:.1f} s, "
+            f"{self.orgs_per_second:.0f} orgs/s, "
+            f"floor {self.floor_rps:.0f}/s ({self.floor_client}), "
+            f"RSS {self.peak_rss_mb:.0f} MB, written {self.written}"
+        )
 
 
 HEADER = (
@@ -172,22 +192,26 @@ def machine() -> str:
     except OSError:
         pass
     load = ", ".join(f"{value:.1f}" for value in os.getloadavg())
-    return (f"{os.cpu_count()} cores ({model}), Python {platform.python_version()}, "
-            f"{platform.system()} {platform.release()}; load average at the end: {load}")
+    return (
+        f"{os.cpu_count()} cores ({model}), Python {platform.python_version()}, "
+        f"{platform.system()} {platform.release()}; load average at the end: {load}"
+    )
 
 
 def generated_section(rows: list[Row], arguments: list[str]) -> str:
     when = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     command = " ".join(["python -m bench", *arguments])
-    return "\n".join([
-        START,
-        f"Run {when} on {machine()}.",
-        "",
-        f"Command: `{command}`",
-        "",
-        markdown_table(rows),
-        END,
-    ])
+    return "\n".join(
+        [
+            START,
+            f"Run {when} on {machine()}.",
+            "",
+            f"Command: `{command}`",
+            "",
+            markdown_table(rows),
+            END,
+        ]
+    )
 
 
 def write_report(rows: list[Row], output: Path, arguments: list[str]) -> str:

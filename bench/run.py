@@ -58,8 +58,17 @@ class Simulator:
 @contextmanager
 def simulator_process(orgs: int, workdir: Path) -> Iterator[Simulator]:
     ids_file = workdir / "ids.txt"
-    command = [sys.executable, "-m", "bench.simulator_process", "--orgs", str(orgs),
-               "--token", TOKEN, "--ids-file", str(ids_file)]
+    command = [
+        sys.executable,
+        "-m",
+        "bench.simulator_process",
+        "--orgs",
+        str(orgs),
+        "--token",
+        TOKEN,
+        "--ids-file",
+        str(ids_file),
+    ]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
     try:
         assert process.stdout is not None
@@ -85,8 +94,13 @@ def database(kind: str, workdir: Path, postgres_url: str | None) -> Iterator[str
 
     admin = make_url(postgres_url)
     name = f"poller_bench_{uuid.uuid4().hex[:12]}"
-    connect = {"host": admin.host, "port": admin.port or 5432, "user": admin.username,
-               "password": admin.password, "dbname": admin.database}
+    connect = {
+        "host": admin.host,
+        "port": admin.port or 5432,
+        "user": admin.username,
+        "password": admin.password,
+        "dbname": admin.database,
+    }
 
     def execute(statement: str) -> None:
         connection = psycopg2.connect(**connect)
@@ -124,31 +138,40 @@ def run_cycle(env: dict[str, str], workdir: Path, sim: Simulator, *args: str) ->
         started = time.monotonic()
         process = subprocess.Popen(
             [sys.executable, "-m", "bench.peak_rss", str(peak_path), "poller", "once", *args],
-            env=env, stdout=subprocess.DEVNULL, stderr=log_file,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=log_file,
         )
         # wait4: this child's own CPU time (its peak memory comes from bench.peak_rss).
         _, status, usage = os.wait4(process.pid, 0)
         wall = time.monotonic() - started
         process.returncode = os.waitstatus_to_exitcode(status)
-    summaries = [json.loads(line) for line in log_path.read_text().splitlines()
-                 if '"cycle.finished"' in line]
+    summaries = [
+        json.loads(line) for line in log_path.read_text().splitlines() if '"cycle.finished"' in line
+    ]
     if not summaries:
         tail = log_path.read_text()[-2000:]
         raise RuntimeError(f"poller once {' '.join(args)} exited {process.returncode}:\n{tail}")
     if not peak_path.exists():
         raise RuntimeError(f"poller once {' '.join(args)} exited without reporting its peak RSS")
     peak_rss_mb = int(peak_path.read_text(encoding="ascii")) / 1024
-    return CycleRun(wall=wall, peak_rss_mb=peak_rss_mb, summary=summaries[-1],
-                    requests=_request_count(api_url) - before,
-                    cpu_seconds=usage.ru_utime + usage.ru_stime,
-                    simulator_cpu_seconds=sim.cpu_seconds() - simulator_before)
+    return CycleRun(
+        wall=wall,
+        peak_rss_mb=peak_rss_mb,
+        summary=summaries[-1],
+        requests=_request_count(api_url) - before,
+        cpu_seconds=usage.ru_utime + usage.ru_stime,
+        simulator_cpu_seconds=sim.cpu_seconds() - simulator_before,
+    )
 
 
 def measure_floor_of(sim: Simulator, concurrency: int, client: str) -> Floor:
     before = sim.cpu_seconds()
     seconds = measure_floor(sim.url, TOKEN, sim.org_ids, concurrency, client)
-    return Floor(requests_per_second=len(sim.org_ids) / seconds,
-                 simulator_cores=(sim.cpu_seconds() - before) / seconds)
+    return Floor(
+        requests_per_second=len(sim.org_ids) / seconds,
+        simulator_cores=(sim.cpu_seconds() - before) / seconds,
+    )
 
 
 def _request_count(api_url: str) -> int:
@@ -158,9 +181,11 @@ def _request_count(api_url: str) -> int:
 def drop_balances(api_url: str, org_ids: list[int]) -> None:
     """Move these orgs to 1.00 credits: below every threshold the simulator generates."""
     with requests.Session() as session, ThreadPoolExecutor(8) as pool:
+
         def drop(org_id: int) -> None:
-            response = session.post(f"{api_url}/_sim/orgs/{org_id}",
-                                    json={"credits_remaining": "1.00"}, timeout=30)
+            response = session.post(
+                f"{api_url}/_sim/orgs/{org_id}", json={"credits_remaining": "1.00"}, timeout=30
+            )
             response.raise_for_status()
 
         list(pool.map(drop, org_ids))
@@ -189,17 +214,32 @@ def bench_one(orgs: int, db: str, args: argparse.Namespace) -> list[Row]:
     rng = random.Random(orgs)
     with tempfile.TemporaryDirectory(prefix="poller-bench-") as tmp:
         workdir = Path(tmp)
-        with simulator_process(orgs, workdir) as sim, SmtpCapture() as smtp, \
-                database(db, workdir, args.postgres_url) as database_url:
-            floors = {client: measure_floor_of(sim, args.concurrency, client)
-                      for client in (*FLOOR_CLIENTS, CEILING_CLIENT)}
+        with (
+            simulator_process(orgs, workdir) as sim,
+            SmtpCapture() as smtp,
+            database(db, workdir, args.postgres_url) as database_url,
+        ):
+            floors = {
+                client: measure_floor_of(sim, args.concurrency, client)
+                for client in (*FLOOR_CLIENTS, CEILING_CLIENT)
+            }
             env = poller_env(sim.url, database_url, smtp.port, args.concurrency)
 
             def record(kind: str, run: CycleRun) -> None:
-                rows.append(Row.from_cycle(
-                    orgs, db, kind, wall=run.wall, peak_rss_mb=run.peak_rss_mb,
-                    summary=run.summary, requests=run.requests, cpu_seconds=run.cpu_seconds,
-                    simulator_cpu_seconds=run.simulator_cpu_seconds, floors=floors))
+                rows.append(
+                    Row.from_cycle(
+                        orgs,
+                        db,
+                        kind,
+                        wall=run.wall,
+                        peak_rss_mb=run.peak_rss_mb,
+                        summary=run.summary,
+                        requests=run.requests,
+                        cpu_seconds=run.cpu_seconds,
+                        simulator_cpu_seconds=run.simulator_cpu_seconds,
+                        floors=floors,
+                    )
+                )
                 print(rows[-1].one_line(), file=sys.stderr, flush=True)
 
             record("first sight", run_cycle(env, workdir, sim, "--baseline"))
@@ -216,19 +256,42 @@ def bench_one(orgs: int, db: str, args: argparse.Namespace) -> list[Row]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
-    parser.add_argument("--orgs", type=int, action="append",
-                        help="fleet size; repeat for several (default 1000, 10000, 100000)")
-    parser.add_argument("--db", choices=["sqlite", "postgresql"], action="append",
-                        help="database; repeat for both (default both)")
-    parser.add_argument("--cycles", type=int, default=2,
-                        help="measured cycles after first sight; the last has no changes (>= 2)")
-    parser.add_argument("--drop-percent", type=float, default=3.0,
-                        help="orgs moved below their threshold before each changing cycle")
+    parser.add_argument(
+        "--orgs",
+        type=int,
+        action="append",
+        help="fleet size; repeat for several (default 1000, 10000, 100000)",
+    )
+    parser.add_argument(
+        "--db",
+        choices=["sqlite", "postgresql"],
+        action="append",
+        help="database; repeat for both (default both)",
+    )
+    parser.add_argument(
+        "--cycles",
+        type=int,
+        default=2,
+        help="measured cycles after first sight; the last has no changes (>= 2)",
+    )
+    parser.add_argument(
+        "--drop-percent",
+        type=float,
+        default=3.0,
+        help="orgs moved below their threshold before each changing cycle",
+    )
     parser.add_argument("--concurrency", type=int, default=8, help="poller and floor workers")
-    parser.add_argument("--postgres-url", default=os.environ.get("POLLER_TEST_DATABASE_URL"),
-                        help="server to create a scratch database on")
-    parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT,
-                        help="Markdown file whose table is replaced (default docs/benchmarks.md)")
+    parser.add_argument(
+        "--postgres-url",
+        default=os.environ.get("POLLER_TEST_DATABASE_URL"),
+        help="server to create a scratch database on",
+    )
+    parser.add_argument(
+        "--output",
+        type=Path,
+        default=DEFAULT_OUTPUT,
+        help="Markdown file whose table is replaced (default docs/benchmarks.md)",
+    )
     args = parser.parse_args(argv)
     if args.cycles < 2:
         parser.error("--cycles must be at least 2 (one with changes, one without)")

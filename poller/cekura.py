@@ -280,7 +280,8 @@ class CekuraClient:
             errors.extend(key_errors)
         # An org read through one credential needs no error about another credential.
         errors = [
-            e for e in errors
+            e
+            for e in errors
             if e.org_id is None or (e.org_id not in snapshots and self._owns(e.org_id, only_org))
         ]
         for error in errors:
@@ -308,8 +309,13 @@ class CekuraClient:
         data = self._with_org_credential(
             org_id,
             lambda credential, counter: self._request(
-                "PATCH", self._url(path), credential, counter,
-                endpoint=path, org_id=org_id, body=body,
+                "PATCH",
+                self._url(path),
+                credential,
+                counter,
+                endpoint=path,
+                org_id=org_id,
+                body=body,
             ),
         )
         return _organization_from_response(data, f"PATCH {path}")
@@ -349,8 +355,9 @@ class CekuraClient:
                     org = parse_organization(raw)
                 except ParseError as exc:
                     org_id = _raw_id(raw)
-                    where = (f"organization {org_id}" if org_id is not None
-                             else f"organization #{index}")
+                    where = (
+                        f"organization {org_id}" if org_id is not None else f"organization #{index}"
+                    )
                     results.append(OrgError(org_id, f"{where} in the list: {exc}"))
                     continue
                 # Pages can shift while we read them; the same org may be listed twice.
@@ -369,9 +376,7 @@ class CekuraClient:
             results.extend(self._map(read, organizations()))
         return results
 
-    def _list_organizations(
-        self, token: _Credential, counter: _RequestCounter
-    ) -> Iterator[object]:
+    def _list_organizations(self, token: _Credential, counter: _RequestCounter) -> Iterator[object]:
         """The organizations of the v2 (paginated) listing, or v1 if v2 is absent, as
         ``parse_organization`` takes them (decoded structs, or raw JSON objects).
 
@@ -384,7 +389,12 @@ class CekuraClient:
         while True:
             try:
                 page = self._request(
-                    "GET", url, token, counter, endpoint=LIST_V2_PATH, params=params,
+                    "GET",
+                    url,
+                    token,
+                    counter,
+                    endpoint=LIST_V2_PATH,
+                    params=params,
                     decode=loads_page,
                 )
             except ApiNotFound:
@@ -405,9 +415,7 @@ class CekuraClient:
             elif isinstance(page, dict) and isinstance(page.get("results"), list):
                 results, next_url = page["results"], page.get("next")
             else:
-                raise ApiUnavailable(
-                    f"GET {LIST_V2_PATH}: expected a page with a results list"
-                )
+                raise ApiUnavailable(f"GET {LIST_V2_PATH}: expected a page with a results list")
             # The next link is checked before this page's organizations are handed out: a page
             # pointing elsewhere stops the cycle before any billing read is made for it.
             if next_url is not None:
@@ -428,9 +436,7 @@ class CekuraClient:
                 return
             url, params = next_url, None
 
-    def _list_organizations_v1(
-        self, token: _Credential, counter: _RequestCounter
-    ) -> list[object]:
+    def _list_organizations_v1(self, token: _Credential, counter: _RequestCounter) -> list[object]:
         try:
             data = self._request(
                 "GET", self._url(LIST_V1_PATH), token, counter, endpoint=LIST_V1_PATH
@@ -449,17 +455,20 @@ class CekuraClient:
         where = f"organization {org.id}: billing info"
         try:
             data = self._request(
-                "GET", self._url(BILLING_PATH), token, counter,
-                endpoint=BILLING_PATH, org_id=org.id, params={"organization_id": org.id},
+                "GET",
+                self._url(BILLING_PATH),
+                token,
+                counter,
+                endpoint=BILLING_PATH,
+                org_id=org.id,
+                params={"organization_id": org.id},
                 decode=loads_billing,
             )
             billing = parse_billing(data)
         except (ApiError, ParseError) as exc:
             return OrgError(org.id, f"{where}: {exc}")
         if billing.organization_id != org.id:
-            return OrgError(
-                org.id, f"{where}: answered for organization {billing.organization_id}"
-            )
+            return OrgError(org.id, f"{where}: answered for organization {billing.organization_id}")
         return OrgSnapshot(org=org, balance=billing.credits_remaining)
 
     # --- org-scoped API keys ---------------------------------------------------------------
@@ -488,8 +497,7 @@ class CekuraClient:
                 errors.append(
                     OrgError(
                         only_org,
-                        f"organization {only_org}: no API key of {_KEYS_SETTING} "
-                        "belongs to it",
+                        f"organization {only_org}: no API key of {_KEYS_SETTING} belongs to it",
                     )
                 )
         # Without a token the keys are the listing: if none worked, nothing can be trusted.
@@ -531,13 +539,14 @@ class CekuraClient:
         path = ORGANIZATION_PATH.format(id=org_id)
         where = f"{key.label}: organization {org_id}"
         try:
-            data = self._request(
-                "GET", self._url(path), key, counter, endpoint=path, org_id=org_id
-            )
+            data = self._request("GET", self._url(path), key, counter, endpoint=path, org_id=org_id)
             org = parse_organization(data)
         except AuthError as exc:
-            return _KeyOutcome(error=OrgError(org_id, f"organization {org_id}: {exc}"),
-                               failure="auth", auth_error=exc)
+            return _KeyOutcome(
+                error=OrgError(org_id, f"organization {org_id}: {exc}"),
+                failure="auth",
+                auth_error=exc,
+            )
         except ApiError as exc:
             return _KeyOutcome(error=OrgError(org_id, f"{where}: {exc}"), failure="api")
         except ParseError as exc:
@@ -551,8 +560,14 @@ class CekuraClient:
 
     def _billing_for_key(self, key: _Credential, counter: _RequestCounter) -> Billing:
         # No organization_id: an org-scoped key's organization comes from the key itself.
-        data = self._request("GET", self._url(BILLING_PATH), key, counter, endpoint=BILLING_PATH,
-                             decode=loads_billing)
+        data = self._request(
+            "GET",
+            self._url(BILLING_PATH),
+            key,
+            counter,
+            endpoint=BILLING_PATH,
+            decode=loads_billing,
+        )
         billing = parse_billing(data)
         with self._lock:
             self._key_for_org.setdefault(billing.organization_id, key)
@@ -613,8 +628,12 @@ class CekuraClient:
         headers = self._headers[credential]
         if body is not None:
             headers = {**headers, "Content-Type": "application/json"}
-        context = {"endpoint": endpoint, "method": method, "org_id": org_id,
-                   "credential": credential.label}
+        context = {
+            "endpoint": endpoint,
+            "method": method,
+            "org_id": org_id,
+            "credential": credential.label,
+        }
         failure = ""
         status: int | None = None
         for attempt in range(1, self._attempts + 1):
@@ -624,15 +643,19 @@ class CekuraClient:
             counter.add()
             retry_after: float | None = None
             try:
-                response = self._send(method, url, endpoint, params=params, body=body,
-                                      headers=headers)
+                response = self._send(
+                    method, url, endpoint, params=params, body=body, headers=headers
+                )
             except TransportTimeout:
                 status, failure = None, "timed out"
             except TransportTlsError:
                 # Verification is always on; say how to trust a private CA, not just "failed".
-                status, failure = None, (
-                    "TLS failed: the server's certificate could not be verified (a private CA "
-                    "can be added with REQUESTS_CA_BUNDLE=/path/to/ca.pem)"
+                status, failure = (
+                    None,
+                    (
+                        "TLS failed: the server's certificate could not be verified (a private CA "
+                        "can be added with REQUESTS_CA_BUNDLE=/path/to/ca.pem)"
+                    ),
                 )
             except TransportError as exc:
                 status, failure = None, str(exc)
@@ -664,12 +687,19 @@ class CekuraClient:
                 self._rate_limiter.throttled(delay)
             if attempt == self._attempts:
                 break
-            log.info("api.retry", status=status, reason=failure, attempt=attempt,
-                     delay=round(delay, 3), **context)
+            log.info(
+                "api.retry",
+                status=status,
+                reason=failure,
+                attempt=attempt,
+                delay=round(delay, 3),
+                **context,
+            )
             if status != 429:
                 self._sleep(delay)
-        log.warning("api.request_failed", status=status, reason=failure,
-                    attempt=self._attempts, **context)
+        log.warning(
+            "api.request_failed", status=status, reason=failure, attempt=self._attempts, **context
+        )
         raise ApiError(
             f"{method} {endpoint} failed after {self._attempts} attempts: {failure}",
             status=status,

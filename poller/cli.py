@@ -64,11 +64,13 @@ def _fail(message: str, status: int) -> None:
 
 @click.group(cls=PollerGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="poller")
-@click.option("--config", "config_path", metavar="PATH",
-              help="TOML settings file (or POLLER_CONFIG).")
+@click.option(
+    "--config", "config_path", metavar="PATH", help="TOML settings file (or POLLER_CONFIG)."
+)
 @click.option("--api-url", help="Cekura API base URL (POLLER_API_URL).")
-@click.option("--database-url",
-              help="SQLAlchemy URL of the alert-state database (POLLER_DATABASE_URL).")
+@click.option(
+    "--database-url", help="SQLAlchemy URL of the alert-state database (POLLER_DATABASE_URL)."
+)
 @click.option("--log-format", type=click.Choice(["json", "console"]), help="POLLER_LOG_FORMAT.")
 @click.option("-v", "--verbose", count=True, help="More log output (debug).")
 @click.option("-q", "--quiet", count=True, help="Less log output (-q warnings, -qq errors).")
@@ -98,14 +100,16 @@ def _open_store(settings: Settings) -> Store:
     return open_database(settings.database_url)
 
 
-def _run(settings: Settings, *, deliver: bool, show_progress: bool = False,
-         **cycle_args: Any) -> CycleReport:
+def _run(
+    settings: Settings, *, deliver: bool, show_progress: bool = False, **cycle_args: Any
+) -> CycleReport:
     store = _open_store(settings)
     deliverer = Deliverer(store=store, settings=settings) if deliver else None
     progress = terminal_progress() if show_progress else None
     with CekuraClient(settings, on_progress=progress) as client:
-        return run_cycle(settings=settings, client=client, store=store, deliverer=deliverer,
-                         **cycle_args)
+        return run_cycle(
+            settings=settings, client=client, store=store, deliverer=deliverer, **cycle_args
+        )
 
 
 def _shard_option(ctx: click.Context, param: click.Parameter, value: str | None) -> Shard | None:
@@ -118,7 +122,9 @@ def _shard_option(ctx: click.Context, param: click.Parameter, value: str | None)
 
 
 shard_option = click.option(
-    "--shard", metavar="K/N", callback=_shard_option,
+    "--shard",
+    metavar="K/N",
+    callback=_shard_option,
     help="Handle only this replica's share of the organizations (POLLER_SHARD), e.g. 2/3.",
 )
 
@@ -128,8 +134,11 @@ def _sharded(settings: Settings, shard: Shard | None) -> Settings:
 
 
 @cli.command()
-@click.option("--baseline", is_flag=True,
-              help="Record every organization's current state without sending anything.")
+@click.option(
+    "--baseline",
+    is_flag=True,
+    help="Record every organization's current state without sending anything.",
+)
 @shard_option
 @click.pass_obj
 def once(settings: Settings, baseline: bool, shard: Shard | None) -> None:
@@ -155,10 +164,17 @@ def once(settings: Settings, baseline: bool, shard: Shard | None) -> None:
 
 
 @cli.command()
-@click.option("--baseline", is_flag=True,
-              help="First cycle records the current state without sending anything.")
-@click.option("--metrics-port", type=click.IntRange(1, 65535), metavar="PORT",
-              help="Serve Prometheus /metrics and /healthz on PORT (POLLER_METRICS_PORT).")
+@click.option(
+    "--baseline",
+    is_flag=True,
+    help="First cycle records the current state without sending anything.",
+)
+@click.option(
+    "--metrics-port",
+    type=click.IntRange(1, 65535),
+    metavar="PORT",
+    help="Serve Prometheus /metrics and /healthz on PORT (POLLER_METRICS_PORT).",
+)
 @shard_option
 @click.pass_obj
 def run(settings: Settings, baseline: bool, metrics_port: int | None, shard: Shard | None) -> None:
@@ -189,11 +205,17 @@ def run(settings: Settings, baseline: bool, metrics_port: int | None, shard: Sha
     hooks = {"on_request": metrics.count_request} if metrics is not None else {}
 
     with serving, CekuraClient(settings, on_progress=terminal_progress(), **hooks) as client:
+
         def cycle(cancel) -> CycleReport:
             use_baseline, first["baseline"] = first["baseline"], False
-            report = run_cycle(settings=settings, client=client, store=store,
-                               deliverer=None if use_baseline else deliverer,
-                               baseline=use_baseline, cancel=cancel)
+            report = run_cycle(
+                settings=settings,
+                client=client,
+                store=store,
+                deliverer=None if use_baseline else deliverer,
+                baseline=use_baseline,
+                cancel=cancel,
+            )
             if metrics is not None:
                 metrics.record_cycle(report, store)
             return report
@@ -203,8 +225,9 @@ def run(settings: Settings, baseline: bool, metrics_port: int | None, shard: Sha
 
 @cli.command()
 @click.option("--org", "org_id", type=int, required=True, help="Organization id.")
-@click.option("--dry-run", is_flag=True,
-              help="Print the decision and the email; write and send nothing.")
+@click.option(
+    "--dry-run", is_flag=True, help="Print the decision and the email; write and send nothing."
+)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.pass_obj
 def check(settings: Settings, org_id: int, dry_run: bool, as_json: bool) -> None:
@@ -224,11 +247,13 @@ def check(settings: Settings, org_id: int, dry_run: bool, as_json: bool) -> None
     plan = report.plans[0]
     email = _email_preview(plan, settings) if dry_run else None
     snap = plan.snapshot
-    outlook = outlooks(_open_store(settings), settings,
-                       [(snap.id, snap.balance, snap.threshold, report.started_at)])[snap.id]
+    outlook = outlooks(
+        _open_store(settings),
+        settings,
+        [(snap.id, snap.balance, snap.threshold, report.started_at)],
+    )[snap.id]
     if as_json:
-        click.echo(json.dumps(_plan_json(plan, dry_run, email) | _outlook_json(outlook),
-                              indent=2))
+        click.echo(json.dumps(_plan_json(plan, dry_run, email) | _outlook_json(outlook), indent=2))
     else:
         _print_plan(plan, dry_run, email, outlook)
     sys.exit(EXIT_OK if report.ok else EXIT_INCOMPLETE)
@@ -239,13 +264,23 @@ def _email_preview(plan: OrgPlan, settings: Settings) -> dict[str, Any] | None:
     if notification is None:
         return None
     content = content_for(
-        plan.snapshot, kind="low_credits", number=notification.breach_number,
-        billing_url=settings.billing_url, now=notification.detected_at,
+        plan.snapshot,
+        kind="low_credits",
+        number=notification.breach_number,
+        billing_url=settings.billing_url,
+        now=notification.detected_at,
     )
-    rendered = render_email(dataclasses.replace(
-        content, burn_per_day=notification.burn_per_day, runs_out_at=notification.runs_out_at))
-    return {"to": list(notification.recipients), "subject": rendered.subject,
-            "text": rendered.text, "status": notification.status}
+    rendered = render_email(
+        dataclasses.replace(
+            content, burn_per_day=notification.burn_per_day, runs_out_at=notification.runs_out_at
+        )
+    )
+    return {
+        "to": list(notification.recipients),
+        "subject": rendered.subject,
+        "text": rendered.text,
+        "status": notification.status,
+    }
 
 
 def _plan_json(plan: OrgPlan, dry_run: bool, email: dict[str, Any] | None) -> dict[str, Any]:
@@ -290,11 +325,15 @@ def _print_plan(
 
 @cli.command()
 @click.option("--org", "org_id", type=int, required=True, help="Organization id.")
-@click.option("--enable/--disable", "enable", default=None,
-              help="Turn low-credit emails on or off.")
-@click.option("--threshold", metavar="AMOUNT",
-              help="Alert when credits drop below AMOUNT; 'suggest' uses the advice of "
-                   "`poller status` (ADVICE_DAYS days of typical usage).")
+@click.option(
+    "--enable/--disable", "enable", default=None, help="Turn low-credit emails on or off."
+)
+@click.option(
+    "--threshold",
+    metavar="AMOUNT",
+    help="Alert when credits drop below AMOUNT; 'suggest' uses the advice of "
+    "`poller status` (ADVICE_DAYS days of typical usage).",
+)
 @click.pass_obj
 def configure(settings: Settings, org_id: int, enable: bool | None, threshold: str | None) -> None:
     """Change an organization's low-credit alert settings through the Cekura API.
@@ -316,17 +355,22 @@ def configure(settings: Settings, org_id: int, enable: bool | None, threshold: s
     settings.require_credentials()
     with CekuraClient(settings) as client:
         org = client.patch_organization(org_id, changes)
-    click.echo(f"{org.name} (id {org.id}): low-credit emails "
-               f"{'on' if org.notify_low_credits else 'off'}, "
-               f"threshold {format_credits(org.low_credits_threshold)}")
+    click.echo(
+        f"{org.name} (id {org.id}): low-credit emails "
+        f"{'on' if org.notify_low_credits else 'off'}, "
+        f"threshold {format_credits(org.low_credits_threshold)}"
+    )
 
 
 def _suggested_threshold(settings: Settings, org_id: int) -> Decimal:
     outlook = _outlook_for(settings, org_id)
     suggestion = outlook.suggested_threshold
     if suggestion is None:
-        _fail(f"no threshold to suggest for organization {org_id}: "
-              f"{_no_estimate_reason(outlook.forecast.week)}", EXIT_INCOMPLETE)
+        _fail(
+            f"no threshold to suggest for organization {org_id}: "
+            f"{_no_estimate_reason(outlook.forecast.week)}",
+            EXIT_INCOMPLETE,
+        )
     assert suggestion is not None
     return suggestion
 
@@ -336,8 +380,11 @@ def _outlook_for(settings: Settings, org_id: int) -> Outlook:
     store = _open_store(settings)
     row = next((r for r in store.status_rows() if r.org_id == org_id), None)
     if row is None:
-        _fail(f"organization {org_id} is not in the database yet: run `poller once` or "
-              f"`poller check --org {org_id}` first", EXIT_INCOMPLETE)
+        _fail(
+            f"organization {org_id} is not in the database yet: run `poller once` or "
+            f"`poller check --org {org_id}` first",
+            EXIT_INCOMPLETE,
+        )
     assert row is not None
     return outlooks(store, settings, [_outlook_key(row)])[org_id]
 
@@ -376,14 +423,29 @@ def status(settings: Settings, as_json: bool) -> None:
     rows = store.status_rows()
     outlook = outlooks(store, settings, [_outlook_key(row) for row in rows])
     if as_json:
-        click.echo(json.dumps(
-            [_jsonable(row) | _outlook_json(outlook[row.org_id]) for row in rows], indent=2))
+        click.echo(
+            json.dumps(
+                [_jsonable(row) | _outlook_json(outlook[row.org_id]) for row in rows], indent=2
+            )
+        )
         return
     if not rows:
         click.echo("no organizations recorded yet: run `poller once` first")
         return
-    header = ("ID", "NAME", "BALANCE", "THRESHOLD", "ON", "STATE", "LAST CHECKED", "LAST ALERT",
-              "DELIVERY", "BURN/DAY", "RUNS OUT", "ADVICE")
+    header = (
+        "ID",
+        "NAME",
+        "BALANCE",
+        "THRESHOLD",
+        "ON",
+        "STATE",
+        "LAST CHECKED",
+        "LAST ALERT",
+        "DELIVERY",
+        "BURN/DAY",
+        "RUNS OUT",
+        "ADVICE",
+    )
     table = [header] + [_status_cells(row, outlook[row.org_id]) for row in rows]
     widths = [max(len(r[i]) for r in table) for i in range(len(header))]
     for r in table:
@@ -414,8 +476,11 @@ def _rate_text(outlook: Outlook) -> str:
     day, week = outlook.forecast.day, outlook.forecast.week
     if day.rate is None and week.rate is None:
         return f"no estimate ({_no_estimate_reason(week)})"
-    parts = [f"{format_credits(rate)}/day over the last {label}"
-             for label, rate in (("24 h", day.rate), ("7 days", week.rate)) if rate is not None]
+    parts = [
+        f"{format_credits(rate)}/day over the last {label}"
+        for label, rate in (("24 h", day.rate), ("7 days", week.rate))
+        if rate is not None
+    ]
     return "; ".join(parts)
 
 
@@ -437,9 +502,11 @@ def _advice_text(outlook: Outlook) -> str:
 
 def _no_estimate_reason(window: Window) -> str:
     hours = window.covered.total_seconds() / 3600
-    return (f"needs at least {MIN_SPAN.total_seconds() / 3600:g} h of history, {MIN_POINTS} "
-            f"points and some usage; has {hours:.1f} h, {window.points} points, "
-            f"{format_credits(window.used)} used")
+    return (
+        f"needs at least {MIN_SPAN.total_seconds() / 3600:g} h of history, {MIN_POINTS} "
+        f"points and some usage; has {hours:.1f} h, {window.points} points, "
+        f"{format_credits(window.used)} used"
+    )
 
 
 def _outlook_json(outlook: Outlook) -> dict[str, Any]:
@@ -491,8 +558,10 @@ def forecast_command(settings: Settings, org_id: int, as_json: bool) -> None:
         click.echo(json.dumps({"org_id": org_id} | _outlook_json(outlook), indent=2))
         return
     prediction = outlook.forecast
-    click.echo(f"organization {org_id}: {format_credits(prediction.balance)} as of "
-               f"{format_detected_at(prediction.as_of)}")
+    click.echo(
+        f"organization {org_id}: {format_credits(prediction.balance)} as of "
+        f"{format_detected_at(prediction.as_of)}"
+    )
     for label, window in (("last 24 h", prediction.day), ("last 7 days", prediction.week)):
         click.echo(f"{label}: {_window_text(window)}")
     rate = prediction.rate
@@ -503,23 +572,32 @@ def forecast_command(settings: Settings, org_id: int, as_json: bool) -> None:
     else:
         source = "last 24 h" if prediction.day.rate is not None else "last 7 days"
         assert prediction.runway_days is not None and prediction.runs_out_at is not None
-        click.echo(f"runway: {format_credits(prediction.balance)} / "
-                   f"{format_credits(rate)}/day ({source}) = {prediction.runway_days:.1f} days, "
-                   f"runs out around {format_detected_at(prediction.runs_out_at)}")
+        click.echo(
+            f"runway: {format_credits(prediction.balance)} / "
+            f"{format_credits(rate)}/day ({source}) = {prediction.runway_days:.1f} days, "
+            f"runs out around {format_detected_at(prediction.runs_out_at)}"
+        )
     covered = outlook.covered_days
     if covered is not None and outlook.suggested_threshold is not None:
-        verdict = (f"less than the {outlook.advice_days} days advised: suggest "
-                   f"{format_credits(outlook.suggested_threshold)} "
-                   f"(poller configure --org {org_id} --threshold suggest)"
-                   if outlook.threshold_too_low else "enough")
-        click.echo(f"threshold: {format_credits(outlook.threshold)} covers {covered:.1f} days "
-                   f"of typical usage, {verdict}")
+        verdict = (
+            f"less than the {outlook.advice_days} days advised: suggest "
+            f"{format_credits(outlook.suggested_threshold)} "
+            f"(poller configure --org {org_id} --threshold suggest)"
+            if outlook.threshold_too_low
+            else "enough"
+        )
+        click.echo(
+            f"threshold: {format_credits(outlook.threshold)} covers {covered:.1f} days "
+            f"of typical usage, {verdict}"
+        )
 
 
 def _window_text(window: Window) -> str:
     hours = window.covered.total_seconds() / 3600
-    summary = (f"{window.points} points over {hours:.1f} h, {format_credits(window.used)} used, "
-               f"{window.topups} top-up(s) of {format_credits(window.topped_up)} excluded")
+    summary = (
+        f"{window.points} points over {hours:.1f} h, {format_credits(window.used)} used, "
+        f"{window.topups} top-up(s) of {format_credits(window.topped_up)} excluded"
+    )
     if window.rate is None:
         return f"{summary}; no rate ({_no_estimate_reason(window)})"
     return f"{summary}; {format_credits(window.rate)}/day"
@@ -554,17 +632,22 @@ def upgrade(settings: Settings) -> None:
 @cli.command()
 @click.option("--orgs", default=50, show_default=True, help="Generated organizations.")
 @click.option("--port", default=8765, show_default=True, help="Port on 127.0.0.1.")
-@click.option("--token", default=None,
-              help="Bearer token accepted as an admin of every organization "
-              "[default: the seed file's token, else sim-token].")
-@click.option("--keys-file", metavar="FILE",
-              help="Write one org-scoped API key per line: '<org id> <key>'.")
-@click.option("--seed", default=0, show_default=True,
-              help="Makes the generated data reproducible.")
-@click.option("--seed-file", metavar="JSON",
-              help="Serve these organizations instead of generated ones.")
-def simulate(orgs: int, port: int, token: str | None, keys_file: str | None, seed: int,
-             seed_file: str | None) -> None:
+@click.option(
+    "--token",
+    default=None,
+    help="Bearer token accepted as an admin of every organization "
+    "[default: the seed file's token, else sim-token].",
+)
+@click.option(
+    "--keys-file", metavar="FILE", help="Write one org-scoped API key per line: '<org id> <key>'."
+)
+@click.option("--seed", default=0, show_default=True, help="Makes the generated data reproducible.")
+@click.option(
+    "--seed-file", metavar="JSON", help="Serve these organizations instead of generated ones."
+)
+def simulate(
+    orgs: int, port: int, token: str | None, keys_file: str | None, seed: int, seed_file: str | None
+) -> None:
     """Serve a stand-in of the Cekura API on 127.0.0.1 (no account needed).
 
     \b
@@ -575,8 +658,9 @@ def simulate(orgs: int, port: int, token: str | None, keys_file: str | None, see
     from poller.simulator import SimulatorError, run_simulator
 
     try:
-        run_simulator(orgs=orgs, port=port, token=token, seed=seed, keys_file=keys_file,
-                      seed_file=seed_file)
+        run_simulator(
+            orgs=orgs, port=port, token=token, seed=seed, keys_file=keys_file, seed_file=seed_file
+        )
     except SimulatorError as exc:
         _fail(str(exc), EXIT_USAGE)
 

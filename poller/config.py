@@ -252,6 +252,8 @@ def _optional_decimal(raw: object) -> Decimal | None:
     if isinstance(raw, str) and raw.strip().lower() in _OFF_WORDS:
         return None
     return _decimal(raw) or None
+
+
 def _shard(raw: object) -> Shard | None:
     if isinstance(raw, Shard):
         return raw
@@ -513,9 +515,7 @@ def _file_layer(path: str, path_source: str) -> tuple[_Layer, tuple[str, ...]]:
         if key not in _KNOWN_NAMES:
             is_table = isinstance(value, dict)
             hint = " (settings are flat keys; tables are not used)" if is_table else ""
-            raise ConfigError(
-                f"{where}: unknown key {key!r}{_unknown(key, _KNOWN_NAMES) or hint}"
-            )
+            raise ConfigError(f"{where}: unknown key {key!r}{_unknown(key, _KNOWN_NAMES) or hint}")
     warnings: tuple[str, ...] = ()
     holds_secret = any(data.get(key) not in (None, "", []) for key in _SECRET_KEYS)
     if holds_secret and mode & 0o077:

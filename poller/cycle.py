@@ -124,8 +124,13 @@ def plan_org(
     decision = evaluate(before, snapshot, rearm_margin)
     notification = None
     if decision.breached:
-        content = content_for(snapshot, kind="low_credits", number=decision.breach_count,
-                              billing_url=billing_url, now=now)
+        content = content_for(
+            snapshot,
+            kind="low_credits",
+            number=decision.breach_count,
+            billing_url=billing_url,
+            now=now,
+        )
         notification = notification_for(content, snapshot, baseline)
     elif (
         stored is not None
@@ -157,8 +162,14 @@ def plan_cycle(
 ) -> list[OrgPlan]:
     rearm_margin, billing_url = settings.rearm_margin, settings.billing_url
     return [
-        plan_org(snapshot, stored.get(snapshot.id), rearm_margin=rearm_margin,
-                 baseline=baseline, billing_url=billing_url, now=now)
+        plan_org(
+            snapshot,
+            stored.get(snapshot.id),
+            rearm_margin=rearm_margin,
+            baseline=baseline,
+            billing_url=billing_url,
+            now=now,
+        )
         for snapshot in snapshots
     ]
 
@@ -183,11 +194,13 @@ def run_cycle(
     structlog.contextvars.bind_contextvars(cycle_id=report.cycle_id)
     try:
         shard = str(settings.shard) if settings.shard is not None and only_org is None else None
-        cycle_log.info("cycle.started", only_org=only_org, baseline=baseline, dry_run=dry_run,
-                       shard=shard)
+        cycle_log.info(
+            "cycle.started", only_org=only_org, baseline=baseline, dry_run=dry_run, shard=shard
+        )
         run_id = None if dry_run else store.start_cycle(report.started_at, shard=shard)
-        _fetch_and_persist(report, settings, client, store, baseline, only_org, dry_run, cancel,
-                           now_fn)
+        _fetch_and_persist(
+            report, settings, client, store, baseline, only_org, dry_run, cancel, now_fn
+        )
         if deliverer is not None and not dry_run and not cancel.is_set():
             with _phase(report, "deliver"):
                 report.delivery = deliverer.deliver_due(cancel=cancel)
@@ -249,9 +262,7 @@ def _diff_and_persist(
 ) -> None:
     with _phase(report, "diff"):
         stored = store.load_states()
-        report.plans = plan_cycle(
-            snapshots, stored, settings=settings, baseline=baseline, now=now
-        )
+        report.plans = plan_cycle(snapshots, stored, settings=settings, baseline=baseline, now=now)
         insights = Insights(store, settings)
         amended = insights.before_persist(
             report.plans, stored, baseline=baseline, now=now, report=report.insights
@@ -264,8 +275,9 @@ def _diff_and_persist(
         result = store.apply_changes([p.change for p in report.plans if p.change], now)
         report.written, report.conflicts = result.written, result.conflicts
         store.record_errors([(e.org_id, e.message) for e in report.errors if e.org_id], now)
-        insights.after_persist(report.plans, stored, baseline=baseline, now=now,
-                               report=report.insights)
+        insights.after_persist(
+            report.plans, stored, baseline=baseline, now=now, report=report.insights
+        )
 
 
 @contextmanager

@@ -103,8 +103,9 @@ class Deliverer:
             report.add(self._deliver_loop(batch, cancel, halt))
         else:
             with ThreadPoolExecutor(connections, thread_name_prefix="smtp") as pool:
-                parts = [pool.submit(self._deliver_loop, batch, cancel, halt)
-                         for _ in range(connections)]
+                parts = [
+                    pool.submit(self._deliver_loop, batch, cancel, halt) for _ in range(connections)
+                ]
                 for part in parts:
                     report.add(part.result())
         report.undelivered = self._store.pending_count(self._now(), exclude_in_flight=True)
@@ -132,8 +133,7 @@ class Deliverer:
         self, claimed: list[ClaimedNotification], report: DeliveryReport, cancel: threading.Event
     ) -> bool:
         """Send a claimed batch over one SMTP connection; False when the server is unusable."""
-        lease = _BatchLease(claimed, store=self._store, worker=self.worker,
-                            settings=self._settings)
+        lease = _BatchLease(claimed, store=self._store, worker=self.worker, settings=self._settings)
         with self._transport_factory() as transport:
             for index, row in enumerate(claimed):
                 if cancel.is_set():
@@ -145,8 +145,9 @@ class Deliverer:
                 except ValueError as exc:
                     # Nothing the server could say will fix an unbuildable message (an
                     # address the API gave us that is not an address): fail it loudly.
-                    self._fail(row, DeliveryError(f"cannot build the email: {exc}",
-                                                  permanent=True), report)
+                    self._fail(
+                        row, DeliveryError(f"cannot build the email: {exc}", permanent=True), report
+                    )
                     continue
                 if not lease.holds(index, self._now()):
                     # The batch outlasted our lease and another poller took this row over:
@@ -192,7 +193,9 @@ class Deliverer:
 
     def _message_id(self, row: ClaimedNotification) -> str:
         return message_id_for(
-            row.org_id, row.breach_number, self._settings.mail_from or "",
+            row.org_id,
+            row.breach_number,
+            self._settings.mail_from or "",
             detected_at=row.detected_at,
             # Each kind numbers its notices separately: the kind keeps their IDs apart.
             kind=row.kind.replace("_", "-"),
@@ -230,15 +233,21 @@ class Deliverer:
         """
         for delay in MARK_SENT_RETRY_DELAYS:
             try:
-                return self._store.mark_sent(row.id, worker=self.worker, message_id=message_id,
-                                             now=self._now())
+                return self._store.mark_sent(
+                    row.id, worker=self.worker, message_id=message_id, now=self._now()
+                )
             except DatabaseError as exc:
-                log.warning("email.mark_sent_retry", org_id=row.org_id,
-                            breach=row.breach_number, error=str(exc))
+                log.warning(
+                    "email.mark_sent_retry",
+                    org_id=row.org_id,
+                    breach=row.breach_number,
+                    error=str(exc),
+                )
                 time.sleep(delay)
         try:
-            return self._store.mark_sent(row.id, worker=self.worker, message_id=message_id,
-                                         now=self._now())
+            return self._store.mark_sent(
+                row.id, worker=self.worker, message_id=message_id, now=self._now()
+            )
         except DatabaseError:
             log.error(
                 "email.unrecorded",

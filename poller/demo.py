@@ -22,8 +22,11 @@ TOKEN = "demo-token"
 
 ORGS = [
     {
-        "id": 101, "name": "Acme Voice", "credits_remaining": "5000.00",
-        "notify_low_credits": True, "low_credits_threshold": "1000.00",
+        "id": 101,
+        "name": "Acme Voice",
+        "credits_remaining": "5000.00",
+        "notify_low_credits": True,
+        "low_credits_threshold": "1000.00",
         "members": [
             {"name": "Dana Ops", "email": "dana@acme.example", "role": "admin"},
             {"name": "Sam Finance", "email": "sam@acme.example", "role": "admin"},
@@ -31,13 +34,19 @@ ORGS = [
         ],
     },
     {
-        "id": 102, "name": "Globex Calls", "credits_remaining": "5000.00",
-        "notify_low_credits": False, "low_credits_threshold": "1000.00",
+        "id": 102,
+        "name": "Globex Calls",
+        "credits_remaining": "5000.00",
+        "notify_low_credits": False,
+        "low_credits_threshold": "1000.00",
         "members": [{"name": "Hank Scorpio", "email": "hank@globex.example", "role": "admin"}],
     },
     {
-        "id": 103, "name": "Initech Support", "credits_remaining": "250.00",
-        "notify_low_credits": True, "low_credits_threshold": "500.00",
+        "id": 103,
+        "name": "Initech Support",
+        "credits_remaining": "250.00",
+        "notify_low_credits": True,
+        "low_credits_threshold": "500.00",
         "is_send_emails_enabled": False,
         "members": [{"name": "Bill L.", "email": "bill@initech.example", "role": "admin"}],
     },
@@ -45,10 +54,17 @@ ORGS = [
 
 # (what happens, balances to set before the cycle, emails expected from this cycle)
 STEPS = [
-    ("First cycle: Acme and Globex have plenty. Initech is already low, but its "
-     "organization has emails switched off, so the breach is recorded as suppressed.", {}, 0),
-    ("Acme drops to 800 credits, below its 1,000 threshold: one email to its two admins.",
-     {101: "800.00"}, 1),
+    (
+        "First cycle: Acme and Globex have plenty. Initech is already low, but its "
+        "organization has emails switched off, so the breach is recorded as suppressed.",
+        {},
+        0,
+    ),
+    (
+        "Acme drops to 800 credits, below its 1,000 threshold: one email to its two admins.",
+        {101: "800.00"},
+        1,
+    ),
     ("Acme is still below (650): nothing more is sent.", {101: "650.00"}, 0),
     ("Globex drops below its threshold, but its alerts are off: no email.", {102: "10.00"}, 0),
     ("Acme tops up to 3,000: the alert re-arms, no email.", {101: "3000.00"}, 0),
@@ -66,8 +82,11 @@ def main() -> int:
             print("\n== poller status ==")
             print(_poller(env, "status").stdout)
             _show_emails(smtp)
-    print("Demo finished: the lifecycle matched the story." if story_ok
-          else "Demo finished, but the lifecycle did NOT match the story (see above).")
+    print(
+        "Demo finished: the lifecycle matched the story."
+        if story_ok
+        else "Demo finished, but the lifecycle did NOT match the story (see above)."
+    )
     return 0 if story_ok else 1
 
 
@@ -90,7 +109,11 @@ def _poller_env(api_url: str, smtp_port: int, db_path: Path) -> dict[str, str]:
 def _poller(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "poller", "-q", *args],
-        env=env, capture_output=True, text=True, timeout=120, check=False,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
     )
 
 
@@ -119,8 +142,10 @@ def _show_emails(smtp: SmtpCapture) -> None:
     if not smtp.messages:
         return
     first = smtp.messages[0]
-    print("The first one in full (text part; an HTML part with an 'Add credits' button "
-          "travels with it):\n")
+    print(
+        "The first one in full (text part; an HTML part with an 'Add credits' button "
+        "travels with it):\n"
+    )
     for header in ("From", "To", "Subject", "Date", "Message-ID"):
         print(f"{header}: {first[header]}")
     text = next(p for p in first.walk() if p.get_content_type() == "text/plain")

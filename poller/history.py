@@ -103,8 +103,10 @@ class History:
         statement = _record_statement(self._store)
 
         def record(batch: Sequence[tuple[int, Decimal]]) -> None:
-            with self._store.database_errors("recording balance history"), \
-                    self._store.engine.begin() as connection:
+            with (
+                self._store.database_errors("recording balance history"),
+                self._store.engine.begin() as connection,
+            ):
                 connection.execute(
                     statement,
                     _POINTS.bind(connection.dialect, batch) | {"now": now, "hour": hour_of(now)},
@@ -112,9 +114,7 @@ class History:
 
         self._store.write_batches(balances, record)
 
-    def series(
-        self, org_ids: Iterable[int] | None, *, since: datetime
-    ) -> dict[int, list[Point]]:
+    def series(self, org_ids: Iterable[int] | None, *, since: datetime) -> dict[int, list[Point]]:
         """Each org's points from ``since`` on, oldest first, after the last point before it.
 
         The point before ``since`` is the balance when the window opened, however old it is
@@ -124,23 +124,32 @@ class History:
             [None] if org_ids is None else list(_batches(sorted(set(org_ids)), READ_BATCH))
         )
         points: dict[int, list[Point]] = defaultdict(list)
-        columns = (balance_history.c.org_id, balance_history.c.observed_at,
-                   balance_history.c.balance)
-        with self._store.database_errors("reading balance history"), \
-                self._store.reader.connect() as connection:
+        columns = (
+            balance_history.c.org_id,
+            balance_history.c.observed_at,
+            balance_history.c.balance,
+        )
+        with (
+            self._store.database_errors("reading balance history"),
+            self._store.reader.connect() as connection,
+        ):
             for batch in batches:
                 chosen = [] if batch is None else [balance_history.c.org_id.in_(batch)]
                 last_before = (
-                    select(balance_history.c.org_id,
-                           func.max(balance_history.c.observed_at).label("observed_at"))
+                    select(
+                        balance_history.c.org_id,
+                        func.max(balance_history.c.observed_at).label("observed_at"),
+                    )
                     .where(*chosen, balance_history.c.observed_at < since)
                     .group_by(balance_history.c.org_id)
                     .subquery()
                 )
                 anchors = select(*columns).join(
                     last_before,
-                    and_(last_before.c.org_id == balance_history.c.org_id,
-                         last_before.c.observed_at == balance_history.c.observed_at),
+                    and_(
+                        last_before.c.org_id == balance_history.c.org_id,
+                        last_before.c.observed_at == balance_history.c.observed_at,
+                    ),
                 )
                 recent = select(*columns).where(*chosen, balance_history.c.observed_at >= since)
                 rows = [*connection.execute(anchors), *connection.execute(recent)]
@@ -155,8 +164,10 @@ class History:
             exists().where(balance_history.c.raw, balance_history.c.observed_at < raw_cutoff),
             exists().where(balance_history.c.observed_at < prune_cutoff),
         )
-        with self._store.database_errors("reading balance history"), \
-                self._store.reader.connect() as connection:
+        with (
+            self._store.database_errors("reading balance history"),
+            self._store.reader.connect() as connection,
+        ):
             downsample_due, prune_due = connection.execute(due).one()
         downsampled = self._downsample(raw_cutoff) if downsample_due else 0
         pruned = self._prune(prune_cutoff) if prune_due else 0
@@ -180,8 +191,10 @@ class History:
             .limit(MAINTENANCE_BATCH)
             .scalar_subquery()
         )
-        deleted = self._in_batches(delete(balance_history).where(balance_history.c.id.in_(
-            superseded)), "downsampling balance history")
+        deleted = self._in_batches(
+            delete(balance_history).where(balance_history.c.id.in_(superseded)),
+            "downsampling balance history",
+        )
         # What is left of the old raw points is the hourly series: never look at it again.
         settled = (
             select(balance_history.c.id)
@@ -190,9 +203,7 @@ class History:
             .scalar_subquery()
         )
         self._in_batches(
-            update(balance_history)
-            .where(balance_history.c.id.in_(settled))
-            .values(raw=False),
+            update(balance_history).where(balance_history.c.id.in_(settled)).values(raw=False),
             "downsampling balance history",
         )
         return deleted
@@ -223,4 +234,3 @@ class History:
 def _batches(items: Sequence, size: int) -> Iterable[Sequence]:
     for start in range(0, len(items), size):
         yield items[start : start + size]
-

@@ -74,9 +74,7 @@ class Insights:
         self.history = History(store, retention=timedelta(days=settings.history_retention_days))
         self.notices = NoticeStore(store)
 
-    def forecasts(
-        self, snapshots: Iterable[OrgSnapshot], now: datetime
-    ) -> dict[int, Forecast]:
+    def forecasts(self, snapshots: Iterable[OrgSnapshot], now: datetime) -> dict[int, Forecast]:
         """Each org's forecast from its stored history plus the balance observed at ``now``."""
         by_id = {snapshot.id: snapshot for snapshot in snapshots}
         if not by_id:
@@ -112,14 +110,18 @@ class Insights:
             alert = _alert(plan)
             if alert is not None:
                 prediction = report.forecasts.get(plan.snapshot.id)
-                change = replace(change, notification=replace(alert,
-                                                              **forecast_fields(prediction)))
+                change = replace(change, notification=replace(alert, **forecast_fields(prediction)))
             if plan.snapshot.id in recovering:
-                content = content_for(plan.snapshot, kind="recovery",
-                                      number=plan.decision.breach_count,
-                                      billing_url=self.settings.billing_url, now=now)
-                change = replace(change, also_notify=(notification_for(
-                    content, plan.snapshot, baseline=False),))
+                content = content_for(
+                    plan.snapshot,
+                    kind="recovery",
+                    number=plan.decision.breach_count,
+                    billing_url=self.settings.billing_url,
+                    now=now,
+                )
+                change = replace(
+                    change, also_notify=(notification_for(content, plan.snapshot, baseline=False),)
+                )
             if change is not original:
                 amended[index] = change
         return amended
@@ -136,10 +138,13 @@ class Insights:
         # A moved balance always makes a change (StoredRow.differs_from), so only plans with
         # one need looking at.
         changed = [
-            plan.snapshot for plan in plans
+            plan.snapshot
+            for plan in plans
             if plan.change is not None
-            and ((row := stored.get(plan.snapshot.id)) is None
-                 or row.balance != plan.snapshot.balance)
+            and (
+                (row := stored.get(plan.snapshot.id)) is None
+                or row.balance != plan.snapshot.balance
+            )
         ]
         if not baseline and (self.settings.runway_days or self.settings.remind_every):
             self._notices(plans, stored, changed, now, report)
@@ -157,7 +162,8 @@ class Insights:
         states = self.notices.load()
         last_alerts = self.notices.last_alerts() if self.settings.remind_every else {}
         reminding = {
-            plan.snapshot.id for plan in plans
+            plan.snapshot.id
+            for plan in plans
             if self.settings.remind_every is not None
             and not plan.decision.breached
             and reminder_due(
@@ -170,11 +176,15 @@ class Insights:
             )
         }
         # Only a balance change can shorten the runway (or be the top-up that re-arms it).
-        runway_candidates = [s for s in changed if s.id in stored] if self.settings.runway_days \
-            else []
+        runway_candidates = (
+            [s for s in changed if s.id in stored] if self.settings.runway_days else []
+        )
         needed = [s for s in runway_candidates if s.id not in report.forecasts]
-        needed += [p.snapshot for p in plans if p.snapshot.id in reminding
-                   and p.snapshot.id not in report.forecasts]
+        needed += [
+            p.snapshot
+            for p in plans
+            if p.snapshot.id in reminding and p.snapshot.id not in report.forecasts
+        ]
         report.forecasts.update(self.forecasts(needed, now))
 
         runway_ids = {snapshot.id for snapshot in runway_candidates}
@@ -185,9 +195,15 @@ class Insights:
                 continue
             expected = states.get(org_id)
             current = expected or NOTICE_INITIAL
-            new, notices = self._org_notices(plan, stored, current, org_id in runway_ids,
-                                             org_id in reminding, report.forecasts.get(org_id),
-                                             now)
+            new, notices = self._org_notices(
+                plan,
+                stored,
+                current,
+                org_id in runway_ids,
+                org_id in reminding,
+                report.forecasts.get(org_id),
+                now,
+            )
             if notices or new != current:
                 changes.append(NoticeChange(org_id, expected, new, tuple(notices)))
         ids, conflicts = self.notices.apply(changes, now)
@@ -195,8 +211,12 @@ class Insights:
         report.conflicts += conflicts
         for change in changes:
             for notice in change.notifications:
-                log.info(f"org.{notice.kind}_notice", org_id=change.org_id,
-                         number=notice.breach_number, status=notice.status)
+                log.info(
+                    f"org.{notice.kind}_notice",
+                    org_id=change.org_id,
+                    number=notice.breach_number,
+                    status=notice.status,
+                )
 
     def _org_notices(
         self,
@@ -222,8 +242,9 @@ class Insights:
             if moved is not None:
                 new = moved
                 if moved.runway_breaches > state.runway_breaches:
-                    notices.append(self._notice(snapshot, "runway", moved.runway_breaches,
-                                                prediction, now))
+                    notices.append(
+                        self._notice(snapshot, "runway", moved.runway_breaches, prediction, now)
+                    )
         if remind:
             new = replace(new, reminders=new.reminders + 1, reminded_at=now)
             notices.append(self._notice(snapshot, "reminder", new.reminders, prediction, now))
@@ -237,16 +258,17 @@ class Insights:
         prediction: Forecast | None,
         now: datetime,
     ) -> NewNotification:
-        content = content_for(snapshot, kind=kind, number=number,
-                              billing_url=self.settings.billing_url, now=now)
-        return notification_for(replace(content, **forecast_fields(prediction)), snapshot,
-                                baseline=False)
+        content = content_for(
+            snapshot, kind=kind, number=number, billing_url=self.settings.billing_url, now=now
+        )
+        return notification_for(
+            replace(content, **forecast_fields(prediction)), snapshot, baseline=False
+        )
 
 
 def _alert(plan: PlanLike) -> NewNotification | None:
     notification = plan.change.notification if plan.change else None
-    return notification if notification is not None and notification.kind == "low_credits" \
-        else None
+    return notification if notification is not None and notification.kind == "low_credits" else None
 
 
 def _recovered(plan: PlanLike, stored: Mapping[int, StoredRow]) -> bool:

@@ -705,7 +705,9 @@ class SmtpTransport:
 
 
 def _sendmail(
-    connection: smtplib.SMTP, message: OutgoingMessage, recipients: list[str],
+    connection: smtplib.SMTP,
+    message: OutgoingMessage,
+    recipients: list[str],
     options: list[str],
 ) -> dict[str, tuple[int, bytes]]:
     if "SMTPUTF8" in options and not connection.has_extn("smtputf8"):

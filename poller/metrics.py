@@ -85,7 +85,8 @@ class _StoreCollector(Collector):
         if counts is None:
             return
         orgs = GaugeMetricFamily(
-            "poller_organizations", "Organizations in the database, by alert state and enabled",
+            "poller_organizations",
+            "Organizations in the database, by alert state and enabled",
             labels=["state", "enabled"],
         )
         for (state, enabled), number in sorted(counts.organizations.items()):
@@ -96,7 +97,8 @@ class _StoreCollector(Collector):
         for status, number in sorted(counts.notifications.items()):
             notes.add_metric([status], number)
         pending = GaugeMetricFamily(
-            "poller_outbox_pending", "Emails recorded and not delivered yet (due or retrying)",
+            "poller_outbox_pending",
+            "Emails recorded and not delivered yet (due or retrying)",
             value=counts.notifications.get("pending", 0),
         )
         yield from (orgs, notes, pending)
@@ -112,24 +114,33 @@ class PollerMetrics:
         self._started_at = clock()
         self._last_success_at: datetime | None = None
         self._cycle_duration = Histogram(
-            "poller_cycle_duration_seconds", "Duration of complete cycles",
-            buckets=CYCLE_BUCKETS, registry=self.registry,
+            "poller_cycle_duration_seconds",
+            "Duration of complete cycles",
+            buckets=CYCLE_BUCKETS,
+            registry=self.registry,
         )
         self._cycles = Counter(
-            "poller_cycles", "Cycles finished, by outcome (ok, partial, list_failed, abandoned)",
-            ["outcome"], registry=self.registry,
+            "poller_cycles",
+            "Cycles finished, by outcome (ok, partial, list_failed, abandoned)",
+            ["outcome"],
+            registry=self.registry,
         )
         self._last_success = Gauge(
             "poller_last_success_timestamp_seconds",
-            "Unix time this process last finished a successful cycle", registry=self.registry,
+            "Unix time this process last finished a successful cycle",
+            registry=self.registry,
         )
         self._api_requests = Counter(
-            "poller_api_requests", "HTTP requests to the Cekura API, retries included",
-            ["endpoint", "status"], registry=self.registry,
+            "poller_api_requests",
+            "HTTP requests to the Cekura API, retries included",
+            ["endpoint", "status"],
+            registry=self.registry,
         )
         self._api_errors = Counter(
-            "poller_api_errors", "Cekura API requests that failed (not 2xx, timeout, connection)",
-            ["endpoint", "status"], registry=self.registry,
+            "poller_api_errors",
+            "Cekura API requests that failed (not 2xx, timeout, connection)",
+            ["endpoint", "status"],
+            registry=self.registry,
         )
         self._store_counts = _StoreCollector()
         self.registry.register(self._store_counts)

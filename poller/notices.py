@@ -131,11 +131,15 @@ class NoticeStore:
 
     def load(self) -> dict[int, NoticeState]:
         query = select(notice_state)
-        with self._store.database_errors("loading notice states"), \
-                self._store.reader.connect() as connection:
+        with (
+            self._store.database_errors("loading notice states"),
+            self._store.reader.connect() as connection,
+        ):
             return {
                 row.org_id: NoticeState(
-                    AlertState(row.runway_state), row.runway_breaches, row.reminders,
+                    AlertState(row.runway_state),
+                    row.runway_breaches,
+                    row.reminders,
                     row.reminded_at,
                 )
                 for row in connection.execute(query)
@@ -147,8 +151,10 @@ class NoticeStore:
             org_state.c.state == AlertState.ALERTED.value,
             org_state.c.last_alert_at.is_not(None),
         )
-        with self._store.database_errors("loading alert times"), \
-                self._store.reader.connect() as connection:
+        with (
+            self._store.database_errors("loading alert times"),
+            self._store.reader.connect() as connection,
+        ):
             return {row.org_id: row.last_alert_at for row in connection.execute(query)}
 
     def apply(self, changes: Sequence[NoticeChange], now: datetime) -> tuple[list[int], int]:

@@ -40,8 +40,14 @@ SAMPLE_ORG = Organization(
     send_emails_enabled=True,
     auto_refill=False,
     members=(
-        Member(membership_id=1, user_id=1, name="Dana Admin", email="dana@example.com",
-               role="admin", email_notify_enabled=True),
+        Member(
+            membership_id=1,
+            user_id=1,
+            name="Dana Admin",
+            email="dana@example.com",
+            role="admin",
+            email_notify_enabled=True,
+        ),
     ),
 )
 SAMPLE_BALANCE = Decimal("412.50")
@@ -61,8 +67,13 @@ def sample_content(billing_url: str, now: datetime) -> AlertContent:
 @click.command()
 @click.option("--org", "org_id", type=int, help="Organization id (live data from the API).")
 @click.option("--sample", is_flag=True, help="Use sample data; needs no API credential.")
-@click.option("--html", "html_file", metavar="FILE", type=click.Path(dir_okay=False),
-              help="Also write the HTML version to FILE (open it in a browser).")
+@click.option(
+    "--html",
+    "html_file",
+    metavar="FILE",
+    type=click.Path(dir_okay=False),
+    help="Also write the HTML version to FILE (open it in a browser).",
+)
 @click.pass_obj
 def preview(settings: Settings, org_id: int | None, sample: bool, html_file: str | None) -> None:
     """Show the low-credits email an organization would get, without sending anything.
@@ -83,8 +94,9 @@ def preview(settings: Settings, org_id: int | None, sample: bool, html_file: str
         assert org_id is not None
         snapshot = _live_snapshot(settings, org_id)
     rendered = render_email(
-        content_for(snapshot, kind="low_credits", number=1, billing_url=settings.billing_url,
-                    now=now)
+        content_for(
+            snapshot, kind="low_credits", number=1, billing_url=settings.billing_url, now=now
+        )
     )
     recipients = [r.email for r in snapshot.org.alert_recipients()]
     click.echo(f"To: {', '.join(recipients) or '(nobody: no admin with an email address)'}")
@@ -130,8 +142,9 @@ def _write_html(rendered: RenderedEmail, path: Path) -> None:
 
 
 @click.command("send-test")
-@click.option("--to", "address", required=True, metavar="ADDRESS",
-              help="Where to send the test email.")
+@click.option(
+    "--to", "address", required=True, metavar="ADDRESS", help="Where to send the test email."
+)
 @click.pass_obj
 def send_test(settings: Settings, address: str) -> None:
     """Send the real low-credits email, with sample data, through the configured SMTP server.
@@ -156,8 +169,9 @@ def send_test(settings: Settings, address: str) -> None:
             rendered,
             mail_from=settings.mail_from,
             recipients=[address],
-            message_id=message_id_for(SAMPLE_ORG.id, 0, settings.mail_from, detected_at=now,
-                                      kind="send-test"),
+            message_id=message_id_for(
+                SAMPLE_ORG.id, 0, settings.mail_from, detected_at=now, kind="send-test"
+            ),
             date=now,
         )
     except ValueError as exc:
@@ -172,9 +186,13 @@ def send_test(settings: Settings, address: str) -> None:
 
 
 @click.command()
-@click.option("--max-age", type=click.FloatRange(min=0, min_open=True), metavar="SECONDS",
-              help="Healthy while the last successful cycle is younger than this "
-                   "[default: twice POLLER_INTERVAL].")
+@click.option(
+    "--max-age",
+    type=click.FloatRange(min=0, min_open=True),
+    metavar="SECONDS",
+    help="Healthy while the last successful cycle is younger than this "
+    "[default: twice POLLER_INTERVAL].",
+)
 @click.pass_obj
 def health(settings: Settings, max_age: float | None) -> None:
     """Say whether a successful cycle finished recently, from the database's cycle history.

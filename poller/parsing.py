@@ -192,7 +192,8 @@ def parse_billing(data: object) -> Billing:
             organization_id=data.organization,
             credits_remaining=parse_decimal(data.credits_remaining, "credits_remaining"),
             credits_used=(
-                None if data.credits_used is None
+                None
+                if data.credits_used is None
                 else parse_decimal(data.credits_used, "credits_used")
             ),
         )
@@ -200,9 +201,7 @@ def parse_billing(data: object) -> Billing:
     credits_used = obj.get("credits_used")
     return Billing(
         organization_id=_required_int(obj, "organization"),
-        credits_remaining=parse_decimal(
-            _required(obj, "credits_remaining"), "credits_remaining"
-        ),
+        credits_remaining=parse_decimal(_required(obj, "credits_remaining"), "credits_remaining"),
         credits_used=None if credits_used is None else parse_decimal(credits_used, "credits_used"),
     )
 

@@ -19,9 +19,7 @@ REDRAW_EVERY = 0.1  # seconds
 
 
 class TerminalProgress:
-    def __init__(
-        self, stream: TextIO, *, clock: Callable[[], float] = time.monotonic
-    ) -> None:
+    def __init__(self, stream: TextIO, *, clock: Callable[[], float] = time.monotonic) -> None:
         self._stream = stream
         self._clock = clock
         self._last_drawn = float("-inf")

@@ -76,9 +76,7 @@ class Decision:
         # Field by field: building self.stored to compare would cost a cycle a microsecond per
         # organization.
         return (
-            stored is None
-            or stored.state != self.state
-            or stored.breach_count != self.breach_count
+            stored is None or stored.state != self.state or stored.breach_count != self.breach_count
         )
 
 

@@ -331,6 +331,7 @@ def _storable_text(text: str) -> str:
         return text
     return _UNSTORABLE.sub("\ufffd", text)
 
+
 # Delivery statements, built once: they run once per email (or per batch).
 _CLAIMABLE = and_(
     notification.c.status == "pending",
@@ -763,8 +764,19 @@ _ERRORS = JsonRows("errors", _types(org_state, "org_id", "last_error"))
 _OUTBOX = JsonRows(
     "notifications",
     _types(
-        notification, "org_id", "breach_number", "kind", "org_name", "recipients", "subject",
-        "balance", "threshold", "auto_refill", "burn_per_day", "runs_out_at", "detected_at",
+        notification,
+        "org_id",
+        "breach_number",
+        "kind",
+        "org_name",
+        "recipients",
+        "subject",
+        "balance",
+        "threshold",
+        "auto_refill",
+        "burn_per_day",
+        "runs_out_at",
+        "detected_at",
         "status",
     ),
 )
@@ -1012,9 +1024,7 @@ class Store:
         hit = self._insert_new_orgs(connection, new_orgs, now)
         hit |= self._transition(connection, transitions, now)
         self._refresh_observed(connection, refreshes, now)
-        applied = [
-            change for change in (*new_orgs, *transitions) if change.observed.org_id in hit
-        ]
+        applied = [change for change in (*new_orgs, *transitions) if change.observed.org_id in hit]
         notification_ids = self.add_notifications(
             connection,
             [
@@ -1171,8 +1181,12 @@ class Store:
         """
         if not notification_ids:
             return set()
-        values = {"b_ids": list(notification_ids), "b_worker": worker, "b_now": now,
-                  "b_until": until}
+        values = {
+            "b_ids": list(notification_ids),
+            "b_worker": worker,
+            "b_now": now,
+            "b_until": until,
+        }
         with self._progress_write("renewing delivery claims") as connection:
             return set(connection.execute(_RENEW, values).scalars())
 
@@ -1181,8 +1195,9 @@ class Store:
     ) -> bool:
         """Record delivery; False if ``worker`` no longer holds the claim (someone took over)."""
         values = {"b_message_id": message_id}
-        return self._finish_claim(_MARK_SENT, notification_id, worker, now, values,
-                                  "marking a notification sent")
+        return self._finish_claim(
+            _MARK_SENT, notification_id, worker, now, values, "marking a notification sent"
+        )
 
     def mark_retry(
         self,
@@ -1194,12 +1209,19 @@ class Store:
         now: datetime,
     ) -> bool:
         values = {"b_error": _one_line(error), "b_next_attempt_at": next_attempt_at}
-        return self._finish_claim(_MARK_RETRY, notification_id, worker, now, values,
-                                  "scheduling a notification retry")
+        return self._finish_claim(
+            _MARK_RETRY, notification_id, worker, now, values, "scheduling a notification retry"
+        )
 
     def mark_failed(self, notification_id: int, *, worker: str, error: str, now: datetime) -> bool:
-        return self._finish_claim(_MARK_FAILED, notification_id, worker, now,
-                                  {"b_error": _one_line(error)}, "marking a notification failed")
+        return self._finish_claim(
+            _MARK_FAILED,
+            notification_id,
+            worker,
+            now,
+            {"b_error": _one_line(error)},
+            "marking a notification failed",
+        )
 
     def _finish_claim(
         self,
@@ -1244,8 +1266,10 @@ class Store:
         conditions = [notification.c.status == "pending", notification.c.created_at <= now]
         if exclude_in_flight:
             conditions.append(
-                or_(notification.c.claim_expires_at.is_(None),
-                    notification.c.claim_expires_at <= now)
+                or_(
+                    notification.c.claim_expires_at.is_(None),
+                    notification.c.claim_expires_at <= now,
+                )
             )
         query = select(func.count()).where(*conditions)
         with (

@@ -68,8 +68,9 @@ class HttpResponse:
 
 
 class _Connections(Protocol):
-    def send(self, method: str, url: str, query: str, headers: dict[str, str],
-             body: bytes | None) -> HttpResponse: ...
+    def send(
+        self, method: str, url: str, query: str, headers: dict[str, str], body: bytes | None
+    ) -> HttpResponse: ...
 
     def close(self) -> None: ...
 
@@ -111,7 +112,10 @@ class HttpTransport:
         body: str | None = None,
     ) -> HttpResponse:
         return self._connections.send(
-            method, url, _query(params) if params else "", {**self._headers, **headers},
+            method,
+            url,
+            _query(params) if params else "",
+            {**self._headers, **headers},
             body.encode() if body is not None else None,
         )
 
@@ -154,9 +158,7 @@ def ca_bundle_path() -> str:
     An empty variable counts as unset, as in requests: it never turns verification off.
     """
     return (
-        os.environ.get("REQUESTS_CA_BUNDLE")
-        or os.environ.get("CURL_CA_BUNDLE")
-        or certifi.where()
+        os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE") or certifi.where()
     )
 
 
@@ -293,7 +295,11 @@ class _ProxiedConnections:
     """urllib3's ProxyManager: CONNECT tunnels for https, absolute URLs for http."""
 
     def __init__(
-        self, proxy: str, ca_bundle: str, pool_size: int, connect_timeout: float,
+        self,
+        proxy: str,
+        ca_bundle: str,
+        pool_size: int,
+        connect_timeout: float,
         read_timeout: float,
     ) -> None:
         if not proxy.lower().startswith(("http://", "https://")):
@@ -308,8 +314,13 @@ class _ProxiedConnections:
         location = "ca_cert_dir" if os.path.isdir(ca_bundle) else "ca_certs"
         self._timeout = urllib3.Timeout(connect=connect_timeout, read=read_timeout)
         self._pool = urllib3.ProxyManager(
-            proxy, proxy_headers=proxy_headers, num_pools=4, maxsize=max(1, pool_size),
-            cert_reqs="CERT_REQUIRED", retries=False, timeout=self._timeout,
+            proxy,
+            proxy_headers=proxy_headers,
+            num_pools=4,
+            maxsize=max(1, pool_size),
+            cert_reqs="CERT_REQUIRED",
+            retries=False,
+            timeout=self._timeout,
             **{location: ca_bundle},
         )
 
@@ -318,8 +329,14 @@ class _ProxiedConnections:
     ) -> HttpResponse:
         try:
             response = self._pool.request(
-                method, _with_query(url, query), body=body, headers=headers, timeout=self._timeout,
-                retries=False, redirect=False, preload_content=True,
+                method,
+                _with_query(url, query),
+                body=body,
+                headers=headers,
+                timeout=self._timeout,
+                retries=False,
+                redirect=False,
+                preload_content=True,
             )
         # Order matters: urllib3's NewConnectionError is a subclass of its TimeoutError.
         except SSLError as exc:

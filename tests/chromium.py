@@ -94,7 +94,10 @@ def _run(args: list[str]) -> str:
     with tempfile.TemporaryDirectory(prefix="poller-chromium-") as profile:
         result = subprocess.run(
             [str(CHROMIUM), *_FLAGS, f"--user-data-dir={profile}", *args],
-            capture_output=True, text=True, timeout=120, check=False,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
         )
     if result.returncode != 0:
         raise RuntimeError(f"chromium exited {result.returncode}: {result.stderr[-2000:]}")
@@ -153,8 +156,9 @@ def read_png(path: Path) -> Image:
     previous = bytearray(stride)
     for y in range(height):
         start = y * (stride + 1)
-        row = _unfilter(raw[start], bytearray(raw[start + 1 : start + 1 + stride]), previous,
-                        channels)
+        row = _unfilter(
+            raw[start], bytearray(raw[start + 1 : start + 1 + stride]), previous, channels
+        )
         previous = row
         rows.append(bytes(row) if channels == 4 else _rgb_to_rgba(row))
     return Image(width, height, rows)

@@ -27,24 +27,37 @@ ACME_ADMINS = ["dana@acme.example", "sam@acme.example"]
 
 def seed_organizations(api: SimulatedApi) -> None:
     api.add_org(
-        "Acme Voice", org_id=ACME, credits_remaining="5000.00",
-        notify_low_credits=True, low_credits_threshold="1000.00",
+        "Acme Voice",
+        org_id=ACME,
+        credits_remaining="5000.00",
+        notify_low_credits=True,
+        low_credits_threshold="1000.00",
         members=[
             {"name": "Dana", "email": ACME_ADMINS[0], "role": "admin"},
             {"name": "Sam", "email": ACME_ADMINS[1], "role": "admin"},
             {"name": "Lee", "email": "lee@acme.example", "role": "member"},
-            {"name": "Quiet", "email": "quiet@acme.example", "role": "admin",
-             "is_email_notify_enabled": False},
+            {
+                "name": "Quiet",
+                "email": "quiet@acme.example",
+                "role": "admin",
+                "is_email_notify_enabled": False,
+            },
         ],
     )
     api.add_org(
-        "Globex", org_id=GLOBEX, credits_remaining="5000.00",
-        notify_low_credits=False, low_credits_threshold="1000.00",
+        "Globex",
+        org_id=GLOBEX,
+        credits_remaining="5000.00",
+        notify_low_credits=False,
+        low_credits_threshold="1000.00",
         members=[{"name": "Hank", "email": "hank@globex.example", "role": "admin"}],
     )
     api.add_org(
-        "Initech", org_id=INITECH, credits_remaining="5000.00",
-        notify_low_credits=True, low_credits_threshold="500.00",
+        "Initech",
+        org_id=INITECH,
+        credits_remaining="5000.00",
+        notify_low_credits=True,
+        low_credits_threshold="500.00",
         members=[{"name": "Bill", "email": "bill@initech.example", "role": "admin"}],
     )
 
@@ -84,8 +97,13 @@ class World:
         settings = self.settings(**extra)
         deliverer = Deliverer(store=self.store, settings=settings) if deliver else None
         with CekuraClient(settings, sleep=lambda _seconds: None) as client:
-            return run_cycle(settings=settings, client=client, store=self.store,
-                             deliverer=deliverer, baseline=baseline)
+            return run_cycle(
+                settings=settings,
+                client=client,
+                store=self.store,
+                deliverer=deliverer,
+                baseline=baseline,
+            )
 
     def set_balance(self, org_id: int, amount: str) -> None:
         self.api.set_balance(org_id, Decimal(amount))
@@ -117,5 +135,9 @@ def run_poller(
     clean = {k: v for k, v in os.environ.items() if not k.startswith("POLLER_")}
     return subprocess.run(
         [sys.executable, "-m", "poller", *args],
-        env={**clean, **env}, capture_output=True, text=True, timeout=timeout, check=False,
+        env={**clean, **env},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
     )

@@ -15,9 +15,25 @@ def test_the_benchmark_runs_at_a_thousand_orgs_and_writes_a_sane_table(tmp_path:
     output = tmp_path / "benchmarks.md"
     env = {k: v for k, v in os.environ.items() if not k.startswith("POLLER_")}
     result = subprocess.run(
-        [sys.executable, "-m", "bench", "--orgs", "1000", "--cycles", "2", "--db", "sqlite",
-         "--output", str(output)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120, check=False,
+        [
+            sys.executable,
+            "-m",
+            "bench",
+            "--orgs",
+            "1000",
+            "--cycles",
+            "2",
+            "--db",
+            "sqlite",
+            "--output",
+            str(output),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
     )
     assert result.returncode == 0, result.stderr[-3000:]
 
@@ -25,8 +41,9 @@ def test_the_benchmark_runs_at_a_thousand_orgs_and_writes_a_sane_table(tmp_path:
     assert [row.split(" | ")[2] for row in rows] == ["first sight", "changes", "unchanged"]
     cells = {row.split(" | ")[2]: row.strip("| ").split(" | ") for row in rows}
     header = [h.strip() for h in result.stdout.splitlines()[0].strip("|").split("|")]
-    first, changes, unchanged = (dict(zip(header, cells[k], strict=True))
-                                 for k in ("first sight", "changes", "unchanged"))
+    first, changes, unchanged = (
+        dict(zip(header, cells[k], strict=True)) for k in ("first sight", "changes", "unchanged")
+    )
     assert first["rows written"] == "1,000"
     # 3% of the fleet dropped to 1.00 credits: the enabled, armed ones alert; those with an
     # eligible admin and emails switched on get their email.
@@ -43,8 +60,9 @@ def test_the_benchmark_runs_at_a_thousand_orgs_and_writes_a_sane_table(tmp_path:
         # during the floor and the fetch says whether it was the bottleneck.
         assert int(row["raw socket req/s"].replace(",", "")) > 0
         assert int(row["poller CPU µs/org"].replace(",", "")) > 0
-        floor_cores, fetch_cores = (float(x) for x in
-                                    row["simulator cores: floor / fetch"].split(" / "))
+        floor_cores, fetch_cores = (
+            float(x) for x in row["simulator cores: floor / fetch"].split(" / ")
+        )
         assert 0 < floor_cores < 2 and 0 < fetch_cores < 2
         assert row["simulator saturated"] in ("no", "floor", "fetch", "floor, fetch")
     assert "cores" in output.read_text() and "Python 3." in output.read_text()

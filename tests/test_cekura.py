@@ -103,8 +103,12 @@ def org_json(org_id: int) -> dict[str, object]:
 
 def test_a_pagination_link_to_another_host_is_refused_and_never_followed() -> None:
     def answer(path: str, headers: dict[str, str]) -> Reply:
-        page = {"count": 2, "previous": None, "results": [org_json(1)],
-                "next": "http://127.0.0.2:9/user/v2/organizations/?page=2"}
+        page = {
+            "count": 2,
+            "previous": None,
+            "results": [org_json(1)],
+            "next": "http://127.0.0.2:9/user/v2/organizations/?page=2",
+        }
         return 200, {}, page
 
     with scripted_server(answer) as (url, seen), make_client(url, token=TOKEN) as client:
@@ -128,8 +132,16 @@ def test_the_listing_is_read_to_its_end_without_waiting_for_the_billing_reads() 
             if number == pages:
                 last_page_served.set()
             following = None if number == pages else f"/user/v2/organizations/?page={number + 1}"
-            return 200, {}, {"count": 2 * pages, "previous": None, "next": following,
-                             "results": [org_json(2 * number - 1), org_json(2 * number)]}
+            return (
+                200,
+                {},
+                {
+                    "count": 2 * pages,
+                    "previous": None,
+                    "next": following,
+                    "results": [org_json(2 * number - 1), org_json(2 * number)],
+                },
+            )
         if not last_page_served.wait(timeout=5):
             waited_in_vain.append(path)
         org_id = int(path.rsplit("=", 1)[1])
@@ -188,8 +200,9 @@ def test_plain_http_to_a_remote_host_is_refused_before_any_connection() -> None:
 
 
 def test_plain_http_to_a_remote_host_is_allowed_only_when_explicitly_permitted() -> None:
-    settings = Settings(api_url="http://192.0.2.1", api_token=Secret(TOKEN),
-                        allow_insecure_http=True)
+    settings = Settings(
+        api_url="http://192.0.2.1", api_token=Secret(TOKEN), allow_insecure_http=True
+    )
     CekuraClient(settings).close()  # constructing makes no connection
 
 
@@ -229,9 +242,7 @@ def assert_matches_simulator(api: SimulatedApi, snapshots: list) -> None:
         assert snapshot.threshold == Decimal(served.get("low_credits_threshold") or "1000")
 
 
-def test_it_reads_every_organization_with_the_bearer_token(
-    api: SimulatedApi, api_url: str
-) -> None:
+def test_it_reads_every_organization_with_the_bearer_token(api: SimulatedApi, api_url: str) -> None:
     api.set_balance(some_org(api), "-12.34")
     with make_client(api_url, token=TOKEN) as client:
         result = client.fetch_snapshots()
@@ -248,9 +259,7 @@ def test_it_follows_v2_pagination_across_pages(api: SimulatedApi, api_url: str) 
     assert api.request_counts()["list_v2"] == 3
 
 
-def test_it_falls_back_to_the_v1_list_when_v2_is_missing(
-    api: SimulatedApi, api_url: str
-) -> None:
+def test_it_falls_back_to_the_v1_list_when_v2_is_missing(api: SimulatedApi, api_url: str) -> None:
     api.v2_enabled = False
     with make_client(api_url, token=TOKEN) as client:
         result = client.fetch_snapshots()
@@ -258,9 +267,7 @@ def test_it_falls_back_to_the_v1_list_when_v2_is_missing(
     assert api.request_counts()["list"] == 1
 
 
-def test_it_reads_every_organization_with_org_scoped_keys(
-    api: SimulatedApi, api_url: str
-) -> None:
+def test_it_reads_every_organization_with_org_scoped_keys(api: SimulatedApi, api_url: str) -> None:
     with make_client(api_url, keys=tuple(api.keys().values())) as client:
         result = client.fetch_snapshots()
     assert result.errors == []
@@ -291,9 +298,7 @@ def test_a_key_rescues_an_organization_the_token_could_not_read(
     assert_matches_simulator(api, result.snapshots)
 
 
-def test_a_slow_answer_beyond_the_read_timeout_is_retried(
-    api: SimulatedApi, api_url: str
-) -> None:
+def test_a_slow_answer_beyond_the_read_timeout_is_retried(api: SimulatedApi, api_url: str) -> None:
     org_id = some_org(api, 5)
     api.add_fault(Fault("latency", org_id=org_id, endpoint="billing", seconds=0.6, times=1))
     sleeps: list[float] = []
@@ -335,8 +340,9 @@ def test_a_burst_of_503_is_retried_until_it_succeeds(api: SimulatedApi, api_url:
 def test_backoff_grows_exponentially_with_full_jitter(api: SimulatedApi, api_url: str) -> None:
     api.add_fault(Fault("status", endpoint="list_v2", status=502, times=3))
     sleeps: list[float] = []
-    with make_client(api_url, token=TOKEN, retries=3, sleeps=sleeps,
-                     jitter=lambda: 0.5, backoff_base=1.0) as client:
+    with make_client(
+        api_url, token=TOKEN, retries=3, sleeps=sleeps, jitter=lambda: 0.5, backoff_base=1.0
+    ) as client:
         client.fetch_snapshots()
     assert sleeps == [0.5, 1.0, 2.0]
 
@@ -406,10 +412,16 @@ def test_one_failing_org_does_not_stop_the_others(api: SimulatedApi, api_url: st
     with make_client(api_url, token=TOKEN, retries=1) as client:
         result = client.fetch_snapshots()
     assert result.errors == [
-        OrgError(broken, f"organization {broken}: billing info: "
-                 "GET /test_framework/billing/info/ failed after 2 attempts: HTTP 500"),
-        OrgError(missing, f"organization {missing}: billing info: "
-                 "GET /test_framework/billing/info/: not found (404)"),
+        OrgError(
+            broken,
+            f"organization {broken}: billing info: "
+            "GET /test_framework/billing/info/ failed after 2 attempts: HTTP 500",
+        ),
+        OrgError(
+            missing,
+            f"organization {missing}: billing info: "
+            "GET /test_framework/billing/info/: not found (404)",
+        ),
     ]
     assert {s.id for s in result.snapshots} == set(api.org_ids()) - {broken, missing}
 
@@ -428,23 +440,30 @@ def test_an_unparseable_organization_becomes_an_error_naming_the_field() -> None
     def answer(path: str, headers: dict[str, str]) -> Reply:
         if path.startswith("/user/v2/organizations/"):
             bad = dict(org_json(2), low_credits_threshold="abc")
-            return 200, {}, {"count": 3, "next": None, "previous": None,
-                             "results": [org_json(1), bad, org_json(3)]}
+            return (
+                200,
+                {},
+                {
+                    "count": 3,
+                    "next": None,
+                    "previous": None,
+                    "results": [org_json(1), bad, org_json(3)],
+                },
+            )
         org_id = int(path.rsplit("=", 1)[1])
         return 200, {}, {"organization": org_id, "credits_remaining": "5.00"}
 
     with scripted_server(answer) as (url, _), make_client(url, token=TOKEN) as client:
         result = client.fetch_snapshots()
     assert result.errors == [
-        OrgError(2, "organization 2 in the list: low_credits_threshold: "
-                 "'abc' is not a decimal number")
+        OrgError(
+            2, "organization 2 in the list: low_credits_threshold: 'abc' is not a decimal number"
+        )
     ]
     assert [s.id for s in result.snapshots] == [1, 3]
 
 
-def test_listing_that_keeps_failing_raises_api_unavailable(
-    api: SimulatedApi, api_url: str
-) -> None:
+def test_listing_that_keeps_failing_raises_api_unavailable(api: SimulatedApi, api_url: str) -> None:
     api.add_fault(Fault("status", endpoint="list_v2", status=503))
     sleeps: list[float] = []
     with make_client(api_url, token=TOKEN, sleeps=sleeps) as client:

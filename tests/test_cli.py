@@ -44,8 +44,9 @@ def test_once_exits_0_when_everything_was_read_and_delivered(env, sim, smtp_serv
     result = run_poller(env, "once")
     assert result.returncode == 0, result.stderr
     assert len(smtp_server.received) == 1
-    finished = [json.loads(line) for line in result.stderr.splitlines()
-                if '"cycle.finished"' in line]
+    finished = [
+        json.loads(line) for line in result.stderr.splitlines() if '"cycle.finished"' in line
+    ]
     assert finished and finished[0]["breaches"] == 1 and finished[0]["emails_sent"] == 1
 
 
@@ -128,8 +129,9 @@ def test_check_for_an_unknown_org_says_so_and_exits_1(sqlite_env):
 
 
 def test_configure_patches_the_alert_settings_through_the_api(sqlite_env, sim):
-    result = run_poller(sqlite_env, "configure", "--org", str(GLOBEX), "--enable",
-                        "--threshold", "2,500.5")
+    result = run_poller(
+        sqlite_env, "configure", "--org", str(GLOBEX), "--enable", "--threshold", "2,500.5"
+    )
     assert result.returncode == 0, result.stderr
     assert "Globex (id 12): low-credit emails on, threshold 2,500.50 credits" in result.stdout
     org = sim.api.organization(GLOBEX)
@@ -188,8 +190,11 @@ def test_a_process_killed_mid_delivery_loses_nothing(env, sim, smtp_server):
     smtp_server.delay_data(30)
     env = {**env, "POLLER_DELIVERY_LEASE": "2"}
     process = subprocess.Popen(
-        [sys.executable, "-m", "poller", "once"], env={**_clean_env(), **env},
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        [sys.executable, "-m", "poller", "once"],
+        env={**_clean_env(), **env},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     _wait_for(lambda: smtp_server.connections >= 1, timeout=30)  # delivery has begun
     time.sleep(0.5)  # well inside DATA: the server holds its answer
@@ -213,8 +218,11 @@ def test_the_daemon_runs_a_cycle_at_start_and_stops_cleanly_on_sigterm(env, sim,
     sim.api.set_balance(ACME, "1")
     env = {**env, "POLLER_INTERVAL": "1", "POLLER_JITTER": "0"}
     process = subprocess.Popen(
-        [sys.executable, "-m", "poller", "run"], env={**_clean_env(), **env},
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [sys.executable, "-m", "poller", "run"],
+        env={**_clean_env(), **env},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     try:
         _wait_for(lambda: len(smtp_server.received) == 1, timeout=30)
@@ -234,8 +242,9 @@ def test_the_daemon_runs_a_cycle_at_start_and_stops_cleanly_on_sigterm(env, sim,
 
 
 def test_python_dash_m_poller_and_version_work():
-    result = subprocess.run([sys.executable, "-m", "poller", "--version"],
-                            capture_output=True, text=True, check=False)
+    result = subprocess.run(
+        [sys.executable, "-m", "poller", "--version"], capture_output=True, text=True, check=False
+    )
     assert result.returncode == 0 and result.stdout.startswith("poller, version ")
 
 
@@ -244,19 +253,46 @@ def test_templates_are_found_from_an_installed_wheel(tmp_path: Path):
     repo = Path(__file__).resolve().parents[1]
     wheel_dir = tmp_path / "wheel"
     build = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
-         "-q", "-w", str(wheel_dir), str(repo)],
-        capture_output=True, text=True, check=False,
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(wheel_dir),
+            str(repo),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
     )
     assert build.returncode == 0, build.stderr
     [wheel] = wheel_dir.glob("poller-*.whl")
     target = tmp_path / "site"
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target",
-                    str(target), str(wheel)], check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--no-deps",
+            "--target",
+            str(target),
+            str(wheel),
+        ],
+        check=True,
+    )
     probe = subprocess.run(
         [sys.executable, "-c", "import poller.mail as m; print(m.templates_dir())"],
-        env={**_clean_env(), "PYTHONPATH": str(target)}, cwd=tmp_path,
-        capture_output=True, text=True, check=False,
+        env={**_clean_env(), "PYTHONPATH": str(target)},
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        check=False,
     )
     assert probe.returncode == 0, probe.stderr
     assert Path(probe.stdout.strip()).is_relative_to(target)
@@ -284,19 +320,40 @@ def test_poller_simulate_serves_50_orgs_that_the_client_reads_in_both_auth_modes
 
     port, keys_file = free_port(), tmp_path / "keys.txt"
     process = subprocess.Popen(
-        [sys.executable, "-m", "poller", "simulate", "--orgs", "50", "--port", str(port),
-         "--token", "t0ken-for-test", "--keys-file", str(keys_file), "--seed", "7"],
-        env=_clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-m",
+            "poller",
+            "simulate",
+            "--orgs",
+            "50",
+            "--port",
+            str(port),
+            "--token",
+            "t0ken-for-test",
+            "--keys-file",
+            str(keys_file),
+            "--seed",
+            "7",
+        ],
+        env=_clean_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     try:
         _wait_for(lambda: keys_file.exists() and _listening(port), timeout=30)
         keys = [line.split() for line in keys_file.read_text().splitlines()]
         assert len(keys) == 50
         url = f"http://127.0.0.1:{port}"
-        by_token = _fetch(load_settings(env={"POLLER_API_URL": url,
-                                             "POLLER_API_TOKEN": "t0ken-for-test"}))
-        by_keys = _fetch(load_settings(env={"POLLER_API_URL": url,
-                                            "POLLER_API_KEYS": ",".join(k for _, k in keys)}))
+        by_token = _fetch(
+            load_settings(env={"POLLER_API_URL": url, "POLLER_API_TOKEN": "t0ken-for-test"})
+        )
+        by_keys = _fetch(
+            load_settings(
+                env={"POLLER_API_URL": url, "POLLER_API_KEYS": ",".join(k for _, k in keys)}
+            )
+        )
     finally:
         process.send_signal(signal.SIGTERM)
         process.communicate(timeout=30)
@@ -324,7 +381,12 @@ def _listening(port: int) -> bool:
 
 def test_poller_simulate_on_a_port_in_use_exits_2_with_one_line(sim):
     port = sim.url.rsplit(":", 1)[1]
-    result = subprocess.run([sys.executable, "-m", "poller", "simulate", "--port", port],
-                            env=_clean_env(), capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-m", "poller", "simulate", "--port", port],
+        env=_clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 2
     assert "Address already in use" in result.stderr and "Traceback" not in result.stderr

@@ -74,11 +74,15 @@ def test_the_systemd_unit_restarts_on_failure_with_secrets_from_an_environment_f
 def test_systemd_accepts_the_unit_file() -> None:
     result = subprocess.run(
         ["systemd-analyze", "verify", str(ROOT / "deploy" / "poller.service")],
-        capture_output=True, text=True, timeout=60, check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
     # The only complaint allowed here: the poller is not installed at /opt/poller on this box.
     problems = [
-        line for line in result.stderr.splitlines()
+        line
+        for line in result.stderr.splitlines()
         if line.strip() and "/opt/poller/.venv/bin/poller is not executable" not in line
     ]
     assert problems == []

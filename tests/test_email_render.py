@@ -57,10 +57,15 @@ def pixels_in(image: Image, box: Box) -> list[tuple[int, int, int]]:
 def on_screen(box: Box | None) -> bool:
     return (
         box is not None
-        and box.w > 0 and box.h > 0
-        and box.x >= 0 and box.y >= 0
-        and box.x + box.w <= WINDOW[0] and box.y + box.h <= WINDOW[1]
-        and box.visibility == "visible" and box.display != "none" and float(box.opacity) > 0.9
+        and box.w > 0
+        and box.h > 0
+        and box.x >= 0
+        and box.y >= 0
+        and box.x + box.w <= WINDOW[0]
+        and box.y + box.h <= WINDOW[1]
+        and box.visibility == "visible"
+        and box.display != "none"
+        and float(box.opacity) > 0.9
     )
 
 

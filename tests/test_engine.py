@@ -167,9 +167,7 @@ def test_when_the_list_fails_nothing_changes_and_the_cycle_says_so(world, smtp_s
     assert smtp_server.received == []
 
 
-def test_an_org_with_emails_switched_off_gets_its_breach_recorded_as_suppressed(
-    world, smtp_server
-):
+def test_an_org_with_emails_switched_off_gets_its_breach_recorded_as_suppressed(world, smtp_server):
     world.api.update_org(INITECH, is_send_emails_enabled=False)
     world.set_balance(INITECH, "10")
     world.cycle()

@@ -38,21 +38,28 @@ def steady(hours: int, start: int, per_hour: int, every: int = 1) -> list[Point]
         # 100 credits an hour for two days: 2,400 a day over both windows.
         (steady(48, 10_000, 100), Decimal(2400), Decimal(2400)),
         # Irregular polling gaps change nothing about a steady burn.
-        (series((0, "1000"), (0.5, "950"), (7, "300"), (7.25, "275"), (10, "0")),
-         Decimal(2400), Decimal(2400)),
+        (
+            series((0, "1000"), (0.5, "950"), (7, "300"), (7.25, "275"), (10, "0")),
+            Decimal(2400),
+            Decimal(2400),
+        ),
         # A top-up is not negative usage; what was used in the half hour around it is
         # unknown and counts as nothing: 950 credits in 10 hours.
-        (series((0, "1000"), (5, "500"), (5.5, "5450"), (10, "5000")),
-         Decimal(2280), Decimal(2280)),
+        (
+            series((0, "1000"), (5, "500"), (5.5, "5450"), (10, "5000")),
+            Decimal(2280),
+            Decimal(2280),
+        ),
         # A refund (small increase) is excluded the same way.
-        (series((0, "1000"), (4, "600"), (6, "425"), (8, "200")),
-         Decimal(2400), Decimal(2400)),
+        (series((0, "1000"), (4, "600"), (6, "425"), (8, "200")), Decimal(2400), Decimal(2400)),
         # Balances below zero keep burning: usage is the fall, wherever it happens.
-        (series((0, "100"), (3, "-200"), (6, "-500"), (9, "-800")),
-         Decimal(2400), Decimal(2400)),
+        (series((0, "100"), (3, "-200"), (6, "-500"), (9, "-800")), Decimal(2400), Decimal(2400)),
         # Only the last day counts for the 24-hour rate; the balance at its start carries over.
-        (series((0, "10000"), (24, "7600"), (40, "7600"), (48, "7400")),
-         Decimal(200), Decimal(1300)),
+        (
+            series((0, "10000"), (24, "7600"), (40, "7600"), (48, "7400")),
+            Decimal(200),
+            Decimal(1300),
+        ),
     ],
 )
 def test_burn_rates_over_a_day_and_a_week(points, rate_24h, rate_7d) -> None:
@@ -98,8 +105,9 @@ def test_the_runway_falls_back_to_the_week_when_the_last_day_says_too_little() -
 
 
 def test_a_window_counts_top_ups_separately() -> None:
-    w = window(series((0, "1000"), (1, "900"), (2, "3900"), (3, "3800"), (4, "3850")),
-               timedelta(days=1))
+    w = window(
+        series((0, "1000"), (1, "900"), (2, "3900"), (3, "3800"), (4, "3850")), timedelta(days=1)
+    )
     assert (w.used, w.topped_up, w.topups, w.points) == (Decimal(200), Decimal(3050), 2, 5)
 
 
@@ -147,8 +155,11 @@ def test_usage_minus_top_ups_is_the_net_fall_of_the_balance(points) -> None:
     assert w.used >= 0 and w.topped_up >= 0
 
 
-@given(histories(), st.decimals(min_value="0.01", max_value=100_000, places=2),
-       st.integers(min_value=0, max_value=39))
+@given(
+    histories(),
+    st.decimals(min_value="0.01", max_value=100_000, places=2),
+    st.integers(min_value=0, max_value=39),
+)
 def test_a_top_up_never_raises_the_burn_rate(points, amount, where) -> None:
     where = min(where, len(points) - 1)
     topped = points[:where] + [Point(p.at, p.balance + amount) for p in points[where:]]
@@ -169,8 +180,10 @@ def test_an_estimate_is_positive_and_agrees_with_its_runway(points) -> None:
         assert abs(prediction.runway_days * prediction.rate - prediction.balance) < Decimal("1e-6")
 
 
-@given(st.decimals(min_value="0.01", max_value=10_000_000, places=4),
-       st.decimals(min_value="0.5", max_value=30, places=1))
+@given(
+    st.decimals(min_value="0.01", max_value=10_000_000, places=4),
+    st.decimals(min_value="0.5", max_value=30, places=1),
+)
 def test_a_suggestion_always_covers_the_days_and_is_a_valid_api_amount(rate, days) -> None:
     suggested = suggest_threshold(rate, days)
     assert suggested >= min(rate * days, Decimal("99999999"))

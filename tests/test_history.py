@@ -27,8 +27,9 @@ def history(store: Store) -> History:
     return History(store, retention=timedelta(days=30))
 
 
-def record_every(h: History, org_id: int, start: datetime, end: datetime, step: timedelta,
-                 balance: int = 10_000) -> None:
+def record_every(
+    h: History, org_id: int, start: datetime, end: datetime, step: timedelta, balance: int = 10_000
+) -> None:
     moment = start
     while moment <= end:
         h.record([(org_id, Decimal(balance))], moment)
@@ -55,8 +56,12 @@ def test_a_series_starts_with_the_last_point_before_the_window_however_old(store
     h.record([(1, Decimal(700))], NOW - timedelta(hours=2))
     h.record([(2, Decimal(5))], NOW - timedelta(hours=1))
     series = h.series([1], since=NOW - timedelta(days=7))
-    assert series == {1: [Point(NOW - timedelta(days=10), Decimal(800)),
-                          Point(NOW - timedelta(hours=2), Decimal(700))]}
+    assert series == {
+        1: [
+            Point(NOW - timedelta(days=10), Decimal(800)),
+            Point(NOW - timedelta(hours=2), Decimal(700)),
+        ]
+    }
 
 
 def test_points_older_than_48_hours_keep_only_the_last_of_each_hour(store: Store) -> None:
@@ -95,15 +100,28 @@ def test_db_upgrade_from_0001_keeps_existing_notifications(database_url: str) ->
         config.set_main_option("script_location", MIGRATIONS_LOCATION)
         config.attributes["connection"] = connection
         command.upgrade(config, "0001")
-        connection.execute(org_state.insert().values(
-            org_id=1, name="Org", enabled=True, threshold=Decimal(1000), balance=Decimal(5),
-            state="alerted", breach_count=1, first_seen_at=NOW, changed_at=NOW))
-        connection.execute(text(
-            "INSERT INTO notification (org_id, breach_number, kind, org_name, recipients, "
-            "subject, balance, threshold, detected_at, status, next_attempt_at, created_at, "
-            "updated_at) VALUES (1, 1, 'low_credits', 'Org', '[]', 'Low', '5', '1000', "
-            ":now, 'sent', :now, :now, :now)"
-        ), {"now": NOW})
+        connection.execute(
+            org_state.insert().values(
+                org_id=1,
+                name="Org",
+                enabled=True,
+                threshold=Decimal(1000),
+                balance=Decimal(5),
+                state="alerted",
+                breach_count=1,
+                first_seen_at=NOW,
+                changed_at=NOW,
+            )
+        )
+        connection.execute(
+            text(
+                "INSERT INTO notification (org_id, breach_number, kind, org_name, recipients, "
+                "subject, balance, threshold, detected_at, status, next_attempt_at, created_at, "
+                "updated_at) VALUES (1, 1, 'low_credits', 'Org', '[]', 'Low', '5', '1000', "
+                ":now, 'sent', :now, :now, :now)"
+            ),
+            {"now": NOW},
+        )
     engine.dispose()
 
     assert upgrade_database(database_url) == ("0001", "0002")

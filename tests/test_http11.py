@@ -67,8 +67,9 @@ def raw_server(answer: Callable[[int], Answer]) -> Iterator[tuple[str, list[byte
 
 
 def transport_for(url: str) -> closing[HttpTransport]:
-    return closing(HttpTransport(url, pool_size=1, connect_timeout=2, read_timeout=2,
-                                 user_agent="poller/test"))
+    return closing(
+        HttpTransport(url, pool_size=1, connect_timeout=2, read_timeout=2, user_agent="poller/test")
+    )
 
 
 def get(url: str, transport: HttpTransport | None = None) -> tuple[int, bytes]:
@@ -92,40 +93,62 @@ def test_a_keep_alive_connection_carries_every_request_of_a_worker() -> None:
     with raw_server(lambda number: keep_alive(b'{"n": %d}' % number)) as (url, requests):
         with transport_for(url) as transport:
             assert [get(url, transport) for _ in range(3)] == [
-                (200, b'{"n": 1}'), (200, b'{"n": 2}'), (200, b'{"n": 3}')]
+                (200, b'{"n": 1}'),
+                (200, b'{"n": 2}'),
+                (200, b'{"n": 3}'),
+            ]
     assert connections_used(requests) == [1, 1, 1]
     first = requests[0].decode()
     assert first.startswith("1 GET /thing/ HTTP/1.1\r\nHost: 127.0.0.1:")
     assert "\r\nAccept-Encoding: identity" in first and "\r\nUser-Agent: poller/test" in first
 
 
-@pytest.mark.parametrize("pieces, body", [
-    # chunked, with a chunk extension and a trailer field
-    ([b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n",
-      b"4;ext=1\r\n{\"a\"\r\n", b"6\r\n: 1.5}\r\n0\r\nX-Trailer: t\r\n\r\n"], b'{"a": 1.5}'),
-    # the head split in the middle of a line, the body in three pieces
-    ([b"HTTP/1.1 200 OK\r\nContent-Le", b"ngth: 9\r\n\r\n{\"a\"", b": ", b"12}"], b'{"a": 12}'),
-    # an interim 100 and a 103 before the real answer
-    ([b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </x>\r\n\r\n",
-      b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}"], b"{}"),
-    # no length at all: the body ends when the server closes
-    ([b"HTTP/1.1 200 OK\r\n\r\n", b'{"until": ', b'"close"}'], b'{"until": "close"}'),
-    # the same Content-Length twice is one length
-    ([b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 2\r\n\r\n[]"], b"[]"),
-])
+@pytest.mark.parametrize(
+    "pieces, body",
+    [
+        # chunked, with a chunk extension and a trailer field
+        (
+            [
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n",
+                b'4;ext=1\r\n{"a"\r\n',
+                b"6\r\n: 1.5}\r\n0\r\nX-Trailer: t\r\n\r\n",
+            ],
+            b'{"a": 1.5}',
+        ),
+        # the head split in the middle of a line, the body in three pieces
+        ([b"HTTP/1.1 200 OK\r\nContent-Le", b'ngth: 9\r\n\r\n{"a"', b": ", b"12}"], b'{"a": 12}'),
+        # an interim 100 and a 103 before the real answer
+        (
+            [
+                b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </x>\r\n\r\n",
+                b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}",
+            ],
+            b"{}",
+        ),
+        # no length at all: the body ends when the server closes
+        ([b"HTTP/1.1 200 OK\r\n\r\n", b'{"until": ', b'"close"}'], b'{"until": "close"}'),
+        # the same Content-Length twice is one length
+        ([b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 2\r\n\r\n[]"], b"[]"),
+    ],
+)
 def test_it_reads_every_framing_a_server_may_use(pieces: list[bytes], body: bytes) -> None:
     with raw_server(lambda _: (pieces, True)) as (url, _):
         assert get(url) == (200, body)
 
 
-@pytest.mark.parametrize("pieces", [
-    [b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\n{}"],
-    [b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\n{}"],
-    [b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 2\r\n\r\n",
-     b"2\r\n{}\r\n0\r\n\r\n"],
-    # bytes after the response: the next answer on this connection could not be trusted
-    [b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}HTTP/1.1 200 OK\r\n"],
-])
+@pytest.mark.parametrize(
+    "pieces",
+    [
+        [b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\n{}"],
+        [b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\n{}"],
+        [
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 2\r\n\r\n",
+            b"2\r\n{}\r\n0\r\n\r\n",
+        ],
+        # bytes after the response: the next answer on this connection could not be trusted
+        [b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}HTTP/1.1 200 OK\r\n"],
+    ],
+)
 def test_a_connection_that_must_not_be_reused_is_replaced(pieces: list[bytes]) -> None:
     with raw_server(lambda _: (pieces, False)) as (url, requests):
         with transport_for(url) as transport:
@@ -137,9 +160,7 @@ def test_a_connection_that_must_not_be_reused_is_replaced(pieces: list[bytes]) -
 def test_a_get_on_a_connection_the_server_closed_after_its_last_answer_goes_on_a_new_one() -> None:
     # The hang-up is not announced and the next request follows at once: only sending it
     # again on a new connection saves it (GET: the server never read it).
-    with raw_server(lambda number: (keep_alive(b'{"n": %d}' % number)[0], True)) as (
-        url, requests
-    ):
+    with raw_server(lambda number: (keep_alive(b'{"n": %d}' % number)[0], True)) as (url, requests):
         with transport_for(url) as transport:
             assert get(url, transport) == (200, b'{"n": 1}')
             assert get(url, transport) == (200, b'{"n": 2}')
@@ -181,23 +202,26 @@ def test_no_body_is_read_for_204_and_the_connection_stays_usable() -> None:
     assert connections_used(requests) == [1, 1]
 
 
-@pytest.mark.parametrize("pieces, problem", [
-    ([b"ICY 200 OK\r\n\r\n"], "the status line is not HTTP/1.x"),
-    ([b"HTTP/1.1 2x0 OK\r\n\r\n"], "the status line is not HTTP/1.x"),
-    ([b"HTTP/1.1 200 OK\r\nContent-Length : 2\r\n\r\n{}"], "a response header is malformed"),
-    ([b"HTTP/1.1 200 OK\r\nX-A: 1\r\n folded\r\n\r\n"], "a response header is malformed"),
-    ([b"HTTP/1.1 200 OK\r\nContent-Length: 2, 3\r\n\r\n{}"], "conflicting Content-Length"),
-    ([b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n"], "is not a number"),
-    ([b"HTTP/1.1 200 OK\r\nContent-Length: 99999999999\r\n\r\n"], "too large"),
-    ([b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n"], "not a hexadecimal"),
-    # int(text, 16) alone would read these as sizes
-    ([b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n1_0\r\n"], "not a hexadecimal"),
-    ([b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n+2\r\n{}"], "not a hexadecimal"),
-    ([b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{}XX"], "does not end"),
-    ([b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n{}"], "mid-response"),
-    ([], "without answering"),
-    ([b"HTTP/1.1 200 OK\r\nX: " + b"y" * (http11.MAX_HEAD_BYTES + 10)], "too long"),
-])
+@pytest.mark.parametrize(
+    "pieces, problem",
+    [
+        ([b"ICY 200 OK\r\n\r\n"], "the status line is not HTTP/1.x"),
+        ([b"HTTP/1.1 2x0 OK\r\n\r\n"], "the status line is not HTTP/1.x"),
+        ([b"HTTP/1.1 200 OK\r\nContent-Length : 2\r\n\r\n{}"], "a response header is malformed"),
+        ([b"HTTP/1.1 200 OK\r\nX-A: 1\r\n folded\r\n\r\n"], "a response header is malformed"),
+        ([b"HTTP/1.1 200 OK\r\nContent-Length: 2, 3\r\n\r\n{}"], "conflicting Content-Length"),
+        ([b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n"], "is not a number"),
+        ([b"HTTP/1.1 200 OK\r\nContent-Length: 99999999999\r\n\r\n"], "too large"),
+        ([b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n"], "not a hexadecimal"),
+        # int(text, 16) alone would read these as sizes
+        ([b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n1_0\r\n"], "not a hexadecimal"),
+        ([b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n+2\r\n{}"], "not a hexadecimal"),
+        ([b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{}XX"], "does not end"),
+        ([b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n{}"], "mid-response"),
+        ([], "without answering"),
+        ([b"HTTP/1.1 200 OK\r\nX: " + b"y" * (http11.MAX_HEAD_BYTES + 10)], "too long"),
+    ],
+)
 def test_an_answer_it_cannot_frame_fails_the_request_with_a_reason(
     pieces: list[bytes], problem: str
 ) -> None:
@@ -232,8 +256,10 @@ def test_a_character_latin_1_cannot_carry_fails_the_request_with_its_reason() ->
 
 def test_a_connection_that_switched_protocols_is_not_used_again() -> None:
     # Poller never asks for an upgrade; if a server switches anyway, what follows is not HTTP.
-    answers = {1: ([b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\n\r\n"], False),
-               2: keep_alive(b"{}")}
+    answers = {
+        1: ([b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\n\r\n"], False),
+        2: keep_alive(b"{}"),
+    }
     with raw_server(answers.__getitem__) as (url, requests):
         with transport_for(url) as transport:
             assert get(url, transport) == (101, b"")
@@ -243,5 +269,6 @@ def test_a_connection_that_switched_protocols_is_not_used_again() -> None:
 
 def test_format_request_puts_the_body_length_and_host_in_the_head() -> None:
     request = http11.format_request("PATCH", "/o/1/", "api.example", {"A": "b"}, b'{"x":1}')
-    assert request == (b"PATCH /o/1/ HTTP/1.1\r\nHost: api.example\r\nA: b\r\n"
-                       b"Content-Length: 7\r\n\r\n{\"x\":1}")
+    assert request == (
+        b'PATCH /o/1/ HTTP/1.1\r\nHost: api.example\r\nA: b\r\nContent-Length: 7\r\n\r\n{"x":1}'
+    )

@@ -35,8 +35,12 @@ NOW = datetime(2026, 5, 1, 12, 0, tzinfo=UTC)
     [
         (NOW - timedelta(seconds=599), None, True, "last successful cycle 599s ago"),
         (NOW - timedelta(seconds=600), None, True, "last successful cycle 600s ago"),
-        (NOW - timedelta(seconds=601), None, False, "601s ago (at 2026-05-01 11:49:59 UTC), "
-                                                    "longer than 600s"),
+        (
+            NOW - timedelta(seconds=601),
+            None,
+            False,
+            "601s ago (at 2026-05-01 11:49:59 UTC), longer than 600s",
+        ),
         (None, None, False, "no successful cycle recorded in the database yet"),
         (None, NOW - timedelta(seconds=30), True, "starting: no cycle finished yet"),
         (None, NOW - timedelta(seconds=900), False, "no successful cycle in 900s since the start"),
@@ -90,13 +94,15 @@ def test_last_successful_cycle_ignores_cycles_that_could_not_list(world: World) 
 def test_poller_health_exit_status_follows_the_cycle_history(world: World) -> None:
     never = run_poller(world.env, "health", "--max-age", "60")
     assert never.returncode == 1
-    assert never.stderr.strip().endswith("unhealthy: no successful cycle recorded in the "
-                                         "database yet")
+    assert never.stderr.strip().endswith(
+        "unhealthy: no successful cycle recorded in the database yet"
+    )
     world.cycle()
     fresh = run_poller(world.env, "health", "--max-age", "60")
     assert fresh.returncode == 0, fresh.stderr
-    assert re.fullmatch(r"healthy: last successful cycle \d+\.\ds ago \(at .* UTC\)\n",
-                        fresh.stdout)
+    assert re.fullmatch(
+        r"healthy: last successful cycle \d+\.\ds ago \(at .* UTC\)\n", fresh.stdout
+    )
     time.sleep(1.2)
     stale = run_poller(world.env, "health", "--max-age", "1")
     assert stale.returncode == 1
@@ -122,7 +128,8 @@ class Daemon:
         self.process = subprocess.Popen(
             [sys.executable, "-m", "poller", "run", "--metrics-port", str(self.port)],
             env={**clean, **env, "POLLER_METRICS_HOST": "127.0.0.1"},
-            stdout=self._log_file, stderr=subprocess.STDOUT,
+            stdout=self._log_file,
+            stderr=subprocess.STDOUT,
         )
 
     def get(self, path: str) -> tuple[int, str]:
@@ -160,8 +167,9 @@ def daemon_world(tmp_path: Path, smtp_server) -> Iterator[tuple[SimulatorServer,
     api = SimulatedApi(token=TOKEN)
     seed_organizations(api)
     with SimulatorServer(api) as sim:
-        env = poller_env(sim.url, f"sqlite:///{tmp_path / 'poller.db'}", smtp_server.port,
-                         POLLER_JITTER="0")
+        env = poller_env(
+            sim.url, f"sqlite:///{tmp_path / 'poller.db'}", smtp_server.port, POLLER_JITTER="0"
+        )
         yield sim, env
 
 
@@ -180,10 +188,19 @@ def test_a_running_daemon_serves_prometheus_metrics(daemon_world, smtp_server, t
         assert (sample(text, "poller_cycle_duration_seconds_count") or 0) >= 1
         assert sample(text, 'poller_organizations{enabled="true",state="armed"}') == 2
         assert sample(text, 'poller_organizations{enabled="false",state="armed"}') == 1
-        assert sample(text, 'poller_api_requests_total{endpoint="/user/v2/organizations/",'
-                            'status="200"}') >= 1
-        assert sample(text, 'poller_api_requests_total{endpoint="/test_framework/billing/info/",'
-                            'status="200"}') >= 3
+        assert (
+            sample(
+                text, 'poller_api_requests_total{endpoint="/user/v2/organizations/",status="200"}'
+            )
+            >= 1
+        )
+        assert (
+            sample(
+                text,
+                'poller_api_requests_total{endpoint="/test_framework/billing/info/",status="200"}',
+            )
+            >= 3
+        )
         assert abs(sample(text, "poller_last_success_timestamp_seconds") - time.time()) < 30
         assert sample(text, "poller_outbox_pending") == 0
 
@@ -196,18 +213,25 @@ def test_a_running_daemon_serves_prometheus_metrics(daemon_world, smtp_server, t
 
         sim.api.add_fault(Fault(kind="status", status=500, endpoint="billing", org_id=ACME))
         _, text = daemon.wait_for(
-            "/metrics", lambda _s, t: (sample(t, 'poller_api_errors_total{endpoint='
-                                                 '"/test_framework/billing/info/",status="500"}')
-                                       or 0) >= 1,
+            "/metrics",
+            lambda _s, t: (
+                (
+                    sample(
+                        t,
+                        "poller_api_errors_total{endpoint="
+                        '"/test_framework/billing/info/",status="500"}',
+                    )
+                    or 0
+                )
+                >= 1
+            ),
         )
         assert daemon.get("/nothing-here")[0] == 404
     finally:
         assert daemon.stop() == 0
 
 
-def test_healthz_turns_503_when_the_api_is_down_longer_than_two_intervals(
-    daemon_world, tmp_path
-):
+def test_healthz_turns_503_when_the_api_is_down_longer_than_two_intervals(daemon_world, tmp_path):
     sim, env = daemon_world
     daemon = Daemon({**env, "POLLER_INTERVAL": "0.5"}, tmp_path)
     try:
@@ -233,8 +257,9 @@ def test_a_metrics_port_in_use_is_one_line_and_exit_status_2(daemon_world, tmp_p
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        result = run_poller({**env, "POLLER_METRICS_HOST": "127.0.0.1"}, "run",
-                            "--metrics-port", str(port))
+        result = run_poller(
+            {**env, "POLLER_METRICS_HOST": "127.0.0.1"}, "run", "--metrics-port", str(port)
+        )
     assert result.returncode == 2
     assert f"poller: error: metrics_port: cannot listen on 127.0.0.1:{port}" in result.stderr
     assert "Traceback" not in result.stderr

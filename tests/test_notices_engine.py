@@ -44,8 +44,13 @@ def cycle_at(world: World, when: datetime, **extra: str) -> CycleReport:
     settings = world.settings(**extra)
     deliverer = Deliverer(store=world.store, settings=settings, now_fn=lambda: when)
     with CekuraClient(settings, sleep=lambda _seconds: None) as client:
-        return run_cycle(settings=settings, client=client, store=world.store,
-                         deliverer=deliverer, now_fn=lambda: when)
+        return run_cycle(
+            settings=settings,
+            client=client,
+            store=world.store,
+            deliverer=deliverer,
+            now_fn=lambda: when,
+        )
 
 
 def acme_emails(smtp_server) -> list:
@@ -56,8 +61,9 @@ def text_of(message) -> str:
     return message.get_body(preferencelist=("plain",)).get_content()
 
 
-def burn_hourly(world: World, start: datetime, hours: int, balance: int, per_hour: int,
-                **settings: str) -> int:
+def burn_hourly(
+    world: World, start: datetime, hours: int, balance: int, per_hour: int, **settings: str
+) -> int:
     """Poll every hour while ACME uses ``per_hour`` credits an hour; returns the balance."""
     for hour in range(hours):
         world.set_balance(ACME, str(balance))
@@ -82,8 +88,9 @@ def test_a_week_of_usage_forecasts_the_run_out_within_ten_percent_and_every_view
 
     def true_balance(moment: datetime) -> Decimal:
         hours = Decimal((moment - start).total_seconds()) / 3600
-        top_ups = (5000 if moment >= start + timedelta(days=3) else 0) + \
-            (50 if moment >= start + timedelta(days=4) else 0)
+        top_ups = (5000 if moment >= start + timedelta(days=3) else 0) + (
+            50 if moment >= start + timedelta(days=4) else 0
+        )
         return Decimal(12_740) - per_hour * hours + top_ups
 
     gaps = [37, 190, 55, 240, 150, 61, 300]  # minutes
@@ -107,8 +114,11 @@ def test_a_week_of_usage_forecasts_the_run_out_within_ten_percent_and_every_view
     assert Decimal(4500) < prediction.week.topped_up < Decimal(5000)
 
     [email] = acme_emails(smtp_server)
-    line = re.search(r"At your recent usage \(≈ ([\d,.]+) credits/day\) you will run out "
-                     r"around (\d+ \w+ \d{4}) \(in less than a day\)\.", text_of(email))
+    line = re.search(
+        r"At your recent usage \(≈ ([\d,.]+) credits/day\) you will run out "
+        r"around (\d+ \w+ \d{4}) \(in less than a day\)\.",
+        text_of(email),
+    )
     assert line is not None, text_of(email)
     assert abs(Decimal(line[1].replace(",", "")) - 2400) <= 240
     assert line[2] == f"{prediction.runs_out_at.day} {prediction.runs_out_at:%B %Y}"
@@ -183,8 +193,10 @@ def test_the_runway_alert_is_sent_once_per_breach_and_re_armed_by_a_top_up(world
     assert len(emails) == 2
     assert emails[0]["Message-ID"] != emails[1]["Message-ID"]
     assert "<runway.11.2." in emails[1]["Message-ID"]
-    assert [n.breach_number for n in world.store.notifications_for(ACME)
-            if n.kind == "runway"] == [1, 2]
+    assert [n.breach_number for n in world.store.notifications_for(ACME) if n.kind == "runway"] == [
+        1,
+        2,
+    ]
 
 
 def test_the_runway_alert_is_off_by_default(world, smtp_server):
@@ -219,8 +231,9 @@ def test_reminders_go_out_at_most_once_per_period_while_alerted_and_stop_on_reco
     for hours in (3, 5, 8):
         cycle_at(world, T0 + timedelta(hours=hours), **REMIND)
     assert len(acme_emails(smtp_server)) == 3
-    assert [n.breach_number for n in world.store.notifications_for(ACME)
-            if n.kind == "reminder"] == [1, 2]
+    assert [
+        n.breach_number for n in world.store.notifications_for(ACME) if n.kind == "reminder"
+    ] == [1, 2]
 
 
 def test_there_are_no_reminders_by_default(world, smtp_server):
@@ -235,9 +248,15 @@ def test_a_poller_holding_a_stale_notice_state_records_no_second_reminder(world)
     cycle_at(world, T0)
     notices = NoticeStore(world.store)
     reminder = NewNotification(
-        kind="reminder", breach_number=1, org_name="Acme Voice", recipients=("a@b.example",),
-        subject="Reminder", balance=Decimal(500), threshold=Decimal(1000),
-        detected_at=T0, status="pending",
+        kind="reminder",
+        breach_number=1,
+        org_name="Acme Voice",
+        recipients=("a@b.example",),
+        subject="Reminder",
+        balance=Decimal(500),
+        threshold=Decimal(1000),
+        detected_at=T0,
+        status="pending",
     )
     reminded = NoticeState(AlertState.ARMED, 0, 1, T0)
     change = NoticeChange(ACME, None, reminded, (reminder,))

@@ -18,9 +18,14 @@ ORGS = 6
 
 def seed_alike_orgs(api: SimulatedApi) -> None:
     for number in range(1, ORGS + 1):
-        api.add_org(f"Org {number}", org_id=number, credits_remaining="5000.00",
-                    notify_low_credits=True, low_credits_threshold="1000.00",
-                    members=[{"name": "Ops", "email": f"ops@org{number}.example"}])
+        api.add_org(
+            f"Org {number}",
+            org_id=number,
+            credits_remaining="5000.00",
+            notify_low_credits=True,
+            low_credits_threshold="1000.00",
+            members=[{"name": "Ops", "email": f"ops@org{number}.example"}],
+        )
 
 
 @pytest.fixture

@@ -179,33 +179,51 @@ def test_billing_without_credits_used_has_none() -> None:
 @pytest.mark.parametrize(
     ("data", "field", "message"),
     [
-        (org_with(low_credits_threshold="abc"), "low_credits_threshold",
-         "low_credits_threshold: 'abc' is not a decimal number"),
+        (
+            org_with(low_credits_threshold="abc"),
+            "low_credits_threshold",
+            "low_credits_threshold: 'abc' is not a decimal number",
+        ),
         (org_with(id="x"), "id", "id: 'x' is not an integer"),
         (org_with(id=True), "id", "id: true is not an integer"),
         (org_without("id"), "id", "id: is missing"),
         (org_with(name=None), "name", "name: null is not a string"),
-        (org_with(notify_low_credits="yes"), "notify_low_credits",
-         "notify_low_credits: 'yes' is not a boolean"),
+        (
+            org_with(notify_low_credits="yes"),
+            "notify_low_credits",
+            "notify_low_credits: 'yes' is not a boolean",
+        ),
         (org_with(members={"id": 1}), "members", "members: an object is not a list"),
         (org_with(members=["x"]), "members[0]", "members[0]: 'x' is not a JSON object"),
-        (org_with(members=[FULL_ORG["members"][0], {"id": 5, "role": "admin"}]),
-         "members[1].user", "members[1].user: is missing"),
-        (org_with(members=[{"id": 5, "role": "admin", "user": {"id": "u", "email": "e"}}]),
-         "members[0].user.id", "members[0].user.id: 'u' is not an integer"),
-        (org_with(members=[{"id": 5, "role": 3, "user": {"id": 1}}]),
-         "members[0].role", "members[0].role: 3 is not a string"),
-        (org_with(members=[{"id": 5, "role": "admin", "user": {"id": 1, "email": 7}}]),
-         "members[0].user.email", "members[0].user.email: 7 is not a string"),
-        (org_with(members=[dict(FULL_ORG["members"][0], is_email_notify_enabled="no")]),
-         "members[0].is_email_notify_enabled",
-         "members[0].is_email_notify_enabled: 'no' is not a boolean"),
+        (
+            org_with(members=[FULL_ORG["members"][0], {"id": 5, "role": "admin"}]),
+            "members[1].user",
+            "members[1].user: is missing",
+        ),
+        (
+            org_with(members=[{"id": 5, "role": "admin", "user": {"id": "u", "email": "e"}}]),
+            "members[0].user.id",
+            "members[0].user.id: 'u' is not an integer",
+        ),
+        (
+            org_with(members=[{"id": 5, "role": 3, "user": {"id": 1}}]),
+            "members[0].role",
+            "members[0].role: 3 is not a string",
+        ),
+        (
+            org_with(members=[{"id": 5, "role": "admin", "user": {"id": 1, "email": 7}}]),
+            "members[0].user.email",
+            "members[0].user.email: 7 is not a string",
+        ),
+        (
+            org_with(members=[dict(FULL_ORG["members"][0], is_email_notify_enabled="no")]),
+            "members[0].is_email_notify_enabled",
+            "members[0].is_email_notify_enabled: 'no' is not a boolean",
+        ),
         ([FULL_ORG], "organization", "organization: a list is not a JSON object"),
     ],
 )
-def test_a_bad_organization_value_names_its_field(
-    data: object, field: str, message: str
-) -> None:
+def test_a_bad_organization_value_names_its_field(data: object, field: str, message: str) -> None:
     with pytest.raises(ParseError) as caught:
         parse_organization(data)
     assert caught.value.field == field
@@ -240,14 +258,27 @@ json_scalars = (
     | st.sampled_from(["500.00", "-1", "NaN", "1e999999", "0.1", "admin", ""])
 )
 ORG_KEYS = [
-    "id", "name", "notify_low_credits", "low_credits_threshold", "is_send_emails_enabled",
-    "auto_refill", "members", "user", "email", "role", "is_email_notify_enabled",
-    "organization", "credits_remaining", "credits_used",
+    "id",
+    "name",
+    "notify_low_credits",
+    "low_credits_threshold",
+    "is_send_emails_enabled",
+    "auto_refill",
+    "members",
+    "user",
+    "email",
+    "role",
+    "is_email_notify_enabled",
+    "organization",
+    "credits_remaining",
+    "credits_used",
 ]
 json_values = st.recursive(
     json_scalars,
-    lambda children: st.lists(children, max_size=4)
-    | st.dictionaries(st.sampled_from(ORG_KEYS) | st.text(max_size=6), children, max_size=8),
+    lambda children: (
+        st.lists(children, max_size=4)
+        | st.dictionaries(st.sampled_from(ORG_KEYS) | st.text(max_size=6), children, max_size=8)
+    ),
     max_leaves=25,
 )
 member_like = st.fixed_dictionaries(
@@ -321,8 +352,10 @@ valid_member = st.fixed_dictionaries(
         "id": st.integers(),
         "user": st.fixed_dictionaries(
             {"id": st.integers()},
-            optional={"name": st.none() | st.text(max_size=8),
-                      "email": st.none() | st.text(max_size=8)},
+            optional={
+                "name": st.none() | st.text(max_size=8),
+                "email": st.none() | st.text(max_size=8),
+            },
         ),
         "role": st.sampled_from(["admin", "member", ""]),
     },
@@ -372,8 +405,9 @@ def test_billing_decoded_fast_is_read_exactly_as_the_checks_read_it(data: object
 
 
 def test_the_fast_decoders_take_the_bodies_the_api_documents() -> None:
-    page = loads_page(json.dumps({"count": 1, "next": None, "previous": None,
-                                  "results": [FULL_ORG]}).encode())
+    page = loads_page(
+        json.dumps({"count": 1, "next": None, "previous": None, "results": [FULL_ORG]}).encode()
+    )
     assert isinstance(page, PageBody)
     assert parse_organization(page.results[0]) == parse_organization(FULL_ORG)
     billing = loads_billing(json.dumps(BILLING).encode())
@@ -381,11 +415,14 @@ def test_the_fast_decoders_take_the_bodies_the_api_documents() -> None:
     assert parse_billing(billing) == parse_billing(BILLING)
 
 
-@pytest.mark.parametrize("body", [
-    b'{"organization": 1, "credits_remaining": NaN}',  # json.loads reads NaN; msgspec refuses
-    b'{"organization": 1, "credits_remaining": "\\ud800"}',  # a lone surrogate
-    '{"organization": 1, "credits_remaining": "5"}'.encode("utf-16"),
-])
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"organization": 1, "credits_remaining": NaN}',  # json.loads reads NaN; msgspec refuses
+        b'{"organization": 1, "credits_remaining": "\\ud800"}',  # a lone surrogate
+        '{"organization": 1, "credits_remaining": "5"}'.encode("utf-16"),
+    ],
+)
 def test_a_body_the_fast_decoder_refuses_is_read_by_json_instead(body: bytes) -> None:
     assert loads_billing(body) == json.loads(body)
 

@@ -26,8 +26,9 @@ def test_preview_of_a_live_organization_prints_recipients_subject_and_text(env) 
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert lines[0] == "To: dana@acme.example, sam@acme.example"
-    assert lines[1] == ("Subject: Low credits: Acme Voice has 250.00 credits left "
-                        "(threshold 1,000.00 credits)")
+    assert lines[1] == (
+        "Subject: Low credits: Acme Voice has 250.00 credits left (threshold 1,000.00 credits)"
+    )
     assert "  Balance:    250.00 credits" in lines
     assert "poller configure --org 11 --disable" in result.stdout
     assert "Note:" not in result.stdout  # below its threshold and enabled: it would be sent
@@ -51,18 +52,22 @@ def test_preview_html_writes_the_html_version(env, tmp_path: Path) -> None:
 
 
 def test_preview_with_sample_data_needs_no_credentials(tmp_path: Path) -> None:
-    result = run_poller({"POLLER_DATABASE_URL": f"sqlite:///{tmp_path / 'p.db'}"},
-                        "preview", "--sample")
+    result = run_poller(
+        {"POLLER_DATABASE_URL": f"sqlite:///{tmp_path / 'p.db'}"}, "preview", "--sample"
+    )
     assert result.returncode == 0, result.stderr
-    assert result.stdout.startswith("To: dana@example.com\nSubject: Low credits: Example Voice "
-                                    "Labs has 412.50 credits left")
+    assert result.stdout.startswith(
+        "To: dana@example.com\nSubject: Low credits: Example Voice Labs has 412.50 credits left"
+    )
 
 
 def test_preview_of_an_unknown_organization_fails_in_one_line(env) -> None:
     result = run_poller(env, "preview", "--org", "999")
     assert result.returncode == 1
-    assert result.stderr.strip().splitlines()[-1].startswith(
-        "poller: error: organization 999 could not be read:"
+    assert (
+        result.stderr.strip()
+        .splitlines()[-1]
+        .startswith("poller: error: organization 999 could not be read:")
     )
 
 
@@ -77,8 +82,9 @@ def test_preview_needs_exactly_one_source(env) -> None:
 def test_send_test_delivers_the_real_template_with_sample_data(env, smtp_server) -> None:
     result = run_poller(env, "send-test", "--to", "ops@example.com")
     assert result.returncode == 0, result.stderr
-    assert result.stdout == (f"sent: 127.0.0.1:{smtp_server.port} accepted the test email "
-                             "to ops@example.com\n")
+    assert result.stdout == (
+        f"sent: 127.0.0.1:{smtp_server.port} accepted the test email to ops@example.com\n"
+    )
     [received] = smtp_server.received
     assert received.rcpt_tos == ("ops@example.com",)
     message = received.message
@@ -109,8 +115,9 @@ def test_send_test_reports_a_refused_data_answer(env, smtp_server) -> None:
 
 
 def test_send_test_to_a_server_that_is_not_there(env, refusing_port: int) -> None:
-    result = run_poller({**env, "POLLER_SMTP_PORT": str(refusing_port)},
-                        "send-test", "--to", "ops@example.com")
+    result = run_poller(
+        {**env, "POLLER_SMTP_PORT": str(refusing_port)}, "send-test", "--to", "ops@example.com"
+    )
     assert result.returncode == 1
     assert f"cannot talk to SMTP server 127.0.0.1:{refusing_port}" in result.stderr
     assert "Traceback" not in result.stderr

@@ -46,9 +46,13 @@ def test_while_the_listing_goes_on_the_total_is_a_lower_bound_and_the_line_stays
     now[0] = 0.4
     progress(400, 400, 0, False)
     assert stream.getvalue() == (
-        "\r\x1b[K" + progress_line(200, 200, 0, listing=True)
-        + "\r\x1b[K" + progress_line(200, 400, 0, listing=True)
-        + "\r\x1b[K" + progress_line(400, 400, 0) + "\n"
+        "\r\x1b[K"
+        + progress_line(200, 200, 0, listing=True)
+        + "\r\x1b[K"
+        + progress_line(200, 400, 0, listing=True)
+        + "\r\x1b[K"
+        + progress_line(400, 400, 0)
+        + "\n"
     )
 
 
@@ -63,7 +67,9 @@ def run_on_a_terminal(env: dict[str, str], *args: str) -> tuple[int, str]:
     controller, terminal = pty.openpty()
     process = subprocess.Popen(
         [sys.executable, "-m", "poller", *args],
-        env={**clean, **env}, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+        env={**clean, **env},
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
         stderr=terminal,
     )
     os.close(terminal)

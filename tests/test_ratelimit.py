@@ -130,7 +130,10 @@ def test_however_many_429s_the_rate_never_drops_below_the_floor() -> None:
 
 def settings_for(url: str, **overrides: object) -> Settings:
     values: dict[str, object] = {
-        "api_url": url, "api_token": Secret(TOKEN), "api_retries": 3, "concurrency": 8,
+        "api_url": url,
+        "api_token": Secret(TOKEN),
+        "api_retries": 3,
+        "concurrency": 8,
     }
     values.update(overrides)
     return Settings(**values)  # type: ignore[arg-type]

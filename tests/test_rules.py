@@ -50,124 +50,211 @@ def unchanged(stored: StoredState) -> Decision:
 RULE_TABLE = [
     # Alerting, margin 0.
     pytest.param(
-        armed(), seen("99.99"), "0", breach(1),
+        armed(),
+        seen("99.99"),
+        "0",
+        breach(1),
         id="an armed enabled org strictly below its threshold is alerted for breach 1",
     ),
     pytest.param(
-        armed(), seen("100.00"), "0", unchanged(armed()),
+        armed(),
+        seen("100.00"),
+        "0",
+        unchanged(armed()),
         id="an armed org exactly at its threshold is not alerted",
     ),
     pytest.param(
-        armed(), seen("100"), "0", unchanged(armed()),
+        armed(),
+        seen("100"),
+        "0",
+        unchanged(armed()),
         id="an armed org at its threshold written with another exponent is not alerted",
     ),
     pytest.param(
-        armed(), seen("100.01"), "0", unchanged(armed()),
+        armed(),
+        seen("100.01"),
+        "0",
+        unchanged(armed()),
         id="an armed org above its threshold stays armed",
     ),
     pytest.param(
-        armed(), seen("5.00", enabled=False), "0", unchanged(armed()),
+        armed(),
+        seen("5.00", enabled=False),
+        "0",
+        unchanged(armed()),
         id="an armed org below its threshold with notifications off is not alerted",
     ),
     pytest.param(
-        armed(3), seen("5.00"), "0", breach(4),
+        armed(3),
+        seen("5.00"),
+        "0",
+        breach(4),
         id="a new breach continues the stored breach counter",
     ),
     pytest.param(
-        armed(), seen("400.00", threshold="500.00"), "0", breach(1),
+        armed(),
+        seen("400.00", threshold="500.00"),
+        "0",
+        breach(1),
         id="raising the threshold above the balance while armed alerts",
     ),
     # Staying alerted.
     pytest.param(
-        alerted(), seen("5.00"), "0", unchanged(alerted()),
+        alerted(),
+        seen("5.00"),
+        "0",
+        unchanged(alerted()),
         id="an alerted org still below its threshold sends nothing more",
     ),
     pytest.param(
-        alerted(), seen("100.00"), "0", unchanged(alerted()),
+        alerted(),
+        seen("100.00"),
+        "0",
+        unchanged(alerted()),
         id="an alerted org back exactly at its threshold does not re-arm",
     ),
     pytest.param(
-        alerted(), seen("5.00", enabled=False), "0", unchanged(alerted()),
+        alerted(),
+        seen("5.00", enabled=False),
+        "0",
+        unchanged(alerted()),
         id="turning notifications off while below does not re-arm",
     ),
     # Re-arming.
     pytest.param(
-        alerted(2), seen("100.01"), "0", rearm(2),
+        alerted(2),
+        seen("100.01"),
+        "0",
+        rearm(2),
         id="an alerted org above its threshold re-arms and keeps its breach counter",
     ),
     pytest.param(
-        alerted(), seen("150.00", enabled=False), "0", rearm(1),
+        alerted(),
+        seen("150.00", enabled=False),
+        "0",
+        rearm(1),
         id="an alerted org with notifications off still re-arms once above its threshold",
     ),
     pytest.param(
-        alerted(), seen("400.00", threshold="300.00"), "0", rearm(1),
+        alerted(),
+        seen("400.00", threshold="300.00"),
+        "0",
+        rearm(1),
         id="lowering the threshold below the balance while alerted re-arms",
     ),
     # Negative balances and thresholds.
     pytest.param(
-        armed(), seen("-20.00"), "0", breach(1),
+        armed(),
+        seen("-20.00"),
+        "0",
+        breach(1),
         id="an armed org with a negative balance below a positive threshold is alerted",
     ),
     pytest.param(
-        armed(), seen("-5.00", threshold="-10.00"), "0", unchanged(armed()),
+        armed(),
+        seen("-5.00", threshold="-10.00"),
+        "0",
+        unchanged(armed()),
         id="a negative balance above a negative threshold is not alerted",
     ),
     pytest.param(
-        armed(), seen("-10.00", threshold="-10.00"), "0", unchanged(armed()),
+        armed(),
+        seen("-10.00", threshold="-10.00"),
+        "0",
+        unchanged(armed()),
         id="a negative balance equal to a negative threshold is not alerted",
     ),
     pytest.param(
-        armed(), seen("-10.01", threshold="-10.00"), "0", breach(1),
+        armed(),
+        seen("-10.01", threshold="-10.00"),
+        "0",
+        breach(1),
         id="a negative balance below a negative threshold is alerted",
     ),
     pytest.param(
-        alerted(), seen("-9.99", threshold="-10.00"), "0", rearm(1),
+        alerted(),
+        seen("-9.99", threshold="-10.00"),
+        "0",
+        rearm(1),
         id="an alerted org rising above a negative threshold re-arms",
     ),
     pytest.param(
-        alerted(), seen("-3.00", threshold="-10.00"), "5.00", rearm(1),
+        alerted(),
+        seen("-3.00", threshold="-10.00"),
+        "5.00",
+        rearm(1),
         id="an alerted org above a negative threshold plus the margin re-arms",
     ),
     pytest.param(
-        alerted(), seen("-6.00", threshold="-10.00"), "5.00", unchanged(alerted()),
+        alerted(),
+        seen("-6.00", threshold="-10.00"),
+        "5.00",
+        unchanged(alerted()),
         id="an alerted org above a negative threshold but within the margin stays alerted",
     ),
     # A re-arm margin.
     pytest.param(
-        alerted(), seen("104.99"), "5.00", unchanged(alerted()),
+        alerted(),
+        seen("104.99"),
+        "5.00",
+        unchanged(alerted()),
         id="an alerted org above its threshold but within the margin stays alerted",
     ),
     pytest.param(
-        alerted(), seen("105.00"), "5.00", unchanged(alerted()),
+        alerted(),
+        seen("105.00"),
+        "5.00",
+        unchanged(alerted()),
         id="an alerted org exactly at threshold plus margin does not re-arm",
     ),
     pytest.param(
-        alerted(), seen("105.01"), "5.00", rearm(1),
+        alerted(),
+        seen("105.01"),
+        "5.00",
+        rearm(1),
         id="an alerted org strictly above threshold plus margin re-arms",
     ),
     pytest.param(
-        armed(), seen("99.99"), "5.00", breach(1),
+        armed(),
+        seen("99.99"),
+        "5.00",
+        breach(1),
         id="the margin does not delay alerting below the threshold",
     ),
     pytest.param(
-        armed(), seen("102.00"), "5.00", unchanged(armed()),
+        armed(),
+        seen("102.00"),
+        "5.00",
+        unchanged(armed()),
         id="an armed org inside the margin above its threshold is not alerted",
     ),
     # Organizations seen for the first time.
     pytest.param(
-        None, seen("50.00"), "0", breach(1),
+        None,
+        seen("50.00"),
+        "0",
+        breach(1),
         id="a first-seen org below its threshold with notifications on breaches at once",
     ),
     pytest.param(
-        None, seen("50.00", enabled=False), "0", unchanged(INITIAL),
+        None,
+        seen("50.00", enabled=False),
+        "0",
+        unchanged(INITIAL),
         id="a first-seen org below its threshold with notifications off starts armed",
     ),
     pytest.param(
-        None, seen("100.00"), "0", unchanged(INITIAL),
+        None,
+        seen("100.00"),
+        "0",
+        unchanged(INITIAL),
         id="a first-seen org exactly at its threshold starts armed",
     ),
     pytest.param(
-        None, seen("500.00"), "0", unchanged(INITIAL),
+        None,
+        seen("500.00"),
+        "0",
+        unchanged(INITIAL),
         id="a first-seen org above its threshold starts armed",
     ),
 ]
@@ -245,13 +332,16 @@ def test_a_decision_says_whether_the_stored_state_must_be_written(
 # covers the API's full range of 8 integer digits with 2 places, negatives included.
 NARROW_MONEY = st.integers(min_value=-300, max_value=300).map(lambda cents: D(cents).scaleb(-2))
 WIDE_MONEY = st.decimals(
-    min_value=D("-99999999.99"), max_value=D("99999999.99"), places=2,
-    allow_nan=False, allow_infinity=False,
+    min_value=D("-99999999.99"),
+    max_value=D("99999999.99"),
+    places=2,
+    allow_nan=False,
+    allow_infinity=False,
 )
 MONEY = st.one_of(NARROW_MONEY, WIDE_MONEY)
-MARGINS = st.one_of(st.just(D(0)), st.integers(min_value=0, max_value=200).map(
-    lambda cents: D(cents).scaleb(-2)
-))
+MARGINS = st.one_of(
+    st.just(D(0)), st.integers(min_value=0, max_value=200).map(lambda cents: D(cents).scaleb(-2))
+)
 OBSERVATIONS = st.builds(Observation, enabled=st.booleans(), threshold=MONEY, balance=MONEY)
 RUNS = st.lists(OBSERVATIONS, max_size=40)
 
@@ -298,8 +388,12 @@ def test_it_agrees_with_an_independent_reference_model(
     observations: list[Observation], margin: Decimal
 ) -> None:
     actual = [
-        (s.decision.state == ALERTED, s.decision.breach_count, s.decision.breached,
-         s.decision.rearmed)
+        (
+            s.decision.state == ALERTED,
+            s.decision.breach_count,
+            s.decision.breached,
+            s.decision.rearmed,
+        )
         for s in fold(observations, margin)
     ]
     assert actual == reference_model(observations, margin)

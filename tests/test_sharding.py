@@ -125,9 +125,13 @@ def test_three_overlapping_shards_handle_every_org_once_and_email_each_breach_on
 ) -> None:
     api = SimulatedApi.generate(orgs=45, seed=12, token=TOKEN)
     for org_id in api.org_ids():  # every org alertable, none below yet
-        api.update_org(org_id, notify_low_credits=True, is_send_emails_enabled=True,
-                       low_credits_threshold="1000.00",
-                       members=[{"name": "Ops", "email": f"ops@org-{org_id}.example"}])
+        api.update_org(
+            org_id,
+            notify_low_credits=True,
+            is_send_emails_enabled=True,
+            low_credits_threshold="1000.00",
+            members=[{"name": "Ops", "email": f"ops@org-{org_id}.example"}],
+        )
         api.set_balance(org_id, "5000.00")
     with SimulatorServer(api) as sim:
         env = poller_env(sim.url, database_url, smtp_server.port)
@@ -148,8 +152,9 @@ def test_three_overlapping_shards_handle_every_org_once_and_email_each_breach_on
     for shard, run in zip(shards, runs, strict=True):
         # Exit 1 is allowed: a replica may finish while another's emails are still pending.
         assert run.returncode in (0, 1), (shard, run.stderr)
-        [summaries[shard]] = [json.loads(line) for line in run.stderr.splitlines()
-                              if '"cycle.finished"' in line]
+        [summaries[shard]] = [
+            json.loads(line) for line in run.stderr.splitlines() if '"cycle.finished"' in line
+        ]
         assert summaries[shard]["orgs_failed"] == 0 and summaries[shard]["emails_failed"] == 0
     emailed = Counter(
         int(m.rcpt_tos[0].split("@org-")[1].split(".")[0]) for m in smtp_server.received
@@ -163,8 +168,9 @@ def test_three_overlapping_shards_handle_every_org_once_and_email_each_breach_on
     store = open_database(database_url)
     try:
         with store.engine.connect() as connection:
-            recorded = sorted(s for s in connection.execute(select(cycle_run.c.shard)).scalars()
-                              if s)
+            recorded = sorted(
+                s for s in connection.execute(select(cycle_run.c.shard)).scalars() if s
+            )
     finally:
         store.close()
     assert recorded == ["1/1", "1/3", "2/3", "3/3"]

@@ -404,7 +404,8 @@ def test_a_batch_writes_and_notifies_only_the_orgs_whose_loaded_state_still_hold
     # batches also hold value refreshes and orgs it sees for the first time.
     later = NOW + timedelta(minutes=5)
     changes = [
-        breach(observed(org_id), ARMED) if org_id % 2
+        breach(observed(org_id), ARMED)
+        if org_id % 2
         else StateChange(observed(org_id, balance="75.00"), ARMED, ARMED, None)
         for org_id in org_ids
     ] + [breach(observed(org_id), None) for org_id in range(5001, 5011)]
@@ -523,8 +524,10 @@ def test_a_nul_or_lone_surrogate_in_an_org_name_is_stored_as_a_replacement_chara
     store: Store, name: str
 ) -> None:
     # json.loads takes "\\udc80" from an API body; stored as is it would break every later read.
-    orgs = [ObservedOrg(1, name, True, Decimal("100.00"), Decimal("50.00")),
-            ObservedOrg(2, "Café 🚀", True, Decimal("100.00"), Decimal("50.00"))]
+    orgs = [
+        ObservedOrg(1, name, True, Decimal("100.00"), Decimal("50.00")),
+        ObservedOrg(2, "Café 🚀", True, Decimal("100.00"), Decimal("50.00")),
+    ]
     result = store.apply_changes([breach(org, None) for org in orgs], NOW)
 
     assert result.conflicts == 0
@@ -688,10 +691,15 @@ def test_a_claim_passes_over_rows_another_claim_is_taking(store: Store) -> None:
     results: list[list[int]] = []
     with store.engine.connect() as other:
         # What a claimer in the middle of its transaction holds: the first two rows, locked.
-        other.execute(text("SELECT id FROM notification WHERE id IN (:a, :b) FOR UPDATE"),
-                      {"a": ids[0], "b": ids[1]})
-        claimer = threading.Thread(target=lambda: results.append(
-            [r.id for r in store.claim_due(worker="b", now=NOW, lease_seconds=60, limit=2)]))
+        other.execute(
+            text("SELECT id FROM notification WHERE id IN (:a, :b) FOR UPDATE"),
+            {"a": ids[0], "b": ids[1]},
+        )
+        claimer = threading.Thread(
+            target=lambda: results.append(
+                [r.id for r in store.claim_due(worker="b", now=NOW, lease_seconds=60, limit=2)]
+            )
+        )
         claimer.start()
         claimer.join(timeout=10)
         other.rollback()

@@ -27,8 +27,12 @@ def json_server(close_after_each: bool) -> Iterator[tuple[str, list[dict[str, st
         protocol_version = "HTTP/1.1"
 
         def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
-            seen.append({"path": self.path,
-                         "proxy_authorization": self.headers.get("Proxy-Authorization", "")})
+            seen.append(
+                {
+                    "path": self.path,
+                    "proxy_authorization": self.headers.get("Proxy-Authorization", ""),
+                }
+            )
             body = json.dumps({"path": self.path}).encode()
             self.send_response(200)
             self.send_header("Content-Type", "application/json")
@@ -51,8 +55,9 @@ def json_server(close_after_each: bool) -> Iterator[tuple[str, list[dict[str, st
 
 
 def transport(url: str) -> HttpTransport:
-    return HttpTransport(url, pool_size=2, connect_timeout=5, read_timeout=5,
-                         user_agent="poller/test")
+    return HttpTransport(
+        url, pool_size=2, connect_timeout=5, read_timeout=5, user_agent="poller/test"
+    )
 
 
 def test_requests_go_through_the_proxy_the_environment_names_with_its_credentials(
@@ -65,16 +70,22 @@ def test_requests_go_through_the_proxy_the_environment_names_with_its_credential
         monkeypatch.setenv("HTTP_PROXY", proxy_url.replace("http://", "http://user:s3cret@"))
         http = transport(api_url)
         try:
-            response = http.request("GET", api_url + "/test_framework/billing/info/",
-                                    headers={}, params={"organization_id": 7})
+            response = http.request(
+                "GET",
+                api_url + "/test_framework/billing/info/",
+                headers={},
+                params={"organization_id": 7},
+            )
         finally:
             http.close()
     assert response.status == 200
     # A plain-http request through a proxy names the whole URL, with the proxy's credentials.
-    assert seen == [{
-        "path": "http://api.cekura.invalid:8080/test_framework/billing/info/?organization_id=7",
-        "proxy_authorization": "Basic " + base64.b64encode(b"user:s3cret").decode(),
-    }]
+    assert seen == [
+        {
+            "path": "http://api.cekura.invalid:8080/test_framework/billing/info/?organization_id=7",
+            "proxy_authorization": "Basic " + base64.b64encode(b"user:s3cret").decode(),
+        }
+    ]
 
 
 def test_no_proxy_sends_the_api_requests_directly(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -125,8 +136,10 @@ def test_what_a_server_wrote_on_an_idle_connection_is_not_taken_for_the_next_ans
                 seen.append(connection.recv(65536).split(b"\r\n", 1)[0])
                 connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
                 time.sleep(0.05)
-                connection.sendall(b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\n"
-                                   b"Content-Length: 0\r\n\r\n")
+                connection.sendall(
+                    b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\n"
+                    b"Content-Length: 0\r\n\r\n"
+                )
 
     server = threading.Thread(target=serve, daemon=True)
     server.start()

@@ -123,8 +123,15 @@ class Figures:
 class _Chaos:
     """The moving parts: poller processes, the balance mover and the killer."""
 
-    def __init__(self, env: dict[str, str], logs: Path, rng: random.Random, kill_rate: float,
-                 api: SimulatedApi, figures: Figures) -> None:
+    def __init__(
+        self,
+        env: dict[str, str],
+        logs: Path,
+        rng: random.Random,
+        kill_rate: float,
+        api: SimulatedApi,
+        figures: Figures,
+    ) -> None:
         clean = {k: v for k, v in os.environ.items() if not k.startswith("POLLER_")}
         self.env = {**clean, **env}
         self.logs = logs
@@ -143,7 +150,10 @@ class _Chaos:
             self._log_files.append(log)
         process = subprocess.Popen(  # noqa: S603 - our own command, no shell
             [sys.executable, "-m", "poller", "-q", *args],
-            env=self.env, stdout=log, stderr=subprocess.STDOUT, text=True,
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            text=True,
         )
         with self.lock:
             self._processes.append(process)
@@ -197,8 +207,15 @@ class _Chaos:
             log.close()
 
 
-def run_harness(*, processes: int, cycles: int, orgs: int, kill_rate: float,
-                database_url: str | None = None, seed: int = 0) -> Figures:
+def run_harness(
+    *,
+    processes: int,
+    cycles: int,
+    orgs: int,
+    kill_rate: float,
+    database_url: str | None = None,
+    seed: int = 0,
+) -> Figures:
     started = time.monotonic()
     rng = random.Random(seed)
     with tempfile.TemporaryDirectory(prefix="poller-harness-") as workdir:
@@ -209,8 +226,15 @@ def run_harness(*, processes: int, cycles: int, orgs: int, kill_rate: float,
         logs = Path(workdir) / "logs"
         logs.mkdir()
         with SimulatorServer(api) as sim, SmtpCapture(SlowAckHandler()) as smtp:
-            env = poller_env(sim.url, url, smtp.port, POLLER_DELIVERY_LEASE=str(LEASE_SECONDS),
-                             POLLER_INTERVAL="1", POLLER_JITTER="0", POLLER_API_RETRIES="1")
+            env = poller_env(
+                sim.url,
+                url,
+                smtp.port,
+                POLLER_DELIVERY_LEASE=str(LEASE_SECONDS),
+                POLLER_INTERVAL="1",
+                POLLER_JITTER="0",
+                POLLER_API_RETRIES="1",
+            )
             chaos = _Chaos(env, logs, rng, kill_rate, api, figures)
             try:
                 _run_phases(chaos, processes, cycles)
@@ -231,11 +255,17 @@ def _add_orgs(api: SimulatedApi, count: int, rng: random.Random) -> dict[int, se
         emails = [f"admin{n}@org{org_id}.example" for n in range(rng.randint(1, 2))]
         members = [{"name": "Admin", "email": email, "role": "admin"} for email in emails]
         # Members from other domains and roles must never receive this org's alert.
-        members.append({"name": "Viewer", "email": f"viewer@other{org_id}.example",
-                        "role": "member"})
-        api.add_org(f"Org {org_id}", org_id=org_id, credits_remaining="5000.00",
-                    notify_low_credits=True, low_credits_threshold=str(THRESHOLD),
-                    members=members)
+        members.append(
+            {"name": "Viewer", "email": f"viewer@other{org_id}.example", "role": "member"}
+        )
+        api.add_org(
+            f"Org {org_id}",
+            org_id=org_id,
+            credits_remaining="5000.00",
+            notify_low_credits=True,
+            low_credits_threshold=str(THRESHOLD),
+            members=members,
+        )
         admins[org_id] = set(emails)
     return admins
 
@@ -243,8 +273,10 @@ def _add_orgs(api: SimulatedApi, count: int, rng: random.Random) -> dict[int, se
 def _run_phases(chaos: _Chaos, processes: int, cycles: int) -> None:
     # The first cycle alone: every org is recorded armed before the chaos starts.
     chaos.start("once").wait()
-    workers = [threading.Thread(target=chaos.cron_loop, args=(cycles,))
-               for _ in range(max(1, processes - 1))]
+    workers = [
+        threading.Thread(target=chaos.cron_loop, args=(cycles,))
+        for _ in range(max(1, processes - 1))
+    ]
     background = [threading.Thread(target=chaos.move_balances)]
     if processes > 1:
         background.append(threading.Thread(target=chaos.daemon_loop))
@@ -263,16 +295,20 @@ def _run_phases(chaos: _Chaos, processes: int, cycles: int) -> None:
             break
 
 
-def _check(figures: Figures, api: SimulatedApi, admins: dict[int, set[str]], url: str,
-           received: list) -> None:
+def _check(
+    figures: Figures, api: SimulatedApi, admins: dict[int, set[str]], url: str, received: list
+) -> None:
     violations = figures.violations
     history: dict[int, list[Decimal]] = {}
     for _at, org_id, balance in api.balance_history():
         history.setdefault(org_id, []).append(balance)
     figures.balance_changes = sum(len(values) - 1 for values in history.values())
     happened = {
-        org_id: sum(1 for before, after in zip(values, values[1:], strict=False)
-                    if before >= THRESHOLD > after)
+        org_id: sum(
+            1
+            for before, after in zip(values, values[1:], strict=False)
+            if before >= THRESHOLD > after
+        )
         for org_id, values in history.items()
     }
     figures.breaches_happened = sum(happened.values())
@@ -292,19 +328,26 @@ def _check(figures: Figures, api: SimulatedApi, admins: dict[int, set[str]], url
     for org_id, stored in states.items():
         numbers = sorted(row.breach_number for row in by_org.get(org_id, []))
         if numbers != list(range(1, stored.stored.breach_count + 1)):
-            violations.append(f"org {org_id}: breach counter {stored.stored.breach_count} "
-                              f"but notifications for breaches {numbers}")
+            violations.append(
+                f"org {org_id}: breach counter {stored.stored.breach_count} "
+                f"but notifications for breaches {numbers}"
+            )
         if len(numbers) > happened.get(org_id, 0):
-            violations.append(f"org {org_id}: {len(numbers)} breaches recorded, "
-                              f"only {happened.get(org_id, 0)} happened")
+            violations.append(
+                f"org {org_id}: {len(numbers)} breaches recorded, "
+                f"only {happened.get(org_id, 0)} happened"
+            )
         final = history[org_id][-1]
         if (final < THRESHOLD) != (stored.stored.state.value == "alerted"):
-            violations.append(f"org {org_id}: final balance {final} but state "
-                              f"{stored.stored.state.value}")
+            violations.append(
+                f"org {org_id}: final balance {final} but state {stored.stored.state.value}"
+            )
     for row in rows:
         if not (row.balance < THRESHOLD and row.balance in history.get(row.org_id, [])):
-            violations.append(f"org {row.org_id} breach {row.breach_number}: recorded at "
-                              f"{row.balance}, not a balance below the threshold it had")
+            violations.append(
+                f"org {row.org_id} breach {row.breach_number}: recorded at "
+                f"{row.balance}, not a balance below the threshold it had"
+            )
         if set(row.recipients) - admins[row.org_id]:
             violations.append(f"org {row.org_id}: recipients {row.recipients} are not its admins")
 
@@ -315,9 +358,11 @@ def _check(figures: Figures, api: SimulatedApi, admins: dict[int, set[str]], url
     unsent = [row for row in rows if row.status != "sent" or row.message_id not in copies]
     figures.lost = len(unsent)
     for row in unsent:
-        violations.append(f"org {row.org_id} breach {row.breach_number} never delivered "
-                          f"({row.status}, next attempt {row.next_attempt_at:%H:%M:%S}, "
-                          f"last error: {row.last_error})")
+        violations.append(
+            f"org {row.org_id} breach {row.breach_number} never delivered "
+            f"({row.status}, next attempt {row.next_attempt_at:%H:%M:%S}, "
+            f"last error: {row.last_error})"
+        )
     phantom = set(copies) - set(sent)
     if phantom:
         violations.append(f"emails no sent notification accounts for: {sorted(phantom)}")
@@ -332,13 +377,17 @@ def _check(figures: Figures, api: SimulatedApi, admins: dict[int, set[str]], url
     for message in received:
         match = _MESSAGE_ID.match(message.message["Message-ID"] or "")
         if match is None or set(message.rcpt_tos) - admins.get(int(match.group(1)), set()):
-            violations.append(f"email {message.message['Message-ID']} went to "
-                              f"{message.rcpt_tos}, not only to its org's admins")
+            violations.append(
+                f"email {message.message['Message-ID']} went to "
+                f"{message.rcpt_tos}, not only to its org's admins"
+            )
     # A process dies once, with at most one message in the server's hands: a duplicate needs
     # a death (or a send that outlasted the whole lease, which logs email.lease_lost).
     if figures.duplicates > figures.kills_once + figures.kills_daemon + figures.leases_lost:
-        violations.append(f"{figures.duplicates} duplicates but only "
-                          f"{figures.kills_once + figures.kills_daemon} processes died")
+        violations.append(
+            f"{figures.duplicates} duplicates but only "
+            f"{figures.kills_once + figures.kills_daemon} processes died"
+        )
     if figures.tracebacks:
         violations.append(f"{figures.tracebacks} tracebacks in the pollers' output")
 
@@ -350,8 +399,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--orgs", type=int, default=60)
     parser.add_argument("--kill-rate", type=float, default=0.3)
     parser.add_argument("--database-url", help="default: a fresh SQLite file")
-    parser.add_argument("--postgres", action="store_true",
-                        help="a fresh database on the server of POLLER_TEST_DATABASE_URL")
+    parser.add_argument(
+        "--postgres",
+        action="store_true",
+        help="a fresh database on the server of POLLER_TEST_DATABASE_URL",
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     # SIGTERM unwinds like Ctrl-C, so the poller processes started here are stopped too.
@@ -359,9 +411,14 @@ def main(argv: list[str] | None = None) -> int:
     fresh = fresh_postgres_database() if args.postgres else None
     database_url = next(fresh) if fresh is not None else args.database_url
     try:
-        figures = run_harness(processes=args.processes, cycles=args.cycles, orgs=args.orgs,
-                              kill_rate=args.kill_rate, database_url=database_url,
-                              seed=args.seed)
+        figures = run_harness(
+            processes=args.processes,
+            cycles=args.cycles,
+            orgs=args.orgs,
+            kill_rate=args.kill_rate,
+            database_url=database_url,
+            seed=args.seed,
+        )
     finally:
         if fresh is not None:
             fresh.close()  # drops the database

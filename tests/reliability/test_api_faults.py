@@ -9,14 +9,26 @@ from decimal import Decimal
 from poller.simulator import Fault
 from tests.reliability.world import ProcessWorld, add_orgs, assert_one_clear_line
 
-HEALTHY, TIMEOUT, RESET, E500, E502, E503, THROTTLED, TRUNCATED, BAD_THRESHOLD, NULL_BALANCE, \
-    VANISHED = range(1, 12)
+(
+    HEALTHY,
+    TIMEOUT,
+    RESET,
+    E500,
+    E502,
+    E503,
+    THROTTLED,
+    TRUNCATED,
+    BAD_THRESHOLD,
+    NULL_BALANCE,
+    VANISHED,
+) = range(1, 12)
 RECOVERING = {HEALTHY, E500, E502, E503, THROTTLED}
 UNREADABLE = {TIMEOUT, RESET, TRUNCATED, BAD_THRESHOLD, NULL_BALANCE}
 
 
-def test_each_org_failure_is_isolated_and_an_unread_org_keeps_its_state(world: ProcessWorld,
-                                                                        smtp_server) -> None:
+def test_each_org_failure_is_isolated_and_an_unread_org_keeps_its_state(
+    world: ProcessWorld, smtp_server
+) -> None:
     api = world.api
     add_orgs(api, range(1, 12))
     assert world.poller("once").status == 0
@@ -26,8 +38,7 @@ def test_each_org_failure_is_isolated_and_an_unread_org_keeps_its_state(world: P
     api.add_fault(Fault("status", status=500, org_id=E500, endpoint="billing", times=1))
     api.add_fault(Fault("status", status=502, org_id=E502, endpoint="billing", times=1))
     api.add_fault(Fault("status", status=503, org_id=E503, endpoint="billing", times=1))
-    api.add_fault(Fault("rate_limit", retry_after=1, org_id=THROTTLED, endpoint="billing",
-                        times=1))
+    api.add_fault(Fault("rate_limit", retry_after=1, org_id=THROTTLED, endpoint="billing", times=1))
     # Lasting faults: every attempt fails, so the org is an error of its own.
     api.add_fault(Fault("latency", seconds=2.5, org_id=TIMEOUT, endpoint="billing"))
     api.add_fault(Fault("drop", org_id=RESET, endpoint="billing"))
@@ -49,7 +60,7 @@ def test_each_org_failure_is_isolated_and_an_unread_org_keeps_its_state(world: P
     assert alerted == sorted(f"admin@org{org_id}.example" for org_id in RECOVERING)
     failed = [line for line in run.stderr.splitlines() if '"org.read_failed"' in line]
     assert {int(line.split('"org_id": ')[1].split(",")[0]) for line in failed} == UNREADABLE
-    assert 'low_credits_threshold: \'abc\' is not a decimal number' in run.stderr
+    assert "low_credits_threshold: 'abc' is not a decimal number" in run.stderr
     assert "credits_remaining: null is not a decimal number" in run.stderr
     world.assert_states_and_notifications_agree()
 
@@ -61,8 +72,9 @@ def test_each_org_failure_is_isolated_and_an_unread_org_keeps_its_state(world: P
     assert world.states()[BAD_THRESHOLD] == ("alerted", 1)
 
 
-def test_a_429_storm_is_waited_out_as_retry_after_asks(sqlite_world: ProcessWorld,
-                                                        smtp_server) -> None:
+def test_a_429_storm_is_waited_out_as_retry_after_asks(
+    sqlite_world: ProcessWorld, smtp_server
+) -> None:
     add_orgs(sqlite_world.api, range(1, 4), balance="10")
     # Four 429s for the billing requests of two organizations read in parallel: each needs
     # two waits of Retry-After before the API lets it through.

@@ -104,8 +104,11 @@ def test_postgres_connections_killed_mid_cycle_lose_nothing_and_double_only_unre
     api = SimulatedApi(token=TOKEN)
     add_orgs(api, range(1, 7))
     database = make_url(postgres_url).database
-    admin = create_engine(make_url(postgres_url).set(database="postgres"), poolclass=NullPool,
-                          isolation_level="AUTOCOMMIT")
+    admin = create_engine(
+        make_url(postgres_url).set(database="postgres"),
+        poolclass=NullPool,
+        isolation_level="AUTOCOMMIT",
+    )
     # Only the backends of this test's own database: the server is shared.
     kill = (
         select(func.pg_terminate_backend(text("pid")))
@@ -113,8 +116,7 @@ def test_postgres_connections_killed_mid_cycle_lose_nothing_and_double_only_unre
         .where(text("datname = :db AND pid <> pg_backend_pid()"))
     )
     with SimulatorServer(api) as sim:
-        world = ProcessWorld(api, postgres_url,
-                             poller_env(sim.url, postgres_url, smtp_server.port))
+        world = ProcessWorld(api, postgres_url, poller_env(sim.url, postgres_url, smtp_server.port))
         assert world.poller("once").status == 0
         world.close()
         for org_id in api.org_ids():

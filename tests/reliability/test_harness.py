@@ -8,8 +8,9 @@ from tests.reliability.harness import run_harness
 def test_under_concurrent_pollers_and_random_kills_no_recorded_breach_is_lost(
     database_url: str,
 ) -> None:
-    figures = run_harness(processes=2, cycles=3, orgs=10, kill_rate=0.5,
-                          database_url=database_url, seed=4)
+    figures = run_harness(
+        processes=2, cycles=3, orgs=10, kill_rate=0.5, database_url=database_url, seed=4
+    )
     print(figures.report())
     assert figures.violations == []
     assert figures.lost == 0

@@ -41,9 +41,13 @@ def test_no_secret_appears_in_the_output_of_any_failing_run(
     outputs: list[str] = []
     with SimulatorServer(api) as sim:
         env = poller_env(
-            sim.url, database_url, smtp_server.port,
-            POLLER_API_TOKEN=TOKEN_SECRET, POLLER_API_KEYS=",".join(KEY_SECRETS),
-            POLLER_SMTP_USERNAME=TEST_LOGIN, POLLER_SMTP_PASSWORD=SMTP_SECRET,  # rejected
+            sim.url,
+            database_url,
+            smtp_server.port,
+            POLLER_API_TOKEN=TOKEN_SECRET,
+            POLLER_API_KEYS=",".join(KEY_SECRETS),
+            POLLER_SMTP_USERNAME=TEST_LOGIN,
+            POLLER_SMTP_PASSWORD=SMTP_SECRET,  # rejected
             POLLER_LOG_FORMAT="console",
         )
         world = ProcessWorld(api, database_url, env)
@@ -56,8 +60,13 @@ def test_no_secret_appears_in_the_output_of_any_failing_run(
             world.poller("-v", "status", "--json"),
             world.poller("-v", "configure", "--org", "1", "--threshold", "abc"),
             world.poller("-v", "once", POLLER_API_TOKEN="tok-SECRET-wrong-00000"),
-            world.poller("-v", "once", POLLER_DATABASE_URL=(
-                f"postgresql://poller:{DB_SECRET}@127.0.0.1:{free_port()}/poller")),
+            world.poller(
+                "-v",
+                "once",
+                POLLER_DATABASE_URL=(
+                    f"postgresql://poller:{DB_SECRET}@127.0.0.1:{free_port()}/poller"
+                ),
+            ),
         ]
         daemon = world.start("-v", "run", POLLER_INTERVAL="1", POLLER_JITTER="0")
         time.sleep(2.5)
@@ -76,8 +85,9 @@ def test_a_config_file_with_secrets_readable_by_others_gets_a_warning_from_the_c
     tmp_path: Path,
 ) -> None:
     config = tmp_path / "poller.toml"
-    config.write_text(f'api_token = "{TOKEN_SECRET}"\n'
-                      f'database_url = "sqlite:///{tmp_path / "p.db"}"\n')
+    config.write_text(
+        f'api_token = "{TOKEN_SECRET}"\ndatabase_url = "sqlite:///{tmp_path / "p.db"}"\n'
+    )
     os.chmod(config, 0o644)
     done = run_poller({}, "--config", str(config), "status")
     run = Run(done.returncode, done.stdout, done.stderr, 0.0)

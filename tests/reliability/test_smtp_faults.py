@@ -58,10 +58,13 @@ def test_a_permanent_refusal_fails_that_email_only_and_a_partial_refusal_deliver
     world = sqlite_world
     all_refused, one_refused = 1, 2
     add_orgs(world.api, [all_refused, one_refused])
-    world.api.update_org(one_refused, members=[
-        {"name": "Gone", "email": "gone@org2.example", "role": "admin"},
-        {"name": "Here", "email": "here@org2.example", "role": "admin"},
-    ])
+    world.api.update_org(
+        one_refused,
+        members=[
+            {"name": "Gone", "email": "gone@org2.example", "role": "admin"},
+            {"name": "Here", "email": "here@org2.example", "role": "admin"},
+        ],
+    )
     assert world.poller("once").status == 0
     smtp_server.reject_recipient("admin@org1.example", "550 5.1.1 no such user")
     smtp_server.reject_recipient("gone@org2.example", "550 5.1.1 no such user")

@@ -34,8 +34,12 @@ def https_world(
     "attempt_to_disable",
     [
         {},
-        {"REQUESTS_CA_BUNDLE": "", "CURL_CA_BUNDLE": "", "POLLER_ALLOW_INSECURE_HTTP": "true",
-         "PYTHONHTTPSVERIFY": "0"},
+        {
+            "REQUESTS_CA_BUNDLE": "",
+            "CURL_CA_BUNDLE": "",
+            "POLLER_ALLOW_INSECURE_HTTP": "true",
+            "PYTHONHTTPSVERIFY": "0",
+        },
     ],
     ids=["default", "empty_ca_bundles_and_insecure_switches"],
 )
@@ -98,8 +102,11 @@ def test_smtp_credentials_are_not_sent_without_tls_unless_security_is_none(
 def test_the_api_credential_is_never_sent_over_plain_http_to_another_host(
     tmp_path: Path,
 ) -> None:
-    world = ProcessWorld(SimulatedApi(), f"sqlite:///{tmp_path / 'p.db'}",
-                         poller_env("http://api.cekura.example", f"sqlite:///{tmp_path}/p.db", 25))
+    world = ProcessWorld(
+        SimulatedApi(),
+        f"sqlite:///{tmp_path / 'p.db'}",
+        poller_env("http://api.cekura.example", f"sqlite:///{tmp_path}/p.db", 25),
+    )
     run = world.poller("once")
     assert run.status == 2
     assert_one_clear_line(run)

@@ -24,12 +24,18 @@ def add_orgs(api: SimulatedApi, ids: range | list[int], *, balance: str = "5000.
     """Enabled organizations with one admin each (and a member from another domain)."""
     for org_id in ids:
         api.add_org(
-            f"Org {org_id}", org_id=org_id, credits_remaining=balance,
-            notify_low_credits=True, low_credits_threshold=THRESHOLD,
+            f"Org {org_id}",
+            org_id=org_id,
+            credits_remaining=balance,
+            notify_low_credits=True,
+            low_credits_threshold=THRESHOLD,
             members=[
                 {"name": "Admin", "email": f"admin@org{org_id}.example", "role": "admin"},
-                {"name": "Outsider", "email": f"viewer@elsewhere{org_id}.example",
-                 "role": "member"},
+                {
+                    "name": "Outsider",
+                    "email": f"viewer@elsewhere{org_id}.example",
+                    "role": "member",
+                },
             ],
         )
 
@@ -91,7 +97,9 @@ class ProcessWorld:
         return subprocess.Popen(  # noqa: S603 - our own command, no shell
             [sys.executable, "-m", "poller", *args],
             env={**clean, **self.env, **extra_env},
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
         )
 
     def states(self) -> dict[int, tuple[str, int]]:
