@@ -461,6 +461,9 @@ class SimulatedApi:
         # Test-only raw values served in place of validated ones (see corrupt_organization).
         self._raw_org_fields: dict[int, dict[str, Any]] = {}
         self._raw_billing_fields: dict[int, dict[str, Any]] = {}
+        # Test-only whole bodies served verbatim (see serve_raw_organization).
+        self._raw_org_bodies: dict[int, bytes] = {}
+        self._raw_billing_bodies: dict[int, bytes] = {}
         self._request_counts: Counter[str] = Counter()
         self._next_member_id = 1
         self._subscriptions = _subscription_variants(self._clock())
@@ -634,16 +637,34 @@ class SimulatedApi:
             self._record(org_id).billing_json = None
             self._raw_billing_fields.setdefault(org_id, {})[field] = raw_value
 
+    def serve_raw_organization(self, org_id: int, body: bytes) -> None:
+        """Test-only: serve ``body``, exactly these bytes, as the organization's whole
+        Organization JSON (its element of the listings, and its retrieve answer) until
+        clear_corruption(): any JSON value, any shape, ids included. The caller makes it one
+        JSON value, or every listing page that holds it stops being JSON."""
+        with self._lock:
+            self._record(org_id).org_json = None
+            self._raw_org_bodies[org_id] = bytes(body)
+
+    def serve_raw_billing(self, org_id: int, body: bytes) -> None:
+        """Test-only: serve ``body``, exactly these bytes, as the organization's BillingInfo
+        answer until clear_corruption()."""
+        with self._lock:
+            self._record(org_id).billing_json = None
+            self._raw_billing_bodies[org_id] = bytes(body)
+
     def clear_corruption(self) -> None:
         with self._lock:
-            for org_id in self._raw_org_fields:
+            for org_id in (*self._raw_org_fields, *self._raw_org_bodies):
                 if record := self._orgs.get(org_id):
                     record.org_json = None
-            for org_id in self._raw_billing_fields:
+            for org_id in (*self._raw_billing_fields, *self._raw_billing_bodies):
                 if record := self._orgs.get(org_id):
                     record.billing_json = None
             self._raw_org_fields.clear()
             self._raw_billing_fields.clear()
+            self._raw_org_bodies.clear()
+            self._raw_billing_bodies.clear()
 
     def add_fault(self, fault: Fault) -> None:
         with self._lock:
@@ -778,6 +799,8 @@ class SimulatedApi:
         return record.billing_json
 
     def _build_billing_json(self, record: _OrgRecord) -> bytes:
+        if (served := self._raw_billing_bodies.get(record.id)) is not None:
+            return served
         body = (
             _BILLING_TEMPLATE
             % (
@@ -798,7 +821,8 @@ class SimulatedApi:
 
     def _org_json(self, record: _OrgRecord) -> bytes:
         if record.org_json is None:
-            record.org_json = _dumps(self._payload(record))
+            served = self._raw_org_bodies.get(record.id)
+            record.org_json = _dumps(self._payload(record)) if served is None else served
         return record.org_json
 
     def _payload(self, record: _OrgRecord) -> dict[str, Any]:
