@@ -45,6 +45,7 @@ from poller.parsing import (
     ParseError,
     is_id,
     loads_billing,
+    loads_json,
     loads_page,
     parse_billing,
     parse_organization,
@@ -742,7 +743,7 @@ class CekuraClient:
         org_id: int | None = None,
         params: dict[str, object] | None = None,
         body: str | None = None,
-        decode: Callable[[bytes], object] = json.loads,
+        decode: Callable[[bytes], object] = loads_json,
         max_body: int,
     ) -> object:
         """``decode`` of a 2xx answer's body; retries transient failures (invalid JSON among

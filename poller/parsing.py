@@ -142,11 +142,74 @@ def loads_billing(content: bytes) -> object:
     return _loads(_BILLING, content)
 
 
+def loads_json(content: bytes) -> object:
+    """Any other body (an organization, the v1 listing): the JSON value; ValueError if none.
+
+    Never RecursionError: one value nested deeper than a parser follows must not make every
+    other organization in the body unreadable, so it alone is replaced and fails its checks.
+    """
+    try:
+        return json.loads(content, parse_int=_bounded_int)
+    except RecursionError:
+        # Nothing is nested deeper than MAX_NESTING once it is cut off.
+        return json.loads(without_deep_nesting(content), parse_int=_bounded_int)
+
+
 def _loads(decoder: msgspec.json.Decoder, content: bytes) -> object:
     try:
         return decoder.decode(content)
     except msgspec.DecodeError:  # also ValidationError: the body does not fit the struct
-        return json.loads(content)
+        return loads_json(content)
+    except RecursionError:
+        return loads_json(content)
+
+
+# Integers longer than this are read as infinity (as JSON parsers read 1e400), which every
+# field check refuses: int() of more than 4,300 digits raises, failing the whole body.
+_MAX_INT_DIGITS = 100
+
+
+def _bounded_int(text: str) -> int | float:
+    if len(text) <= _MAX_INT_DIGITS:
+        return int(text)
+    return float("-inf") if text.startswith("-") else float("inf")
+
+
+# A record is a handful of levels deep. A body's value that opens at this depth (an entry of a
+# page's results, a field of an object) and nests deeper than MAX_NESTING is replaced whole.
+MAX_NESTING = 64
+_REPLACED_AT_DEPTH = 3
+_TOO_DEEP = b'"(nested too deeply)"'
+_STRUCTURE = re.compile(rb'["\[\]{}]')
+_STRING_REST = re.compile(rb'[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
+
+
+def without_deep_nesting(content: bytes) -> bytes:
+    """The JSON text with each value nested deeper than ``MAX_NESTING`` cut off where it
+    opened at depth 3, without recursion (the parsers recurse and give up at about 1,000)."""
+    pieces: list[bytes] = []
+    depth = kept = opened = 0
+    too_deep = False
+    position = 0
+    while match := _STRUCTURE.search(content, position):
+        char, position = match.group(), match.end()
+        if char == b'"':
+            rest = _STRING_REST.match(content, position)
+            if rest is None:
+                break  # an unterminated string: the parser says so
+            position = rest.end()
+        elif char in b"[{":
+            depth += 1
+            if depth == _REPLACED_AT_DEPTH:
+                opened, too_deep = match.start(), False
+            too_deep = too_deep or depth > MAX_NESTING
+        else:
+            if depth == _REPLACED_AT_DEPTH and too_deep:
+                pieces += [content[kept:opened], _TOO_DEEP]
+                kept = position
+            depth -= 1
+    pieces.append(content[kept:])
+    return b"".join(pieces)
 
 
 # --- records --------------------------------------------------------------------------------

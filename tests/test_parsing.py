@@ -11,14 +11,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from poller.parsing import (
+    MAX_NESTING,
     BillingBody,
     PageBody,
     ParseError,
     loads_billing,
+    loads_json,
     loads_page,
     parse_billing,
     parse_decimal,
     parse_organization,
+    without_deep_nesting,
 )
 from poller.records import DEFAULT_THRESHOLD, Billing, Member, Organization
 
@@ -492,3 +495,55 @@ def test_invalid_json_is_still_a_value_error_so_the_client_retries_it() -> None:
         loads_billing(b'{"organization": 1, "credits_remai')
     with pytest.raises(ValueError):
         loads_page(b"")
+
+
+DEEP = b"[" * 5000 + b"]" * 5000
+
+
+@pytest.mark.parametrize("loads", [loads_page, loads_json])
+def test_an_entry_nested_past_the_parsers_limit_costs_only_that_entry(loads) -> None:
+    good = b'{"id": 2, "name": "Globex", "notify_low_credits": true}'
+    hostile = b'{"id": 1, "name": "a \\"[{ string", "members": ' + DEEP + b"}"
+    page = loads(b'{"count": 3, "results": [' + DEEP + b", " + hostile + b", " + good + b"]}")
+    results = page.results if isinstance(page, PageBody) else page["results"]
+    assert len(results) == 3
+    for entry in results[:2]:
+        with pytest.raises(ParseError):
+            parse_organization(entry)
+    assert parse_organization(results[2]).name == "Globex"
+
+
+@pytest.mark.parametrize("loads", [loads_page, loads_json, loads_billing])
+def test_an_integer_too_long_for_python_costs_only_its_field(loads) -> None:
+    body = b'{"results": [' + b"9" * 5000 + b'], "organization": -' + b"9" * 5000 + b"}"
+    data = loads(body)
+    assert data == {"results": [float("inf")], "organization": float("-inf")}
+    with pytest.raises(ParseError):
+        parse_organization(data["results"][0])
+
+
+def test_a_body_nested_too_deeply_at_its_top_is_cut_off_and_refused_by_the_checks() -> None:
+    data = loads_json(DEEP)
+    assert data == [["(nested too deeply)"]]
+    with pytest.raises(ParseError):
+        parse_billing(data)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.recursive(
+        st.none() | st.text() | st.integers(),
+        lambda inner: (
+            st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3)
+        ),
+        max_leaves=30,
+    )
+)
+def test_a_body_within_the_nesting_limit_is_left_exactly_as_it_was(data: object) -> None:
+    for ensure_ascii in (True, False):
+        text = json.dumps({"results": [data]}, ensure_ascii=ensure_ascii).encode()
+        assert without_deep_nesting(text) == text
+
+
+def test_the_nesting_limit_is_far_above_what_a_record_needs_and_below_the_parsers() -> None:
+    assert 10 < MAX_NESTING < 500
