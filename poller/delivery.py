@@ -160,6 +160,15 @@ class Deliverer:
                 try:
                     self._send_row(row, transport, report)
                 except DeliveryError as exc:
+                    if exc.maybe_delivered:
+                        # The one duplicate no lease can prevent: the server may have this
+                        # message; its retry carries the same Message-ID.
+                        log.warning(
+                            "email.maybe_delivered",
+                            org_id=row.org_id,
+                            breach=row.breach_number,
+                            message_id=self._message_id(row),
+                        )
                     # Not about this message's recipients (server down, login, sender refused,
                     # 4xx to MAIL or DATA): the rest of the batch would meet it too, so put
                     # them all back for later instead of timing out on each.

@@ -471,10 +471,14 @@ class DeliveryError(Exception):
         permanent: bool,
         smtp_code: int | None = None,
         refused: dict[str, tuple[int, bytes]] | None = None,
+        maybe_delivered: bool = False,
     ) -> None:
         super().__init__(message)
         self.permanent = permanent
         self.smtp_code = smtp_code
+        # The connection failed before the server's answer to the message arrived: it may have
+        # the message already, so the retry may be a duplicate (with the same Message-ID).
+        self.maybe_delivered = maybe_delivered
         # Each recipient's answer when the server refused every recipient; empty when the
         # failure is not about the recipients (connection, login, sender, the message itself).
         self.refused = refused or {}
@@ -624,6 +628,7 @@ class SmtpTransport:
                 f"SMTP server {self._address} closed the connection ({error}); "
                 "the message may or may not have been delivered",
                 permanent=False,
+                maybe_delivered=True,
             ) from error
         except smtplib.SMTPException as error:
             self._discard()
@@ -739,12 +744,23 @@ class SmtpTransport:
             f"SMTP server {self._address} did not answer within {self._timeout:g}s; "
             "the message may or may not have been delivered",
             permanent=False,
+            maybe_delivered=True,
         )
 
     def _error(
-        self, message: str, *, permanent: bool, smtp_code: int | None = None
+        self,
+        message: str,
+        *,
+        permanent: bool,
+        smtp_code: int | None = None,
+        maybe_delivered: bool = False,
     ) -> DeliveryError:
-        return DeliveryError(self._redacted(message), permanent=permanent, smtp_code=smtp_code)
+        return DeliveryError(
+            self._redacted(message),
+            permanent=permanent,
+            smtp_code=smtp_code,
+            maybe_delivered=maybe_delivered,
+        )
 
     def _redacted(self, text: str) -> str:
         # Servers are not supposed to echo credentials back, but an error message is logged.

@@ -36,6 +36,10 @@ def test_temporary_smtp_faults_keep_each_email_pending_until_the_server_is_back(
         assert run.status == 1, fault
         assert "Traceback" not in run.output, fault
         assert run.events().count("email.retry") == 1, fault
+        # A connection lost before the server answered the message: it may have it, and the
+        # retry may be a duplicate, which is said (the harness counts these).
+        ambiguous = fault in ("connection dropped mid-DATA", "server slower than the timeout")
+        assert run.events().count("email.maybe_delivered") == ambiguous, fault
         # Bounded: one refused connection or one timed-out wait, never a hang.
         assert run.seconds < SMTP_TIMEOUT + 3, fault
         row = next(r for r in world.notifications() if r.org_id == org_id)
