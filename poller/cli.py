@@ -274,9 +274,9 @@ def check(settings: Settings, org_id: int, dry_run: bool, as_json: bool) -> None
         [(snap.id, snap.balance, snap.threshold, report.started_at)],
     )[snap.id]
     if as_json:
-        echo_json(_plan_json(plan, dry_run, email) | _outlook_json(outlook))
+        echo_json(_plan_json(plan, report, dry_run, email) | _outlook_json(outlook))
     else:
-        _print_plan(plan, dry_run, email, outlook)
+        _print_plan(plan, report, dry_run, email, outlook)
     sys.exit(EXIT_OK if report.ok else EXIT_INCOMPLETE)
 
 
@@ -304,7 +304,9 @@ def _email_preview(plan: OrgPlan, settings: Settings) -> dict[str, Any] | None:
     }
 
 
-def _plan_json(plan: OrgPlan, dry_run: bool, email: dict[str, Any] | None) -> dict[str, Any]:
+def _plan_json(
+    plan: OrgPlan, report: CycleReport, dry_run: bool, email: dict[str, Any] | None
+) -> dict[str, Any]:
     snap = plan.snapshot
     return {
         "org_id": snap.id,
@@ -315,14 +317,18 @@ def _plan_json(plan: OrgPlan, dry_run: bool, email: dict[str, Any] | None) -> di
         "state_before": plan.before.state.value if plan.before else None,
         "state": plan.decision.state.value,
         "breach_count": plan.decision.breach_count,
-        "action": plan.action,
+        "action": report.action(plan),
         "dry_run": dry_run,
         "email": email,
     }
 
 
 def _print_plan(
-    plan: OrgPlan, dry_run: bool, email: dict[str, Any] | None, outlook: Outlook
+    plan: OrgPlan,
+    report: CycleReport,
+    dry_run: bool,
+    email: dict[str, Any] | None,
+    outlook: Outlook,
 ) -> None:
     snap = plan.snapshot
     before = plan.before.state.value if plan.before else "new"
@@ -333,7 +339,7 @@ def _print_plan(
         ("alerts enabled", "yes" if snap.enabled else "no"),
         ("state", f"{before} -> {plan.decision.state.value}"),
         ("breaches so far", str(plan.decision.breach_count)),
-        ("action", ("would be: " if dry_run else "") + plan.action),
+        ("action", ("would be: " if dry_run else "") + report.action(plan)),
         ("burn rate", _rate_text(outlook)),
         ("runs out", _runs_out_text(outlook)),
     ]

@@ -104,6 +104,13 @@ class CycleReport:
         """Whether this process made the plan's state change (not a poller that won a race)."""
         return self.applied is None or plan.snapshot.id in self.applied
 
+    def action(self, plan: OrgPlan) -> str:
+        """What this cycle did for the organization, for people (``plan.action`` is the plan)."""
+        if plan.change is not None and not self.wrote(plan):
+            # Another poller wrote this change first: it, not this run, alerted or re-armed.
+            return "no change (another poller recorded it first)"
+        return plan.action
+
     @property
     def breaches(self) -> int:
         return sum(1 for plan in self.plans if plan.notification is not None and self.wrote(plan))

@@ -57,6 +57,10 @@ def test_the_poller_that_lost_the_race_neither_logs_nor_counts_the_change(
     [finished] = [e for e in logs if e["event"] == "cycle.finished"]
     assert (finished["breaches"], finished["rearmed"], finished["conflicts"]) == (0, 0, 2)
     assert (report.breaches, report.rearmed) == (0, 0)
+    # What `poller check` prints for each: this run did nothing to them.
+    assert {report.action(p) for p in report.plans if p.snapshot.id in (ACME, INITECH)} == {
+        "no change (another poller recorded it first)"
+    }
     # Poller A did both, once.
     assert (world.state(ACME), world.state(INITECH)) == (("alerted", 1), ("armed", 1))
     assert len([m for m in smtp_server.received if "dana@acme.example" in m.rcpt_tos]) == 1
@@ -76,3 +80,7 @@ def test_the_poller_that_won_logs_and_counts_it(world: World) -> None:
         "org.rearmed",
     ]
     assert (report.breaches, report.rearmed, report.conflicts) == (1, 1, 0)
+    assert {report.action(p) for p in report.plans if p.snapshot.id in (ACME, INITECH)} == {
+        "alerted",
+        "re-armed",
+    }
