@@ -38,6 +38,7 @@ from urllib.parse import urljoin, urlsplit
 import structlog
 
 from poller import __version__
+from poller.cancellation import on_cancel
 from poller.config import ConfigError, Secret, Settings
 from poller.parsing import (
     OrganizationBody,
@@ -82,8 +83,6 @@ LIST_V1_MAX_BYTES = 256 * 1024 * 1024
 # page announced, as organizations may be added meanwhile): organizations that move across a
 # page boundary while it is read shift the pages a little, a listing that never ends does not.
 LIST_SLACK_PAGES = 2
-# How often a fetch looks whether it was asked to stop, to break the requests in flight.
-CANCEL_POLL_SECONDS = 0.2
 DEFAULT_BACKOFF_BASE = 0.5
 _DETAIL_LIMIT = 300
 _KEYS_SETTING = "POLLER_API_KEYS"
@@ -310,31 +309,9 @@ class CekuraClient:
         broken off): what was not read then comes back as errors, or the listing fails.
         """
         counter = _RequestCounter(self._on_progress, cancel=cancel, timeout=self._cycle_timeout)
-        with self._aborted_on(cancel):
+        # A thread blocked reading an answer can be reached no other way.
+        with on_cancel(cancel, self._http.abort):
             return self._fetch_snapshots(only_org, counter)
-
-    @contextmanager
-    def _aborted_on(self, cancel: threading.Event | None) -> Iterator[None]:
-        """While the block runs, a set ``cancel`` breaks the connections of requests in flight
-        (a thread blocked reading an answer can be reached no other way)."""
-        if cancel is None:
-            yield
-            return
-        done = threading.Event()
-
-        def watch() -> None:
-            while not cancel.wait(CANCEL_POLL_SECONDS):
-                if done.is_set():
-                    return
-            if not done.is_set():
-                self._http.abort()
-
-        watcher = threading.Thread(target=watch, name="cekura-cancel", daemon=True)
-        watcher.start()
-        try:
-            yield
-        finally:
-            done.set()
 
     def _fetch_snapshots(self, only_org: int | None, counter: _RequestCounter) -> FetchResult:
         snapshots: dict[int, OrgSnapshot] = {}

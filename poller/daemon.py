@@ -2,9 +2,9 @@
 
 Stopping: the first SIGTERM/SIGINT stops scheduling and asks the running cycle to stop at its
 next safe point (a fetch breaks off its requests in flight and its waits at once; persisting
-finishes its transaction; delivery stops between emails: nothing half-written, claimed rows go
-back to pending when their lease expires); the process then exits 0. A second signal exits at
-once.
+finishes its transaction; delivery stops between emails and breaks off a send still under way
+after a few seconds: nothing half-written, the rows it held go back to pending); the process
+then exits 0. A second signal exits at once.
 """
 
 from __future__ import annotations

@@ -20,14 +20,16 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 import structlog
 
 from poller.addresses import InvalidAddress, checked_address, needs_smtputf8
+from poller.cancellation import on_cancel
 from poller.config import Settings
 from poller.mail import (
     NO_SMTPUTF8,
@@ -53,6 +55,8 @@ from poller.store import ClaimedNotification, DatabaseError, Store
 log = structlog.get_logger(__name__)
 
 CLAIM_BATCH = 50
+# How long a stop waits for the sends under way before breaking their connections.
+SEND_STOP_GRACE_SECONDS = 3.0
 RETRY_BASE_SECONDS = 60.0
 RETRY_CAP_SECONDS = 3600.0
 # Waits between attempts to record an accepted email as sent (see Deliverer._record_sent).
@@ -100,6 +104,9 @@ class Deliverer:
         self._transport_factory = transport_factory or (lambda: smtp_transport(settings))
         self._now = now_fn
         self.worker = worker or worker_name()
+        # The connections sending right now, for a stop to break (``_abort_sends``).
+        self._open: set[SmtpTransport] = set()
+        self._open_lock = threading.Lock()
 
     def deliver_due(self, cancel: threading.Event | None = None) -> DeliveryReport:
         """Send every due notification over up to ``smtp_connections`` parallel connections."""
@@ -111,15 +118,20 @@ class Deliverer:
         batch = max(1, min(CLAIM_BATCH, math.ceil(due / connections)))
         # The first unusable-server answer stops every connection, not only the one that saw it.
         halt = threading.Event()
-        if connections == 1:
-            report.add(self._deliver_loop(batch, cancel, halt))
-        else:
-            with ThreadPoolExecutor(connections, thread_name_prefix="smtp") as pool:
-                parts = [
-                    pool.submit(self._deliver_loop, batch, cancel, halt) for _ in range(connections)
-                ]
-                for part in parts:
-                    report.add(part.result())
+        # A stop lets the sends under way finish for a moment (they take milliseconds), then
+        # breaks their connections: a stalled server would otherwise hold the stop for up to
+        # smtp_timeout per exchange, past a container's or systemd's stop timeout.
+        with on_cancel(cancel, self._abort_sends, grace=SEND_STOP_GRACE_SECONDS):
+            if connections == 1:
+                report.add(self._deliver_loop(batch, cancel, halt))
+            else:
+                with ThreadPoolExecutor(connections, thread_name_prefix="smtp") as pool:
+                    parts = [
+                        pool.submit(self._deliver_loop, batch, cancel, halt)
+                        for _ in range(connections)
+                    ]
+                    for part in parts:
+                        report.add(part.result())
         report.undelivered = self._store.pending_count(self._now(), exclude_in_flight=True)
         return report
 
@@ -146,7 +158,7 @@ class Deliverer:
     ) -> bool:
         """Send a claimed batch over one SMTP connection; False when the server is unusable."""
         lease = _BatchLease(claimed, store=self._store, worker=self.worker, settings=self._settings)
-        with self._transport_factory() as transport:
+        with self._transport_factory() as transport, self._sending_over(transport):
             for index, row in enumerate(claimed):
                 if cancel.is_set():
                     # Not the server's fault: due again at once for whichever poller runs next.
@@ -169,12 +181,34 @@ class Deliverer:
                             breach=row.breach_number,
                             message_id=self._message_id(row),
                         )
+                    if cancel.is_set():
+                        # Broken off by a stop (_abort_sends): not the server's fault, so due
+                        # again at once for whichever poller runs next.
+                        self._release(claimed[index:], None, report, backoff=False)
+                        return False
                     # Not about this message's recipients (server down, login, sender refused,
                     # 4xx to MAIL or DATA): the rest of the batch would meet it too, so put
                     # them all back for later instead of timing out on each.
                     self._release(claimed[index:], exc, report)
                     return False
         return True
+
+    @contextmanager
+    def _sending_over(self, transport: SmtpTransport) -> Iterator[None]:
+        with self._open_lock:
+            self._open.add(transport)
+        try:
+            yield
+        finally:
+            with self._open_lock:
+                self._open.discard(transport)
+
+    def _abort_sends(self) -> None:
+        with self._open_lock:
+            sending = list(self._open)
+        for transport in sending:
+            log.warning("email.send_aborted", reason="stop requested during a send")
+            transport.abort()
 
     def _send_row(
         self, row: ClaimedNotification, transport: SmtpTransport, report: DeliveryReport

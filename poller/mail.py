@@ -8,10 +8,12 @@ only has to decide between "retry later" and "give up".
 from __future__ import annotations
 
 import binascii
+import contextlib
 import email.policy
 import re
 import secrets
 import smtplib
+import socket
 import ssl
 import unicodedata
 from collections.abc import Iterator, Sequence
@@ -552,6 +554,15 @@ class SmtpTransport:
             pass  # saying goodbye is a courtesy; the messages are already handed over
         finally:
             connection.close()
+
+    def abort(self) -> None:
+        """Break the connection from another thread: a send waiting on the server fails at once
+        (its outcome unknown, so its retry may be a duplicate; see DeliveryError)."""
+        connection = self._connection
+        sock = connection.sock if connection is not None else None
+        if sock is not None:
+            with contextlib.suppress(OSError):  # already closed: nothing to break
+                sock.shutdown(socket.SHUT_RDWR)
 
     def send(
         self, message: OutgoingMessage, recipients: Sequence[str]

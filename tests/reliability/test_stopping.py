@@ -1,16 +1,19 @@
 """SIGTERM stops the real `poller run` (and `poller once`) within seconds from the fetch phase,
-whatever it is waiting for (a slow answer, a long Retry-After, a backoff), with exit 0 for the
-daemon, no traceback, and a database where nothing is half-written."""
+whatever it is waiting for (a slow answer, a long Retry-After, a backoff), and from delivery
+however long the SMTP server stalls, with exit 0 for the daemon, no traceback, and a database
+where nothing is half-written."""
 
 from __future__ import annotations
 
 import signal
 import subprocess
 import time
+from decimal import Decimal
 
 import pytest
 
 from poller.simulator import Fault
+from tests.fixtures.smtp import SmtpTestServer
 from tests.reliability.world import ProcessWorld, add_orgs
 
 # Far below systemd's TimeoutStopSec=90 and the minutes the old code took; generous for a
@@ -88,3 +91,36 @@ def test_sigterm_during_the_fetch_stops_poller_once_with_one_line(world: Process
     [line] = [line for line in stderr.splitlines() if line.startswith("poller: error:")]
     assert "stopped by a signal before the cycle finished" in line
     assert world.states() == {}
+
+
+def test_sigterm_during_a_stalled_smtp_send_stops_the_daemon_within_seconds(
+    world: ProcessWorld, smtp_server: SmtpTestServer
+) -> None:
+    add_orgs(world.api, range(1, 4))
+    assert world.poller("once").status == 0
+    for org_id in range(1, 4):
+        world.api.set_balance(org_id, Decimal("10"))
+    smtp_server.delay_data(60)  # the default 30 s SMTP timeout would hold the stop that long
+    process = world.start("run", POLLER_SMTP_TIMEOUT="30")
+    deadline = time.monotonic() + 30
+    while len(world.notifications()) < 3:
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+        time.sleep(0.05)
+    time.sleep(0.5)  # into the sends
+
+    seconds, stderr = stop(process)
+
+    assert seconds < STOP_WITHIN, stderr
+    assert process.returncode == 0, stderr
+    assert "Traceback" not in stderr
+    # Broken off, not failed: each email is pending, due again at once, no server error kept.
+    rows = world.notifications()
+    assert {(row.status, row.last_error) for row in rows} == {("pending", None)}, rows
+    assert '"email.maybe_delivered"' in stderr  # the sends under way: the server may have them
+    world.assert_states_and_notifications_agree()
+
+    smtp_server.delay_data(0)
+    assert world.poller("once").status == 0
+    assert {row.status for row in world.notifications()} == {"sent"}
+    ids = {email.message["Message-ID"] for email in smtp_server.received}
+    assert ids == {row.message_id for row in world.notifications()}
