@@ -14,7 +14,7 @@ $(STAMP): setup.cfg pyproject.toml
 
 test: $(STAMP)
 	$(PY) -m ruff check poller tests bench
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n auto
 
 # The crash/concurrency harness at a large size (tests/reliability/harness.py; a few minutes).
 CHAOS_ARGS ?= --processes 4 --cycles 15 --orgs 60 --kill-rate 0.3
