@@ -20,7 +20,7 @@ from sqlalchemy.engine import make_url
 from poller import __version__
 from poller.cekura import ApiError, CekuraClient
 from poller.config import ConfigError, Settings, load_settings
-from poller.cycle import CycleReport, OrgPlan, run_cycle
+from poller.cycle import CycleReport, OrgPlan, run_cycle, warn_on_overrun
 from poller.delivery import Deliverer
 from poller.forecast import BEYOND_HORIZON, MIN_POINTS, MIN_SPAN, Window
 from poller.insights import Outlook, outlooks
@@ -173,6 +173,7 @@ def once(settings: Settings, baseline: bool, shard: Shard | None) -> None:
     report = _run(
         settings, deliver=not baseline, show_progress=True, baseline=baseline, cancel=cancel
     )
+    warn_on_overrun(report, settings.interval, scheduled=False)
     if cancel.is_set():
         _fail(
             "stopped by a signal before the cycle finished (nothing was left half-written)",
@@ -237,8 +238,9 @@ def run(settings: Settings, baseline: bool, metrics_port: int | None, shard: Sha
                 baseline=use_baseline,
                 cancel=cancel,
             )
+            overran = warn_on_overrun(report, settings.interval, scheduled=True)
             if metrics is not None:
-                metrics.record_cycle(report, store)
+                metrics.record_cycle(report, store, overran=overran)
             return report
 
         run_daemon(cycle, interval=settings.interval, jitter=settings.jitter)

@@ -377,6 +377,26 @@ def _log_plan(plan: OrgPlan) -> None:
         log.info("org.rearmed", org_id=plan.snapshot.id, balance=str(plan.snapshot.balance))
 
 
+def warn_on_overrun(report: CycleReport, interval: float, *, scheduled: bool) -> bool:
+    """Log ``cycle.overrun`` when the cycle took longer than ``interval``: breaches then wait
+    longer than the operator believes. ``scheduled`` False: `poller once`, whose real period
+    is cron's, so the configured interval stands in for it."""
+    if report.duration <= interval:
+        return False
+    log.warning(
+        "cycle.overrun",
+        cycle_id=report.cycle_id,
+        seconds=round(report.duration, 3),
+        interval=interval,
+        compared_with="POLLER_INTERVAL"
+        if scheduled
+        else "POLLER_INTERVAL (set it to the cron period: poller once has no schedule of its own)",
+        hint="raise max_requests_per_second and/or concurrency, or the interval; "
+        "see Sizing in docs/operations.md",
+    )
+    return True
+
+
 def _outcome(report: CycleReport, cancel: threading.Event) -> str:
     if report.fatal:
         return "list_failed"

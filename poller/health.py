@@ -6,6 +6,11 @@ sender refused, a setting the email cannot be built with): such a problem holds 
 alert until someone fixes it, so it must show. An admin's address being refused does not
 count: it costs that admin's copy only (``email.recipient_refused`` / ``email.failed`` log
 events, ``poller status``).
+
+Overrun (the last successful cycle took longer than the interval): a breach then waits up to
+that cycle's duration, not the interval, to be seen. Still healthy, with "overrun" in the
+reason, while it took at most twice the interval; unhealthy beyond that, as a staleness limit
+of twice the interval would soon say anyway. See "Sizing" in docs/operations.md.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import and_, func, or_, select
+from sqlalchemy import and_, or_, select
 
 from poller.store import Store, cycle_run
 
@@ -29,7 +34,7 @@ class Verdict:
 
 
 def is_successful(outcome: str | None, orgs_read: int, orgs_failed: int) -> bool:
-    """The same rule as the SQL in ``last_successful_cycle``, for a cycle seen in memory."""
+    """The same rule as the SQL in ``last_successful_run``, for a cycle seen in memory."""
     if outcome == "ok":
         return True
     return outcome == "partial" and (orgs_read > 0 or orgs_failed == 0)
@@ -42,10 +47,13 @@ def judge(
     max_age: float,
     running_since: datetime | None = None,
     held: tuple[int, str | None] = (0, None),
+    cycle_seconds: float | None = None,
+    interval: float | None = None,
 ) -> Verdict:
     """``running_since``: a process that started less than ``max_age`` ago gets time to finish
     its first cycle before it is called unhealthy (the daemon passes its start time).
-    ``held``: ``Store.held_back()``, emails waiting on a problem not about their recipients."""
+    ``held``: ``Store.held_back()``, emails waiting on a problem not about their recipients.
+    ``cycle_seconds``: how long the last successful cycle took, compared with ``interval``."""
     if last_success is not None:
         age = (now - last_success).total_seconds()
         when = f"{_seconds(age)} ago (at {last_success:%Y-%m-%d %H:%M:%S} UTC)"
@@ -55,6 +63,21 @@ def judge(
                 f"{held[0]} email(s) held back by a problem that is not about their recipients: "
                 f"{held[1]}; see the email.held and email.retry log events",
             )
+        if age <= max_age and cycle_seconds is not None and interval is not None:
+            took = f"it took {_seconds(cycle_seconds)}"
+            sizing = "see Sizing in docs/operations.md"
+            if cycle_seconds > 2 * interval:
+                return Verdict(
+                    False,
+                    f"last successful cycle {when}, overrun: {took}, more than twice the "
+                    f"{_seconds(interval)} interval; {sizing}",
+                )
+            if cycle_seconds > interval:
+                return Verdict(
+                    True,
+                    f"last successful cycle {when}, overrun: {took}, longer than the "
+                    f"{_seconds(interval)} interval; {sizing}",
+                )
         if age <= max_age:
             return Verdict(True, f"last successful cycle {when}")
         return Verdict(
@@ -74,8 +97,9 @@ def judge(
     return Verdict(False, "no successful cycle recorded in the database yet")
 
 
-def last_successful_cycle(store: Store) -> datetime | None:
-    """When the latest successful cycle (any process, any replica) finished."""
+def last_successful_run(store: Store) -> tuple[datetime, float] | None:
+    """When the latest successful cycle (any process, any replica) finished, and how many
+    seconds it took."""
     successful = or_(
         cycle_run.c.outcome == "ok",
         and_(
@@ -83,10 +107,18 @@ def last_successful_cycle(store: Store) -> datetime | None:
             or_(cycle_run.c.orgs_read > 0, cycle_run.c.orgs_failed == 0),
         ),
     )
-    query = select(func.max(cycle_run.c.finished_at)).where(successful)
+    query = (
+        select(cycle_run.c.finished_at, cycle_run.c.started_at)
+        .where(successful)
+        .order_by(cycle_run.c.finished_at.desc())
+        .limit(1)
+    )
     # The store's own error wrapping: a database problem is one line, password hidden.
     with store.database_errors("reading the cycle history"), store.engine.connect() as connection:
-        return connection.execute(query).scalar_one_or_none()
+        row = connection.execute(query).first()
+    if row is None:
+        return None
+    return row.finished_at, (row.finished_at - row.started_at).total_seconds()
 
 
 def _seconds(value: float) -> str:

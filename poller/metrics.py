@@ -3,6 +3,9 @@
 One registry per daemon, served with its health verdict by a small HTTP server on a thread:
 
 * ``poller_cycle_duration_seconds`` (histogram) and ``poller_cycles_total{outcome}``
+* ``poller_last_cycle_duration_seconds``, ``poller_interval_seconds`` and
+  ``poller_cycle_overruns_total``: cycles (any outcome) that took longer than the interval;
+  alert on ``poller_last_cycle_duration_seconds > poller_interval_seconds``
 * ``poller_last_success_timestamp_seconds``: when this process last finished a successful cycle
 * ``poller_api_requests_total{endpoint,status}`` and ``poller_api_errors_total{endpoint,status}``
   (every HTTP attempt, retries included; status is the HTTP code, ``timeout`` or
@@ -12,7 +15,8 @@ One registry per daemon, served with its health verdict by a small HTTP server o
   queries, so a scrape never touches the database.
 
 ``/healthz`` answers 200 while this process's last successful cycle is younger than twice the
-interval (see ``poller.health``), 503 with the reason otherwise.
+interval and took at most twice the interval (see ``poller.health``; an overrun below that is
+named in the 200 answer), 503 with the reason otherwise.
 """
 
 from __future__ import annotations
@@ -110,14 +114,31 @@ class PollerMetrics:
     def __init__(self, *, interval: float, clock: Callable[[], datetime] = utc_now) -> None:
         self.registry = CollectorRegistry()
         self._clock = clock
+        self._interval = interval
         self._max_age = 2 * interval
         self._held: tuple[int, str | None] = (0, None)
         self._started_at = clock()
         self._last_success_at: datetime | None = None
+        self._last_success_seconds: float | None = None
         self._cycle_duration = Histogram(
             "poller_cycle_duration_seconds",
             "Duration of complete cycles",
             buckets=CYCLE_BUCKETS,
+            registry=self.registry,
+        )
+        self._last_cycle_duration = Gauge(
+            "poller_last_cycle_duration_seconds",
+            "Duration of the last finished cycle, any outcome",
+            registry=self.registry,
+        )
+        Gauge(
+            "poller_interval_seconds",
+            "Configured seconds between cycle starts (POLLER_INTERVAL)",
+            registry=self.registry,
+        ).set(interval)
+        self._overruns = Counter(
+            "poller_cycle_overruns",
+            "Cycles that took longer than the interval",
             registry=self.registry,
         )
         self._cycles = Counter(
@@ -153,7 +174,7 @@ class PollerMetrics:
         if not outcome.startswith("2"):
             self._api_errors.labels(*labels).inc()
 
-    def record_cycle(self, report: CycleReport, store: Store) -> None:
+    def record_cycle(self, report: CycleReport, store: Store, *, overran: bool) -> None:
         # Database counts first: a scrape that sees this cycle counted also sees its effects.
         try:
             self._store_counts.counts = read_store_counts(store)
@@ -163,7 +184,11 @@ class PollerMetrics:
             log.warning("metrics.store_unreadable", error=str(exc))
         if report.outcome in ("ok", "partial"):
             self._cycle_duration.observe(report.duration)
+        self._last_cycle_duration.set(report.duration)
+        if overran:
+            self._overruns.inc()
         if is_successful(report.outcome, report.orgs_read, len(report.errors)):
+            self._last_success_seconds = report.duration
             self._last_success_at = self._clock()
             self._last_success.set(self._last_success_at.timestamp())
         self._cycles.labels(report.outcome).inc()
@@ -175,6 +200,8 @@ class PollerMetrics:
             max_age=self._max_age,
             running_since=self._started_at,
             held=self._held,
+            cycle_seconds=self._last_success_seconds,
+            interval=self._interval,
         )
 
     def exposition(self) -> bytes:

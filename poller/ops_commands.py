@@ -17,7 +17,7 @@ import click
 from poller.cekura import CekuraClient
 from poller.config import Settings
 from poller.delivery import smtp_transport
-from poller.health import judge, last_successful_cycle
+from poller.health import judge, last_successful_run
 from poller.mail import (
     AlertContent,
     DeliveryError,
@@ -201,8 +201,10 @@ def health(settings: Settings, max_age: float | None) -> None:
     Exit status 0 healthy, 1 unhealthy (with the reason). A successful cycle read the
     organization list and at least one balance. Emails held back by a problem that is not
     about their recipients (SMTP server down, login or sender refused) make it unhealthy
-    too. Works for cron setups, where no daemon serves /healthz; with several pollers on one
-    database it covers all of them.
+    too. A last successful cycle longer than POLLER_INTERVAL is an overrun: healthy with
+    "overrun" in the reason, unhealthy beyond twice the interval (with cron, set
+    POLLER_INTERVAL to the schedule's period). Works for cron setups, where no daemon serves
+    /healthz; with several pollers on one database it covers all of them.
 
     \b
     Example (cron mails the reason when it is unhealthy):
@@ -211,11 +213,18 @@ def health(settings: Settings, max_age: float | None) -> None:
     limit = max_age if max_age is not None else 2 * settings.interval
     store = open_database(settings.database_url)
     try:
-        last = last_successful_cycle(store)
+        last = last_successful_run(store)
         held = store.held_back()
     finally:
         store.close()
-    verdict = judge(last, now=datetime.now(UTC), max_age=limit, held=held)
+    verdict = judge(
+        last[0] if last else None,
+        now=datetime.now(UTC),
+        max_age=limit,
+        held=held,
+        cycle_seconds=last[1] if last else None,
+        interval=settings.interval,
+    )
     # Unhealthy goes to stderr, so cron (which mails any output) stays quiet with >/dev/null.
     echo(verdict.status_line, err=not verdict.healthy)
     sys.exit(0 if verdict.healthy else 1)

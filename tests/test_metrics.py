@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from poller.health import judge, last_successful_cycle
+from poller.health import judge, last_successful_run
 from poller.metrics import endpoint_label, read_store_counts
 from poller.simulator import Fault, SimulatedApi, SimulatorServer
 from poller.smtp_capture import free_port
@@ -57,6 +58,29 @@ def test_health_is_a_successful_cycle_younger_than_the_limit(
 
 
 @pytest.mark.parametrize(
+    ("cycle_seconds", "healthy", "reason"),
+    [
+        (300, True, "last successful cycle 10s ago (at 2026-05-01 11:59:50 UTC)"),
+        (301, True, "overrun: it took 301s, longer than the 300s interval; see Sizing"),
+        (600, True, "overrun: it took 600s, longer than the 300s interval"),
+        (601, False, "overrun: it took 601s, more than twice the 300s interval; see Sizing"),
+    ],
+)
+def test_an_overrun_is_named_and_unhealthy_beyond_twice_the_interval(
+    cycle_seconds, healthy, reason
+) -> None:
+    verdict = judge(
+        NOW - timedelta(seconds=10),
+        now=NOW,
+        max_age=600,
+        cycle_seconds=cycle_seconds,
+        interval=300,
+    )
+    assert (verdict.healthy, reason in verdict.reason) == (healthy, True), verdict
+    assert ("overrun" in verdict.reason) is (cycle_seconds > 300)
+
+
+@pytest.mark.parametrize(
     ("endpoint", "label"),
     [
         ("/user/organizations/37/", "/user/organizations/{id}/"),
@@ -81,14 +105,14 @@ def test_store_counts_group_organizations_by_state_and_enabled(world: World) -> 
     assert counts.notifications == {"sent": 1}
 
 
-def test_last_successful_cycle_ignores_cycles_that_could_not_list(world: World) -> None:
-    assert last_successful_cycle(world.store) is None
+def test_last_successful_run_ignores_cycles_that_could_not_list(world: World) -> None:
+    assert last_successful_run(world.store) is None
     world.cycle()
-    good = last_successful_cycle(world.store)
-    assert good is not None and good.tzinfo is not None
+    good = last_successful_run(world.store)
+    assert good is not None and good[0].tzinfo is not None and 0 <= good[1] < 30
     world.api.add_fault(Fault(kind="status", status=503, endpoint="list_v2"))
     assert world.cycle().fatal is not None
-    assert last_successful_cycle(world.store) == good
+    assert last_successful_run(world.store) == good
 
 
 def test_poller_health_exit_status_follows_the_cycle_history(world: World) -> None:
@@ -263,3 +287,56 @@ def test_a_metrics_port_in_use_is_one_line_and_exit_status_2(daemon_world, tmp_p
     assert result.returncode == 2
     assert f"poller: error: metrics_port: cannot listen on 127.0.0.1:{port}" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def events(log_text: str, name: str) -> list[dict]:
+    return [
+        event
+        for event in (json.loads(line) for line in log_text.splitlines() if line.startswith("{"))
+        if event["event"] == name
+    ]
+
+
+def test_a_daemon_whose_cycles_outlast_the_interval_says_so(daemon_world, tmp_path):
+    sim, env = daemon_world
+    # Every cycle lists once: 0.7 s of latency makes each cycle longer than the 0.5 s interval
+    # and shorter than twice it.
+    sim.api.add_fault(Fault(kind="latency", seconds=0.7, endpoint="list_v2"))
+    daemon = Daemon({**env, "POLLER_INTERVAL": "0.5"}, tmp_path)
+    try:
+        _, text = daemon.wait_for(
+            "/metrics", lambda _s, t: (sample(t, "poller_cycle_overruns_total") or 0) >= 2
+        )
+        assert sample(text, "poller_interval_seconds") == 0.5
+        assert 0.7 <= sample(text, "poller_last_cycle_duration_seconds") < 5
+        status, body = daemon.wait_for("/healthz", lambda _s, b: "overrun" in b)
+        assert status == 200 and body.startswith("healthy: last successful cycle")
+        assert "longer than the 0.5s interval; see Sizing in docs/operations.md" in body
+        checked = run_poller({**env, "POLLER_INTERVAL": "0.5"}, "health", "--max-age", "60")
+        assert checked.returncode == 0, checked.stderr
+        assert "overrun: it took 0.7s" in checked.stdout or "overrun: it took 0.8s" in (
+            checked.stdout
+        ), checked.stdout
+    finally:
+        assert daemon.stop() == 0
+    overruns = events(daemon.log.read_text(), "cycle.overrun")
+    assert len(overruns) >= 2
+    assert overruns[0]["interval"] == 0.5 and 0.7 <= overruns[0]["seconds"] < 5
+    assert "see Sizing in docs/operations.md" in overruns[0]["hint"]
+
+
+def test_poller_once_compares_with_the_configured_interval_and_health_turns_unhealthy(
+    daemon_world,
+):
+    sim, env = daemon_world
+    sim.api.add_fault(Fault(kind="latency", seconds=1.2, endpoint="list_v2"))
+    env = {**env, "POLLER_INTERVAL": "0.5"}
+    once = run_poller(env, "once")
+    assert once.returncode == 0, once.stderr
+    (overrun,) = events(once.stderr, "cycle.overrun")
+    assert overrun["interval"] == 0.5 and 1.2 <= overrun["seconds"] < 10
+    assert "set it to the cron period" in overrun["compared_with"]
+    checked = run_poller(env, "health", "--max-age", "60")
+    assert checked.returncode == 1
+    assert "overrun: it took 1." in checked.stderr
+    assert "more than twice the 0.5s interval" in checked.stderr
