@@ -299,29 +299,29 @@ def events(log_text: str, name: str) -> list[dict]:
 
 def test_a_daemon_whose_cycles_outlast_the_interval_says_so(daemon_world, tmp_path):
     sim, env = daemon_world
-    # Every cycle lists once: 0.7 s of latency makes each cycle longer than the 0.5 s interval
-    # and shorter than twice it.
-    sim.api.add_fault(Fault(kind="latency", seconds=0.7, endpoint="list_v2"))
+    # Every cycle lists once: 0.6 s of latency makes each cycle longer than the 0.5 s interval
+    # and, with room for a slow machine, shorter than twice it.
+    sim.api.add_fault(Fault(kind="latency", seconds=0.6, endpoint="list_v2"))
     daemon = Daemon({**env, "POLLER_INTERVAL": "0.5"}, tmp_path)
     try:
         _, text = daemon.wait_for(
             "/metrics", lambda _s, t: (sample(t, "poller_cycle_overruns_total") or 0) >= 2
         )
         assert sample(text, "poller_interval_seconds") == 0.5
-        assert 0.7 <= sample(text, "poller_last_cycle_duration_seconds") < 5
+        assert 0.6 <= sample(text, "poller_last_cycle_duration_seconds") < 5
         status, body = daemon.wait_for("/healthz", lambda _s, b: "overrun" in b)
         assert status == 200 and body.startswith("healthy: last successful cycle")
         assert "longer than the 0.5s interval; see Sizing in docs/operations.md" in body
         checked = run_poller({**env, "POLLER_INTERVAL": "0.5"}, "health", "--max-age", "60")
         assert checked.returncode == 0, checked.stderr
-        assert "overrun: it took 0.7s" in checked.stdout or "overrun: it took 0.8s" in (
-            checked.stdout
+        assert re.search(
+            r"overrun: it took 0\.[6-9]s, longer than the 0\.5s interval", checked.stdout
         ), checked.stdout
     finally:
         assert daemon.stop() == 0
     overruns = events(daemon.log.read_text(), "cycle.overrun")
     assert len(overruns) >= 2
-    assert overruns[0]["interval"] == 0.5 and 0.7 <= overruns[0]["seconds"] < 5
+    assert overruns[0]["interval"] == 0.5 and 0.6 <= overruns[0]["seconds"] < 5
     assert "see Sizing in docs/operations.md" in overruns[0]["hint"]
 
 
