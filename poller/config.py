@@ -493,9 +493,9 @@ def load_settings(
     warnings: tuple[str, ...] = ()
     if config_path is not None:
         file_layer, warnings = _file_layer(config_path, path_source)
-    layers = [
-        _merge_single_key(layer) for layer in (file_layer, _env_layer(env), _flag_layer(flags))
-    ]
+    env_layer, env_warnings = _env_layer(env)
+    warnings += env_warnings
+    layers = [_merge_single_key(layer) for layer in (file_layer, env_layer, _flag_layer(flags))]
 
     values: dict[str, Any] = {}
     labels: dict[str, str] = {}
@@ -597,19 +597,23 @@ def _file_layer(path: str, path_source: str) -> tuple[_Layer, tuple[str, ...]]:
     return {key: (value, f"{path}: {key}") for key, value in data.items()}, warnings
 
 
-def _env_layer(env: Mapping[str, str]) -> _Layer:
+def _env_layer(env: Mapping[str, str]) -> tuple[_Layer, tuple[str, ...]]:
     env_names = tuple(_ENV_PREFIX + name.upper() for name in _KNOWN_NAMES)
     layer: _Layer = {}
-    for variable, value in env.items():
+    warnings: list[str] = []
+    for variable, value in sorted(env.items()):
         if not variable.startswith(_ENV_PREFIX) or variable in _ENV_NOT_SETTINGS:
             continue
         name = variable.removeprefix(_ENV_PREFIX).lower()
         if name not in _KNOWN_NAMES or variable != _ENV_PREFIX + name.upper():
-            # A typo here would otherwise silently leave the setting at its default.
-            raise ConfigError(f"{variable} is not a poller setting{_unknown(variable, env_names)}")
+            # A warning, not an error: Kubernetes injects POLLER_SERVICE_HOST, POLLER_PORT, ...
+            # for a Service named poller. The hint still catches a typo; the value is not shown.
+            hint = _unknown(variable, env_names)
+            warnings.append(f"{variable} is not a poller setting, ignored{hint}")
+            continue
         if value.strip():  # empty counts as unset
             layer[name] = (value, variable)
-    return layer
+    return layer, tuple(warnings)
 
 
 def _flag_layer(flags: Mapping[str, object] | None) -> _Layer:
