@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from poller.config import load_settings
+from poller.config import ConfigError, Secret, load_settings
 from poller.simulator import SimulatorServer
 from tests.engine_world import ACME, poller_env
 from tests.reliability.world import ProcessWorld
@@ -36,6 +36,14 @@ def process_world(sim: SimulatorServer, tmp_path: Path, smtp_server) -> Iterator
     world = ProcessWorld(sim.api, database_url, poller_env(sim.url, database_url, smtp_server.port))
     yield world
     world.close()
+
+
+def config_error(**kwargs: object) -> str:
+    with pytest.raises(ConfigError) as caught:
+        load_settings(**kwargs)  # type: ignore[arg-type]
+    message = str(caught.value)
+    assert "\n" not in message and SECRET not in message, message
+    return message
 
 
 def warning_lines(stderr: str) -> list[str]:
@@ -83,3 +91,99 @@ def test_run_works_with_kubernetes_service_variables_and_stops_on_sigterm(
     assert len(smtp_server.received) == 1
     assert "daemon.stopped" in stderr and "Traceback" not in stderr
     assert any("POLLER_PORT_8080_TCP " in line for line in warning_lines(stderr))
+
+
+# --- 2. secrets from files ---
+
+
+def secret_file(tmp_path: Path, content: str, name: str = "secret") -> str:
+    path = tmp_path / name
+    path.write_bytes(content.encode())
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [(SECRET, SECRET), (SECRET + "\n", SECRET), (SECRET + "\r\n", SECRET)],
+)
+def test_a_secret_file_loses_one_trailing_newline(
+    tmp_path: Path, content: str, expected: str
+) -> None:
+    path = secret_file(tmp_path, content)
+    settings = load_settings(
+        env={
+            "POLLER_API_TOKEN_FILE": path,
+            "POLLER_API_KEYS_FILE": path,
+            "POLLER_SMTP_USERNAME": "poller",
+            "POLLER_SMTP_PASSWORD_FILE": path,
+        }
+    )
+    assert settings.api_token == Secret(expected)
+    assert settings.api_keys == (Secret(expected),)
+    assert settings.smtp_password == Secret(expected)
+
+
+def test_only_one_newline_is_taken_off(tmp_path: Path) -> None:
+    path = secret_file(tmp_path, SECRET + "\n\n")
+    message = config_error(env={"POLLER_API_TOKEN_FILE": path})
+    assert message == f"POLLER_API_TOKEN_FILE ({path}): must be a single line"
+
+
+def test_the_database_url_may_come_from_a_file(tmp_path: Path) -> None:
+    url = f"postgresql+psycopg2://poller:{SECRET}@db.internal/poller"
+    settings = load_settings(env={"POLLER_DATABASE_URL_FILE": secret_file(tmp_path, url + "\n")})
+    assert settings.database_url == url
+
+
+def test_a_toml_file_may_name_a_secret_file(tmp_path: Path) -> None:
+    path = secret_file(tmp_path, SECRET + "\n")
+    config = tmp_path / "poller.toml"
+    config.write_text(f'api_token_file = "{path}"\n', encoding="utf-8")
+    assert load_settings(env={}, config_path=str(config)).api_token == Secret(SECRET)
+
+
+def test_a_variable_and_its_file_together_are_an_error_naming_both(tmp_path: Path) -> None:
+    env = {"POLLER_API_TOKEN": SECRET, "POLLER_API_TOKEN_FILE": secret_file(tmp_path, SECRET)}
+    message = config_error(env=env)
+    assert message == (
+        "POLLER_API_TOKEN and POLLER_API_TOKEN_FILE are both set; set only one of them"
+    )
+
+
+def test_a_missing_secret_file_names_the_variable_and_path(tmp_path: Path) -> None:
+    missing = str(tmp_path / "nope")
+    message = config_error(env={"POLLER_SMTP_PASSWORD_FILE": missing})
+    assert message == (
+        f"POLLER_SMTP_PASSWORD_FILE: cannot read {missing} (No such file or directory)"
+    )
+
+
+def test_a_secret_that_is_not_valid_stays_out_of_the_message(tmp_path: Path) -> None:
+    path = secret_file(tmp_path, f"nosuchdb://{SECRET}@x/y")
+    message = config_error(env={"POLLER_DATABASE_URL_FILE": path})
+    assert message.startswith(f"POLLER_DATABASE_URL_FILE ({path}): unknown database kind")
+    assert SECRET not in message
+
+
+def test_once_reads_its_token_and_database_url_from_files(process_world, tmp_path: Path) -> None:
+    env = process_world.env
+    token = secret_file(tmp_path, env.pop("POLLER_API_TOKEN") + "\n", "token")
+    database = secret_file(tmp_path, env.pop("POLLER_DATABASE_URL") + "\n", "database")
+    run = process_world.poller(
+        "once", POLLER_API_TOKEN_FILE=token, POLLER_DATABASE_URL_FILE=database
+    )
+    assert run.status == 0, run.stderr
+    assert warning_lines(run.stderr) == []
+    assert process_world.states()  # the cycle wrote to the database named in the file
+
+
+def test_once_with_an_unreadable_secret_file_exits_2_with_one_line(
+    process_world, tmp_path: Path
+) -> None:
+    process_world.env.pop("POLLER_API_TOKEN")
+    run = process_world.poller("once", POLLER_API_TOKEN_FILE=str(tmp_path / "absent"))
+    assert run.status == 2
+    assert run.stderr.strip() == (
+        f"poller: error: POLLER_API_TOKEN_FILE: cannot read {tmp_path / 'absent'} "
+        "(No such file or directory)"
+    )
