@@ -480,7 +480,7 @@ _ACCEPTED_NAMES = (*_KNOWN_NAMES, *_FROM_FILE)
 
 _ENV_PREFIX = "POLLER_"
 # POLLER_* variables that are read elsewhere and are not settings.
-_ENV_NOT_SETTINGS = frozenset({"POLLER_CONFIG", "POLLER_TEST_DATABASE_URL"})
+_ENV_NOT_SETTINGS = frozenset({"POLLER_CONFIG", "POLLER_ENV_FILE", "POLLER_TEST_DATABASE_URL"})
 
 # name -> (raw value, how the user wrote the setting, for messages)
 _Layer = dict[str, tuple[object, str]]

@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 
 from poller.config import ConfigError, Secret, load_settings
-from poller.simulator import SimulatorServer
-from tests.engine_world import ACME, poller_env
+from poller.envfile import parse_env_text
+from poller.simulator import SimulatedApi, SimulatorServer
+from tests.engine_world import ACME, poller_env, run_poller, seed_organizations
 from tests.reliability.world import ProcessWorld
 
 SECRET = "sk-live-DO-NOT-LEAK-7f3a9c"
@@ -185,5 +186,99 @@ def test_once_with_an_unreadable_secret_file_exits_2_with_one_line(
     assert run.status == 2
     assert run.stderr.strip() == (
         f"poller: error: POLLER_API_TOKEN_FILE: cannot read {tmp_path / 'absent'} "
+        "(No such file or directory)"
+    )
+
+
+# --- 3. the environment file shared with systemd ---
+
+
+# What systemd's EnvironmentFile= gives for each line (systemd.exec(5); `sh` would turn the
+# password into "pa" and fail on the `<` of the sender).
+@pytest.mark.parametrize(
+    ("line", "name", "value"),
+    [
+        ("POLLER_SMTP_PASSWORD=pa$word1", "POLLER_SMTP_PASSWORD", "pa$word1"),
+        (
+            "POLLER_MAIL_FROM=Cekura alerts <alerts@example.com>",
+            "POLLER_MAIL_FROM",
+            "Cekura alerts <alerts@example.com>",
+        ),
+        ("  A =  spaced out \t", "A", "spaced out"),
+        ("A=b # part of the value", "A", "b # part of the value"),
+        ("A=", "A", ""),
+        ("A=x\r", "A", "x"),  # CRLF line ends
+        ("A=pa\\$word\\\\x\\ ", "A", "pa$word\\x "),
+        ('A=x"y"', "A", 'x"y"'),
+        ("A='pa$word \\n \"q\"'", "A", 'pa$word \\n "q"'),
+        ('A="pa$word \\"q\\" \\\\ \\$ \\x \'s\'"', "A", "pa$word \"q\" \\ $ \\x 's'"),
+        ('A=  "quoted"  ', "A", "quoted"),
+        ("A=''", "A", ""),
+    ],
+)
+def test_each_line_reads_as_systemd_reads_it(line: str, name: str, value: str) -> None:
+    assert parse_env_text(f"# comment\n; comment\n\n{line}\n", "env") == {name: value}
+
+
+@pytest.mark.parametrize(
+    ("line", "problem"),
+    [
+        (f"export POLLER_API_TOKEN={SECRET}", "write NAME=VALUE without 'export'"),
+        (SECRET, "not a NAME=VALUE line"),
+        (f"{SECRET} x=1", "the text before '=' is not a variable name"),
+        (f'POLLER_API_TOKEN="{SECRET}', "POLLER_API_TOKEN: the quote is not closed"),
+        (f"POLLER_API_TOKEN='{SECRET}' x", "POLLER_API_TOKEN: text after the closing quote"),
+        (f"POLLER_API_TOKEN={SECRET}\\", "POLLER_API_TOKEN: a trailing backslash"),
+    ],
+)
+def test_a_bad_line_is_an_error_with_file_and_line_but_no_value(line: str, problem: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_env_text(f"A=1\n{line}\n", "/etc/poller/env")
+    assert str(caught.value).startswith(f"/etc/poller/env:2: {problem}")
+    assert SECRET not in str(caught.value)
+
+
+def test_a_later_assignment_wins_as_in_systemd() -> None:
+    assert parse_env_text("A=1\nA=2\n", "env") == {"A": "2"}
+
+
+def test_once_reads_an_env_file_with_values_sh_would_mangle(tmp_path: Path, smtp_server) -> None:
+    token = 'pa$word1 "quoted" <x>'
+    api = SimulatedApi(token=token)
+    seed_organizations(api)
+    api.set_balance(ACME, "1")
+    with SimulatorServer(api) as server:
+        env = poller_env(server.url, f"sqlite:///{tmp_path / 'poller.db'}", smtp_server.port)
+        env_file = tmp_path / "env"
+        env_file.write_text(
+            "# the file systemd's EnvironmentFile= reads too\n"
+            "POLLER_MAIL_FROM=Cekura alerts <alerts@example.com>\n"
+            "POLLER_API_TOKEN='pa$word1 \"quoted\" <x>'\n"
+            "POLLER_API_URL=http://192.0.2.1/not-used\n",
+            encoding="utf-8",
+        )
+        del env["POLLER_MAIL_FROM"], env["POLLER_API_TOKEN"]
+        # POLLER_API_URL is in the environment too: the environment wins over the file.
+        done = run_poller(env, "--env-file", str(env_file), "once")
+    assert done.returncode == 0, done.stderr
+    [message] = smtp_server.received
+    assert message.message["From"] == "Cekura alerts <alerts@example.com>"
+
+
+def test_poller_env_file_names_the_file_and_a_bad_line_is_exit_2(tmp_path: Path) -> None:
+    env_file = tmp_path / "env"
+    env_file.write_text(f"POLLER_LOG_FORMAT=json\nexport POLLER_API_TOKEN={SECRET}\n")
+    done = run_poller({"POLLER_ENV_FILE": str(env_file)}, "once")
+    assert done.returncode == 2
+    assert done.stderr.strip() == (
+        f"poller: error: {env_file}:2: write NAME=VALUE without 'export' (systemd ignores it)"
+    )
+
+
+def test_a_missing_env_file_is_exit_2_naming_it(tmp_path: Path) -> None:
+    done = run_poller({}, "--env-file", str(tmp_path / "absent"), "once")
+    assert done.returncode == 2
+    assert done.stderr.strip() == (
+        f"poller: error: environment file {tmp_path / 'absent'}: cannot read it "
         "(No such file or directory)"
     )
