@@ -1,6 +1,8 @@
 # poller in a container: `docker build -t poller .` then
 #   docker run --env-file /etc/poller/env -p 9102:9102 poller run --metrics-port 9102
-# Secrets come from the environment (--env-file), never from the image.
+# Secrets come from the environment (--env-file), never from the image; or from Docker
+# secrets, which appear as files in /run/secrets/ (services: secrets: in compose):
+#   environment: POLLER_API_TOKEN_FILE=/run/secrets/poller_api_token
 FROM python:3.11-slim
 
 ENV PYTHONDONTWRITEBYTECODE=1 \

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 import re
 import sys
 import threading
@@ -22,6 +23,7 @@ from poller.cekura import ApiError, CekuraClient
 from poller.config import ConfigError, Settings, load_settings
 from poller.cycle import CycleReport, OrgPlan, run_cycle, warn_on_overrun
 from poller.delivery import Deliverer
+from poller.envfile import read_env_file
 from poller.forecast import BEYOND_HORIZON, MIN_POINTS, MIN_SPAN, Window
 from poller.insights import Outlook, outlooks
 from poller.logs import configure_logging
@@ -75,6 +77,13 @@ def _fail(message: str, status: int) -> None:
 @click.option(
     "--config", "config_path", metavar="PATH", help="TOML settings file (or POLLER_CONFIG)."
 )
+@click.option(
+    "--env-file",
+    metavar="PATH",
+    envvar="POLLER_ENV_FILE",
+    help="NAME=VALUE lines in systemd's EnvironmentFile= format; the environment wins "
+    "(or POLLER_ENV_FILE).",
+)
 @click.option("--api-url", help="Cekura API base URL (POLLER_API_URL).")
 @click.option(
     "--database-url", help="SQLAlchemy URL of the alert-state database (POLLER_DATABASE_URL)."
@@ -83,13 +92,20 @@ def _fail(message: str, status: int) -> None:
 @click.option("-v", "--verbose", count=True, help="More log output (debug).")
 @click.option("-q", "--quiet", count=True, help="Less log output (-q warnings, -qq errors).")
 @click.pass_context
-def cli(ctx: click.Context, config_path, api_url, database_url, log_format, verbose, quiet) -> None:
+def cli(
+    ctx: click.Context, config_path, env_file, api_url, database_url, log_format, verbose, quiet
+) -> None:
     """Email an organization's admins once when its Cekura credits drop below its threshold.
 
     \b
     Example:
       POLLER_API_TOKEN=... POLLER_MAIL_FROM=alerts@example.com poller once
     """
+    if env_file:
+        # Into the process environment, as systemd would put them (so HTTPS_PROXY etc. work
+        # too), but only where a variable is not already set: the environment wins.
+        for name, value in read_env_file(env_file).items():
+            os.environ.setdefault(name, value)
     flags = {"api_url": api_url, "database_url": database_url, "log_format": log_format}
     settings = load_settings(flags=flags, config_path=config_path)
     secrets = [key.reveal() for key in settings.api_keys]

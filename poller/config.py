@@ -469,10 +469,18 @@ _SPECS: dict[str, _Spec] = {
 _SINGLE_KEY = "api_key"
 _SECRET_KEYS = frozenset({_SINGLE_KEY} | {spec.name for spec in _SPECS.values() if spec.secret})
 _KNOWN_NAMES = (*_SPECS, _SINGLE_KEY)
+# Secrets may instead be read from a file (Docker secrets, systemd credentials): api_token_file
+# in TOML, POLLER_API_TOKEN_FILE in the environment. The database URL may hold a password.
+_FILE_SUFFIX = "_file"
+_FROM_FILE = {
+    name + _FILE_SUFFIX: name
+    for name in ("api_keys", _SINGLE_KEY, "api_token", "smtp_password", "database_url")
+}
+_ACCEPTED_NAMES = (*_KNOWN_NAMES, *_FROM_FILE)
 
 _ENV_PREFIX = "POLLER_"
 # POLLER_* variables that are read elsewhere and are not settings.
-_ENV_NOT_SETTINGS = frozenset({"POLLER_CONFIG", "POLLER_TEST_DATABASE_URL"})
+_ENV_NOT_SETTINGS = frozenset({"POLLER_CONFIG", "POLLER_ENV_FILE", "POLLER_TEST_DATABASE_URL"})
 
 # name -> (raw value, how the user wrote the setting, for messages)
 _Layer = dict[str, tuple[object, str]]
@@ -493,8 +501,11 @@ def load_settings(
     warnings: tuple[str, ...] = ()
     if config_path is not None:
         file_layer, warnings = _file_layer(config_path, path_source)
+    env_layer, env_warnings = _env_layer(env)
+    warnings += env_warnings
     layers = [
-        _merge_single_key(layer) for layer in (file_layer, _env_layer(env), _flag_layer(flags))
+        _merge_single_key(layer)
+        for layer in (_read_files(file_layer), _read_files(env_layer), _flag_layer(flags))
     ]
 
     values: dict[str, Any] = {}
@@ -584,10 +595,12 @@ def _file_layer(path: str, path_source: str) -> tuple[_Layer, tuple[str, ...]]:
         raise ConfigError(f"{where}: invalid TOML: a number is far too large") from None
 
     for key, value in data.items():
-        if key not in _KNOWN_NAMES:
+        if key not in _ACCEPTED_NAMES:
             is_table = isinstance(value, dict)
             hint = " (settings are flat keys; tables are not used)" if is_table else ""
-            raise ConfigError(f"{where}: unknown key {key!r}{_unknown(key, _KNOWN_NAMES) or hint}")
+            raise ConfigError(
+                f"{where}: unknown key {key!r}{_unknown(key, _ACCEPTED_NAMES) or hint}"
+            )
     warnings: tuple[str, ...] = ()
     holds_secret = any(data.get(key) not in (None, "", []) for key in _SECRET_KEYS)
     if holds_secret and mode & 0o077:
@@ -597,19 +610,48 @@ def _file_layer(path: str, path_source: str) -> tuple[_Layer, tuple[str, ...]]:
     return {key: (value, f"{path}: {key}") for key, value in data.items()}, warnings
 
 
-def _env_layer(env: Mapping[str, str]) -> _Layer:
-    env_names = tuple(_ENV_PREFIX + name.upper() for name in _KNOWN_NAMES)
+def _env_layer(env: Mapping[str, str]) -> tuple[_Layer, tuple[str, ...]]:
+    env_names = tuple(_ENV_PREFIX + name.upper() for name in _ACCEPTED_NAMES)
     layer: _Layer = {}
-    for variable, value in env.items():
+    warnings: list[str] = []
+    for variable, value in sorted(env.items()):
         if not variable.startswith(_ENV_PREFIX) or variable in _ENV_NOT_SETTINGS:
             continue
         name = variable.removeprefix(_ENV_PREFIX).lower()
-        if name not in _KNOWN_NAMES or variable != _ENV_PREFIX + name.upper():
-            # A typo here would otherwise silently leave the setting at its default.
-            raise ConfigError(f"{variable} is not a poller setting{_unknown(variable, env_names)}")
+        if name not in _ACCEPTED_NAMES or variable != _ENV_PREFIX + name.upper():
+            # A warning, not an error: Kubernetes injects POLLER_SERVICE_HOST, POLLER_PORT, ...
+            # for a Service named poller. The hint still catches a typo; the value is not shown.
+            hint = _unknown(variable, env_names)
+            warnings.append(f"{variable} is not a poller setting, ignored{hint}")
+            continue
         if value.strip():  # empty counts as unset
             layer[name] = (value, variable)
-    return layer
+    return layer, tuple(warnings)
+
+
+def _read_files(layer: _Layer) -> _Layer:
+    """Replaces each `<secret>_file` entry by the secret read from that file."""
+    read = {name: entry for name, entry in layer.items() if name not in _FROM_FILE}
+    for file_name, name in _FROM_FILE.items():
+        if file_name not in layer:
+            continue
+        path, label = layer[file_name]
+        if name in layer:
+            raise ConfigError(f"{layer[name][1]} and {label} are both set; set only one of them")
+        if not isinstance(path, str) or not path.strip():
+            raise ConfigError(f"{label}: must be the path of a file")
+        path = path.strip()
+        try:
+            with open(path, encoding="utf-8", newline="") as file:  # keeps a \r\n whole
+                text = file.read()
+        except OSError as error:
+            raise ConfigError(f"{label}: cannot read {path} ({error.strerror})") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"{label}: {path} is not UTF-8 text") from None
+        # Only the newline an editor or `echo` adds: anything else is part of the secret.
+        text = text[:-2] if text.endswith("\r\n") else text.removesuffix("\n")
+        read[name] = (text, f"{label} ({path})")
+    return read
 
 
 def _flag_layer(flags: Mapping[str, object] | None) -> _Layer:

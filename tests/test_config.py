@@ -234,10 +234,6 @@ def test_allow_insecure_http_reads_the_usual_boolean_words(text: str, expected: 
         ),
         ({"POLLER_MAIL_FROM": "a@b@c"}, "POLLER_MAIL_FROM: 'a@b@c' is not a deliverable"),
         ({"POLLER_MAIL_FROM": "a@b\r\nBcc: x@y"}, "POLLER_MAIL_FROM: must be a single line"),
-        (
-            {"POLLER_SMTP_PORTS": "25"},
-            "POLLER_SMTP_PORTS is not a poller setting (did you mean POLLER_SMTP_PORT?)",
-        ),
     ],
 )
 def test_each_bad_env_value_is_a_one_line_error_naming_the_variable(

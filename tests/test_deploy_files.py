@@ -95,3 +95,11 @@ def test_the_crontab_example_runs_every_5_minutes_logs_and_explains_exit_statuse
     for status in ("#   0 ", "#   1 ", "#   2 "):
         assert status in text
     assert "poller health" in text
+
+
+def test_cron_reads_the_systemd_environment_file_with_env_file_not_sh() -> None:
+    text = (ROOT / "crontab.example").read_text(encoding="utf-8")
+    jobs = [line for line in text.splitlines() if line.startswith("*/5 ")]
+    path = unit()["Service"]["EnvironmentFile"]
+    assert jobs and all(f"poller --env-file {path} " in job for job in jobs)
+    assert not any(". /etc/poller/env" in job for job in jobs)
