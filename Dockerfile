@@ -8,6 +8,9 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
+# poller listens on 127.0.0.1 by default, which `docker run -p` cannot reach.
+ENV POLLER_METRICS_HOST=0.0.0.0
+
 WORKDIR /src
 COPY pyproject.toml setup.cfg README.md constraints.txt ./
 COPY poller ./poller

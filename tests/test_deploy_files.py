@@ -56,6 +56,12 @@ def test_the_image_health_check_is_poller_health() -> None:
     assert command[0] == "poller" and command[-1] == "health"
 
 
+def test_the_image_serves_metrics_on_all_interfaces_as_a_published_port_needs() -> None:
+    # poller's own default is 127.0.0.1, which `docker run -p` cannot reach.
+    envs = [value for kind, value in dockerfile_instructions() if kind == "ENV"]
+    assert any("POLLER_METRICS_HOST=0.0.0.0" in value.split() for value in envs)
+
+
 def requirement_lines(text: str) -> list[str]:
     return [line.strip() for line in text.splitlines() if line.strip() and line[0] != "#"]
 
