@@ -10,15 +10,21 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
+# poller listens on 127.0.0.1 by default, which `docker run -p` cannot reach.
+ENV POLLER_METRICS_HOST=0.0.0.0
+
 WORKDIR /src
-COPY pyproject.toml setup.cfg README.md ./
+COPY pyproject.toml setup.cfg README.md constraints.txt ./
 COPY poller ./poller
 COPY templates ./templates
-RUN pip install . && rm -rf /src
+# constraints.txt (`make lock`) pins every dependency: each build installs the same versions.
+RUN pip install -c constraints.txt . && rm -rf /src
 
-RUN useradd --system --uid 10001 --home-dir /var/lib/poller --create-home \
+RUN groupadd --system --gid 10001 poller \
+    && useradd --system --uid 10001 --gid 10001 --home-dir /var/lib/poller --create-home \
         --shell /usr/sbin/nologin poller
-USER poller
+# Numeric, so Kubernetes' runAsNonRoot can verify the user is not root without the image's passwd.
+USER 10001:10001
 # A SQLite database (the default) lands here; mount a volume, or use PostgreSQL.
 WORKDIR /var/lib/poller
 VOLUME ["/var/lib/poller"]

@@ -95,8 +95,8 @@ class Settings:
     recovery_notice: bool = False
     log_format: str | None = None  # json | console; None = console on a terminal, json otherwise
     metrics_port: int | None = None  # None: no metrics/health HTTP endpoint
-    # All interfaces: Prometheus usually scrapes from another host or from outside a container.
-    metrics_host: str = "0.0.0.0"
+    # Local only: /metrics and /healthz have no authentication. The image sets 0.0.0.0.
+    metrics_host: str = "127.0.0.1"
     config_path: str | None = field(default=None, compare=False)
     # Problems worth telling the operator that do not stop the poller (e.g. file permissions).
     warnings: tuple[str, ...] = field(default=(), compare=False)

@@ -579,8 +579,8 @@ class StatusRow:
     notification_deliveries: Deliveries | None = None
 
 
-def create_configured_engine(url: str) -> Engine:
-    """An engine with the settings the store relies on (SQLite locking and pragmas, pre-ping)."""
+def normalize_database_url(url: str) -> URL:
+    """Parse a database URL as poller reads it: a bare postgresql:// means psycopg2."""
     try:
         parsed = make_url(url)
     except ArgumentError:
@@ -589,14 +589,20 @@ def create_configured_engine(url: str) -> Engine:
             "database URL is not valid (expected e.g. sqlite:///poller.db or "
             "postgresql+psycopg2://user@host/dbname)"
         ) from None
+    if parsed.drivername == "postgresql":
+        # SQLAlchemy 2.1 defaults to psycopg 3; poller ships psycopg2.
+        parsed = parsed.set(drivername="postgresql+psycopg2")
+    return parsed
+
+
+def create_configured_engine(url: str) -> Engine:
+    """An engine with the settings the store relies on (SQLite locking and pragmas, pre-ping)."""
+    parsed = normalize_database_url(url)
     backend = parsed.get_backend_name()
     try:
         if backend == "sqlite":
             return _create_sqlite_engine(parsed)
         if backend == "postgresql":
-            if parsed.drivername == "postgresql":
-                # SQLAlchemy 2.1 defaults to psycopg 3; poller ships psycopg2.
-                parsed = parsed.set(drivername="postgresql+psycopg2")
             return create_engine(parsed, pool_pre_ping=True)
     except (ArgumentError, ImportError, NoSuchModuleError) as error:
         raise DatabaseError(f"cannot use database {_safe_url(parsed)}: {error}") from None

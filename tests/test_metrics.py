@@ -151,7 +151,7 @@ class Daemon:
         self._log_file = self.log.open("w")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "poller", "run", "--metrics-port", str(self.port)],
-            env={**clean, **env, "POLLER_METRICS_HOST": "127.0.0.1"},
+            env={**clean, **env},
             stdout=self._log_file,
             stderr=subprocess.STDOUT,
         )
@@ -340,3 +340,32 @@ def test_poller_once_compares_with_the_configured_interval_and_health_turns_unhe
     assert checked.returncode == 1
     assert "overrun: it took 1." in checked.stderr
     assert "more than twice the 0.5s interval" in checked.stderr
+
+
+def listening_addresses(port: int) -> set[str]:
+    """The IPv4 addresses with a socket listening on port, from the kernel's own table."""
+    addresses = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        local, state = line.split()[1], line.split()[3]
+        address, local_port = local.split(":")
+        if state == "0A" and int(local_port, 16) == port:  # 0A: LISTEN
+            addresses.add(socket.inet_ntoa(bytes.fromhex(address)[::-1]))
+    return addresses
+
+
+@pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="needs Linux's /proc/net/tcp")
+@pytest.mark.parametrize(
+    ("setting", "listening"),
+    [({}, {"127.0.0.1"}), ({"POLLER_METRICS_HOST": "0.0.0.0"}, {"0.0.0.0"})],
+)
+def test_the_metrics_port_is_local_unless_metrics_host_opens_it(
+    daemon_world, tmp_path, setting, listening
+):
+    # /metrics and /healthz answer anyone who can reach the address: local by default.
+    _sim, env = daemon_world
+    daemon = Daemon({**env, **setting}, tmp_path)
+    try:
+        status, _body = daemon.wait_for("/healthz", lambda _s, _b: True)
+        assert listening_addresses(daemon.port) == listening
+    finally:
+        assert daemon.stop() == 0
