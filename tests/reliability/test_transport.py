@@ -60,8 +60,11 @@ def test_there_is_no_setting_that_turns_certificate_checks_off(
     https_world: ProcessWorld, setting: str
 ) -> None:
     run = https_world.poller("once", **{setting: "false"})
-    assert run.status == 2
-    assert f"{setting} is not a poller setting" in run.error_lines()[0]
+    # Ignored with a warning (unknown variables never stop poller), and the check still holds.
+    assert f"poller: warning: {setting} is not a poller setting, ignored" in run.stderr
+    assert run.status == 1
+    assert "certificate could not be verified" in run.error_lines()[0]
+    assert https_world.api.request_counts() == {}
 
 
 def test_requests_ca_bundle_is_how_a_private_ca_is_trusted(
