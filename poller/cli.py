@@ -176,7 +176,7 @@ def once(settings: Settings, baseline: bool, shard: Shard | None) -> None:
       poller once --baseline
       poller once
     """
-    from poller.daemon import stop_on_signals
+    from poller.daemon import in_worker_thread, stop_on_signals
 
     settings = _sharded(settings, shard)
     settings.require_credentials()
@@ -186,8 +186,10 @@ def once(settings: Settings, baseline: bool, shard: Shard | None) -> None:
     # carries on. A second signal exits at once.
     cancel = threading.Event()
     stop_on_signals(cancel, cancel, forced_status=EXIT_INCOMPLETE)
-    report = _run(
-        settings, deliver=not baseline, show_progress=True, baseline=baseline, cancel=cancel
+    report = in_worker_thread(
+        lambda: _run(
+            settings, deliver=not baseline, show_progress=True, baseline=baseline, cancel=cancel
+        )
     )
     warn_on_overrun(report, settings.interval, scheduled=False)
     if cancel.is_set():

@@ -14,6 +14,7 @@ import signal
 import threading
 from collections.abc import Callable
 from datetime import UTC, datetime
+from typing import TypeVar
 
 import structlog
 from apscheduler.executors.pool import ThreadPoolExecutor
@@ -21,6 +22,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.interval import IntervalTrigger
 
 log = structlog.get_logger(__name__)
+T = TypeVar("T")
 
 
 def run_daemon(
@@ -62,11 +64,46 @@ def run_daemon(
     log.info("daemon.started", interval=interval, jitter=jitter, pid=os.getpid())
     scheduler.start()
     try:
-        stop.wait()
+        wait_responsive_to_signals(stop.wait)
     finally:
         cancel.set()
         scheduler.shutdown(wait=True)
         log.info("daemon.stopped")
+
+
+# The kernel may hand a signal to any thread, and Python runs its handler only when the main
+# thread next runs bytecode: a main thread blocked without a timeout would never see it.
+SIGNAL_POLL_SECONDS = 0.5
+
+
+def wait_responsive_to_signals(wait: Callable[[float], bool]) -> None:
+    """Call ``wait(timeout)`` until it returns True, so signal handlers run in between."""
+    while not wait(SIGNAL_POLL_SECONDS):
+        pass
+
+
+def in_worker_thread(function: Callable[[], T]) -> T:
+    """``function()`` in a thread of its own while the main thread stays free to run signal
+    handlers (see SIGNAL_POLL_SECONDS); its result, or its exception re-raised."""
+    outcome: list[T] = []
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            outcome.append(function())
+        except BaseException as error:  # noqa: BLE001 - re-raised in the main thread
+            failure.append(error)
+
+    def finished(timeout: float) -> bool:
+        worker.join(timeout)
+        return not worker.is_alive()
+
+    worker = threading.Thread(target=run, name="cycle")
+    worker.start()
+    wait_responsive_to_signals(finished)
+    if failure:
+        raise failure[0]
+    return outcome[0]
 
 
 def stop_on_signals(

@@ -5,10 +5,13 @@ where nothing is half-written."""
 
 from __future__ import annotations
 
+import ctypes
+import os
 import signal
 import subprocess
 import time
 from decimal import Decimal
+from pathlib import Path
 
 import pytest
 
@@ -124,3 +127,34 @@ def test_sigterm_during_a_stalled_smtp_send_stops_the_daemon_within_seconds(
     assert {row.status for row in world.notifications()} == {"sent"}
     ids = {email.message["Message-ID"] for email in smtp_server.received}
     assert ids == {row.message_id for row in world.notifications()}
+
+
+def signal_a_thread_other_than_main(pid: int, signum: int) -> None:
+    """What the kernel may do with any signal: hand it to whichever thread of the process."""
+    others = [int(tid) for tid in os.listdir(f"/proc/{pid}/task") if int(tid) != pid]
+    assert others, "the process has no other thread"
+    assert ctypes.CDLL(None, use_errno=True).tgkill(pid, others[-1], signum) == 0
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="needs Linux's /proc")
+@pytest.mark.parametrize("command", ["run", "once"])
+def test_a_sigterm_the_kernel_hands_to_another_thread_still_stops_poller(
+    world: ProcessWorld, command: str
+) -> None:
+    add_orgs(world.api, range(1, 6))
+    world.api.add_fault(Fault("latency", endpoint="billing", seconds=120))
+    process = world.start(command, POLLER_API_READ_TIMEOUT="300", POLLER_API_REQUEST_TIMEOUT="300")
+    wait_for_requests(world, "billing", process)
+
+    sent = time.monotonic()
+    signal_a_thread_other_than_main(process.pid, signal.SIGTERM)
+    try:
+        _, stderr = process.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        pytest.fail(f"poller {command} did not stop within 60 s: {process.communicate()[1]}")
+
+    assert time.monotonic() - sent < STOP_WITHIN, stderr
+    assert process.returncode == (0 if command == "run" else 1), stderr
+    assert "Traceback" not in stderr
+    assert world.states() == {}
