@@ -158,9 +158,9 @@ def loads_json(content: bytes) -> object:
 def _loads(decoder: msgspec.json.Decoder, content: bytes) -> object:
     try:
         return decoder.decode(content)
-    except msgspec.DecodeError:  # also ValidationError: the body does not fit the struct
-        return loads_json(content)
-    except RecursionError:
+    # DecodeError is also ValidationError (the body does not fit the struct); RecursionError
+    # is a value nested deeper than msgspec follows, which loads_json cuts off.
+    except (msgspec.DecodeError, RecursionError):
         return loads_json(content)
 
 
