@@ -16,7 +16,6 @@ ENV POLLER_METRICS_HOST=0.0.0.0
 WORKDIR /src
 COPY pyproject.toml setup.cfg README.md constraints.txt ./
 COPY poller ./poller
-COPY templates ./templates
 # constraints.txt (`make lock`) pins every dependency: each build installs the same versions.
 RUN pip install -c constraints.txt . && rm -rf /src
 

@@ -23,7 +23,7 @@ chaos: $(STAMP)
 	if [ -n "$$POLLER_TEST_DATABASE_URL" ]; then $(PY) -m tests.reliability.harness $(CHAOS_ARGS) --postgres; fi
 
 demo: $(STAMP)
-	$(PY) -m poller.demo
+	$(PY) -m poller.devtools.demo
 
 # 1k/10k/100k orgs on SQLite and PostgreSQL (POLLER_TEST_DATABASE_URL); see docs/benchmarks.md.
 bench: $(STAMP)

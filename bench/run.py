@@ -36,7 +36,7 @@ import requests
 
 from bench.floor import CEILING_CLIENT, FLOOR_CLIENTS, measure_floor
 from bench.report import Floor, Row, write_report
-from poller.smtp_capture import SmtpCapture
+from poller.devtools.smtp_capture import SmtpCapture
 
 TOKEN = "bench-token-0123456789"
 MAIL_FROM = "bench@poller.example.com"

@@ -14,7 +14,7 @@ import argparse
 import signal
 import threading
 
-from poller.simulator import SimulatedApi, SimulatorServer
+from poller.devtools.simulator import SimulatedApi, SimulatorServer
 
 
 def main() -> None:

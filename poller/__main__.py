@@ -1,3 +1,3 @@
-from poller.cli import main
+from poller.cli.main import main
 
 main()

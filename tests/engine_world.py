@@ -11,12 +11,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from decimal import Decimal
 
-from poller.cekura import CekuraClient
-from poller.config import Settings, load_settings
-from poller.cycle import CycleReport, run_cycle
-from poller.delivery import Deliverer
-from poller.simulator import SimulatedApi, SimulatorServer
-from poller.store import Store, open_database
+from poller.cekura.client import CekuraClient
+from poller.config.settings import Settings, load_settings
+from poller.devtools.simulator import SimulatedApi, SimulatorServer
+from poller.engine.cycle import CycleReport, run_cycle
+from poller.engine.delivery import Deliverer
+from poller.store.database import Store, open_database
 
 TOKEN = "engine-test-token-0123456789"
 MAIL_FROM = "alerts@poller.example.com"

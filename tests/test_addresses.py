@@ -1,4 +1,4 @@
-"""The one address check (poller.addresses) and the row status per-recipient outcomes make:
+"""The one address check (poller.engine.addresses) and the row status per-recipient outcomes make:
 tables, and properties against a real SMTP server (aiosmtpd)."""
 
 from __future__ import annotations
@@ -14,13 +14,18 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import text
 
-from poller.addresses import InvalidAddress, checked_address, checked_sender, smtp_address
-from poller.mail import RenderedEmail, SmtpTransport, build_message
-from poller.notifications import delivery_summary, row_status
-from poller.records import Member, Organization
-from poller.smtp_capture import SmtpCapture
-from poller.store import MIGRATIONS_LOCATION, create_configured_engine, open_database, org_state
-from poller.store import upgrade_database as upgrade
+from poller.devtools.smtp_capture import SmtpCapture
+from poller.engine.addresses import InvalidAddress, checked_address, checked_sender, smtp_address
+from poller.engine.model import Member, Organization
+from poller.engine.notifications import delivery_summary, row_status
+from poller.mail.message import RenderedEmail, SmtpTransport, build_message
+from poller.store.database import (
+    MIGRATIONS_LOCATION,
+    create_configured_engine,
+    open_database,
+    org_state,
+)
+from poller.store.database import upgrade_database as upgrade
 
 NOW = datetime(2026, 12, 2, 12, 0, tzinfo=UTC)
 

@@ -12,10 +12,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from urllib3.util import parse_url
 
-from poller import cekura
-from poller.cekura import ApiUnavailable, CekuraClient
-from poller.config import Secret, Settings
-from poller.simulator import Fault, SimulatedApi, SimulatorServer
+import poller.cekura.client as cekura
+from poller.cekura.client import ApiUnavailable, CekuraClient
+from poller.config.settings import Secret, Settings
+from poller.devtools.simulator import Fault, SimulatedApi, SimulatorServer
 from tests.test_cekura import Reply, org_json, scripted_server
 from tests.test_http11 import keep_alive, raw_server
 

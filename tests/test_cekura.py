@@ -18,11 +18,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 from structlog.testing import capture_logs
 
-from poller.cekura import ApiError, ApiUnavailable, AuthError, CekuraClient
-from poller.config import ConfigError, Secret, Settings
-from poller.ratelimit import RequestRateLimiter
-from poller.records import OrgError
-from poller.simulator import Fault, SimulatedApi, SimulatorServer
+from poller.cekura.client import ApiError, ApiUnavailable, AuthError, CekuraClient
+from poller.cekura.ratelimit import RequestRateLimiter
+from poller.config.settings import ConfigError, Secret, Settings
+from poller.devtools.simulator import Fault, SimulatedApi, SimulatorServer
+from poller.engine.model import OrgError
 
 TOKEN = "tok-very-secret-123"
 

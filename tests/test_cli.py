@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from poller.simulator import Fault
-from poller.store import open_database
+from poller.devtools.simulator import Fault
+from poller.store.database import open_database
 from tests.engine_world import (
     ACME,
     ACME_ADMINS,
@@ -287,7 +287,7 @@ def test_templates_are_found_from_an_installed_wheel(tmp_path: Path):
         check=True,
     )
     probe = subprocess.run(
-        [sys.executable, "-c", "import poller.mail as m; print(m.templates_dir())"],
+        [sys.executable, "-c", "import poller.mail.message as m; print(m.templates_dir())"],
         env={**_clean_env(), "PYTHONPATH": str(target)},
         cwd=tmp_path,
         capture_output=True,
@@ -315,8 +315,8 @@ def _wait_for(condition, timeout: float) -> None:
 def test_poller_simulate_serves_50_orgs_that_the_client_reads_in_both_auth_modes(tmp_path):
     from decimal import Decimal
 
-    from poller.config import load_settings
-    from poller.smtp_capture import free_port
+    from poller.config.settings import load_settings
+    from poller.devtools.smtp_capture import free_port
 
     port, keys_file = free_port(), tmp_path / "keys.txt"
     process = subprocess.Popen(
@@ -364,7 +364,7 @@ def test_poller_simulate_serves_50_orgs_that_the_client_reads_in_both_auth_modes
 
 
 def _fetch(settings) -> dict:
-    from poller.cekura import CekuraClient
+    from poller.cekura.client import CekuraClient
 
     with CekuraClient(settings) as client:
         result = client.fetch_snapshots()

@@ -9,7 +9,7 @@ import pytest
 from click.testing import CliRunner
 
 from poller import __version__
-from poller.cli import cli
+from poller.cli.main import cli
 
 
 def command_paths(group: click.Group, prefix: tuple[str, ...] = ()) -> Iterator[tuple[str, ...]]:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from poller.config import ConfigError, Secret, Settings, load_settings
+from poller.config.settings import ConfigError, Secret, Settings, load_settings
 
 EXAMPLE_FILE = Path(__file__).resolve().parent.parent / "config" / "poller.example.toml"
 # Recognisable so that any leak into a message or repr is easy to spot.

@@ -23,14 +23,14 @@ from apscheduler.triggers.interval import IntervalTrigger
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from poller.cekura import CekuraClient
-from poller.config import ConfigError, Settings, load_settings
-from poller.cycle import run_cycle
-from poller.delivery import Deliverer
-from poller.health import judge
-from poller.insights import outlooks
-from poller.simulator import SimulatedApi, SimulatorServer
-from poller.store import Store, open_database
+from poller.cekura.client import CekuraClient
+from poller.config.settings import ConfigError, Settings, load_settings
+from poller.devtools.simulator import SimulatedApi, SimulatorServer
+from poller.engine.cycle import run_cycle
+from poller.engine.delivery import Deliverer
+from poller.engine.health import judge
+from poller.engine.insights import outlooks
+from poller.store.database import Store, open_database
 from tests.engine_world import ACME, TOKEN, poller_env, run_poller, seed_organizations
 
 NUMERIC = (

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from poller.config import ConfigError, Secret, load_settings
-from poller.envfile import parse_env_text
-from poller.simulator import SimulatedApi, SimulatorServer
+from poller.config.envfile import parse_env_text
+from poller.config.settings import ConfigError, Secret, load_settings
+from poller.devtools.simulator import SimulatedApi, SimulatorServer
 from tests.engine_world import ACME, poller_env, run_poller, seed_organizations
 from tests.reliability.world import ProcessWorld
 

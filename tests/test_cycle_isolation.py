@@ -13,10 +13,10 @@ from collections.abc import Callable
 import pytest
 from structlog.testing import capture_logs
 
-import poller.cycle
-import poller.insights
-import poller.notifications
-import poller.store
+import poller.engine.cycle
+import poller.engine.insights
+import poller.engine.notifications
+import poller.store.database
 from tests.engine_world import ACME, ACME_ADMINS, INITECH, World
 
 INITECH_LOW = "333.00"  # below Initech's threshold of 500, and a balance no other org has
@@ -39,25 +39,25 @@ def failing_for_initech(original: Callable, is_initech: Callable[..., bool]) -> 
 # the alert's subject is rendered while planning)
 STEPS = {
     "plan": (
-        poller.cycle,
+        poller.engine.cycle,
         "plan_org",
         lambda snapshot, *a, **k: snapshot.id == INITECH,
         "planning",
     ),
     "render": (
-        poller.notifications,
+        poller.engine.notifications,
         "render_subject",
         lambda content: content.org_id == INITECH,
         "planning",
     ),
     "forecast": (
-        poller.insights,
+        poller.engine.insights,
         "forecast",
         lambda points: str(points[-1].balance) == INITECH_LOW,
         "forecasting",
     ),
     "persist": (
-        poller.store,
+        poller.store.database,
         "_new_state_row",
         lambda change: change.observed.org_id == INITECH,
         "saving",
@@ -114,10 +114,10 @@ def test_a_failing_recovery_notice_fails_that_org_only_and_leaves_it_alerted(
     world.set_balance(INITECH, "5000.00")  # a top-up: Initech re-arms with a recovery notice
     world.set_balance(ACME, "999.99")
     monkeypatch.setattr(
-        poller.insights,
+        poller.engine.insights,
         "content_for",
         failing_for_initech(
-            poller.insights.content_for, lambda snapshot, **kwargs: snapshot.id == INITECH
+            poller.engine.insights.content_for, lambda snapshot, **kwargs: snapshot.id == INITECH
         ),
     )
 

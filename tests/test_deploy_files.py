@@ -120,8 +120,8 @@ def test_everything_the_dockerfile_copies_exists_and_is_what_the_package_needs()
             copied.update(sources)
     for source in copied:
         assert (ROOT / source).exists(), source
-    # setup.cfg reads README.md (long_description) and packages poller/ and templates/.
-    assert {"pyproject.toml", "setup.cfg", "README.md", "poller", "templates"} <= copied
+    # setup.cfg reads README.md (long_description) and packages poller/ (templates inside).
+    assert {"pyproject.toml", "setup.cfg", "README.md", "poller"} <= copied
 
 
 def unit() -> configparser.ConfigParser:

@@ -8,8 +8,8 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from sqlalchemy import text
 
-from poller.simulator import Fault
-from poller.store import DatabaseError, notification
+from poller.devtools.simulator import Fault
+from poller.store.database import DatabaseError, notification
 from tests.engine_world import (
     ACME,
     ACME_ADMINS,

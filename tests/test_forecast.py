@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from poller.forecast import (
+from poller.engine.forecast import (
     HORIZON_DAYS,
     Point,
     forecast,
@@ -17,8 +17,8 @@ from poller.forecast import (
     suggest_threshold,
     window,
 )
-from poller.mail import AlertContent, forecast_line
-from poller.notices import forecast_fields
+from poller.engine.notices import forecast_fields
+from poller.mail.message import AlertContent, forecast_line
 
 T0 = datetime(2024, 5, 1, tzinfo=UTC)
 

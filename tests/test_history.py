@@ -9,9 +9,8 @@ from alembic import command
 from alembic.config import Config
 from sqlalchemy import text
 
-from poller.forecast import Point
-from poller.history import History
-from poller.store import (
+from poller.engine.forecast import Point
+from poller.store.database import (
     MIGRATIONS_LOCATION,
     Store,
     create_configured_engine,
@@ -19,6 +18,7 @@ from poller.store import (
     org_state,
     upgrade_database,
 )
+from poller.store.history import History
 
 NOW = datetime(2024, 6, 1, 12, 0, tzinfo=UTC)
 

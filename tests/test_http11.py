@@ -15,9 +15,14 @@ from contextlib import closing, contextmanager
 
 import pytest
 
-from poller import http11
-from poller.cekura import LIST_V1_MAX_BYTES
-from poller.transport import HttpTransport, ResponseTooLarge, TransportError, TransportTimeout
+from poller.cekura import http11
+from poller.cekura.client import LIST_V1_MAX_BYTES
+from poller.cekura.transport import (
+    HttpTransport,
+    ResponseTooLarge,
+    TransportError,
+    TransportTimeout,
+)
 
 # One scripted answer: the pieces a server writes for one request, and whether it then hangs up.
 Answer = tuple[list[bytes], bool]

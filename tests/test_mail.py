@@ -20,9 +20,10 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from poller.addresses import smtp_address
-from poller.config import Secret
-from poller.mail import (
+from poller.config.settings import Secret
+from poller.devtools.smtp_capture import CaptureHandler, SmtpCapture, describe
+from poller.engine.addresses import smtp_address
+from poller.mail.message import (
     HTML_TEMPLATE,
     SUBJECT_TEMPLATE,
     TEXT_TEMPLATE,
@@ -43,7 +44,6 @@ from poller.mail import (
     template_environment,
     templates_dir,
 )
-from poller.smtp_capture import CaptureHandler, SmtpCapture, describe
 from tests.fixtures.smtp import TEST_LOGIN, TEST_PASSWORD, SmtpTestServer
 
 MAIL_FROM = "Cekura alerts <alerts@poller.example.com>"

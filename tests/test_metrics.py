@@ -19,10 +19,10 @@ from pathlib import Path
 
 import pytest
 
-from poller.health import judge, last_successful_run
-from poller.metrics import endpoint_label, read_store_counts
-from poller.simulator import Fault, SimulatedApi, SimulatorServer
-from poller.smtp_capture import free_port
+from poller.cli.metrics import endpoint_label, read_store_counts
+from poller.devtools.simulator import Fault, SimulatedApi, SimulatorServer
+from poller.devtools.smtp_capture import free_port
+from poller.engine.health import judge, last_successful_run
 from tests.engine_world import ACME, TOKEN, World, poller_env, run_poller, seed_organizations
 
 NOW = datetime(2026, 5, 1, 12, 0, tzinfo=UTC)

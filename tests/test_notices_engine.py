@@ -12,14 +12,14 @@ from decimal import Decimal
 
 import pytest
 
-from poller.cekura import CekuraClient
-from poller.cycle import CycleReport, run_cycle
-from poller.delivery import Deliverer
-from poller.forecast import Point
-from poller.history import History
-from poller.notices import NOTICE_INITIAL, NoticeChange, NoticeState, NoticeStore
-from poller.rules import AlertState
-from poller.store import NewNotification
+from poller.cekura.client import CekuraClient
+from poller.engine.cycle import CycleReport, run_cycle
+from poller.engine.delivery import Deliverer
+from poller.engine.forecast import Point
+from poller.engine.notices import NOTICE_INITIAL, NoticeChange, NoticeState, NoticeStore
+from poller.engine.rule import AlertState
+from poller.store.database import NewNotification
+from poller.store.history import History
 from tests.engine_world import (
     ACME,
     ACME_ADMINS,

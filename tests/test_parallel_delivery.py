@@ -8,9 +8,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from poller.config import ConfigError, load_settings
-from poller.delivery import Deliverer
-from poller.simulator import SimulatedApi
+from poller.config.settings import ConfigError, load_settings
+from poller.devtools.simulator import SimulatedApi
+from poller.engine.delivery import Deliverer
 from tests.engine_world import World, open_world
 
 ORGS = 6

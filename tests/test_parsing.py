@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from poller.parsing import (
+from poller.cekura.parsing import (
     MAX_NESTING,
     BillingBody,
     PageBody,
@@ -23,7 +23,7 @@ from poller.parsing import (
     parse_organization,
     without_deep_nesting,
 )
-from poller.records import DEFAULT_THRESHOLD, Billing, Member, Organization
+from poller.engine.model import DEFAULT_THRESHOLD, Billing, Member, Organization
 
 FULL_ORG = {
     "id": 37,

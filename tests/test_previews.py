@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from poller.simulator import SimulatedApi, SimulatorServer
+from poller.devtools.simulator import SimulatedApi, SimulatorServer
 from tests.engine_world import ACME, MAIL_FROM, TOKEN, poller_env, run_poller, seed_organizations
 
 

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from poller.progress import TerminalProgress, progress_line
-from poller.simulator import Fault, SimulatorServer
+from poller.cli.progress import TerminalProgress, progress_line
+from poller.devtools.simulator import Fault, SimulatorServer
 from tests.engine_world import ACME, poller_env, run_poller
 
 

@@ -8,10 +8,10 @@ import time
 import pytest
 from structlog.testing import capture_logs
 
-from poller.cekura import CekuraClient
-from poller.config import ConfigError, Secret, Settings, load_settings
-from poller.ratelimit import MIN_RATE, RequestRateLimiter
-from poller.simulator import Fault, SimulatedApi, SimulatorServer
+from poller.cekura.client import CekuraClient
+from poller.cekura.ratelimit import MIN_RATE, RequestRateLimiter
+from poller.config.settings import ConfigError, Secret, Settings, load_settings
+from poller.devtools.simulator import Fault, SimulatedApi, SimulatorServer
 
 TOKEN = "rate-limit-test-token"
 

@@ -13,8 +13,8 @@ from datetime import UTC, datetime
 import pytest
 from structlog.testing import capture_logs
 
-from poller.smtp_capture import SmtpCapture
-from poller.store import notification
+from poller.devtools.smtp_capture import SmtpCapture
+from poller.store.database import notification
 from tests.engine_world import ACME, ACME_ADMINS, INITECH, World, open_world, run_poller
 
 DANA, SAM = ACME_ADMINS

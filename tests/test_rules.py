@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from poller.rules import (
+from poller.engine.rule import (
     INITIAL,
     AlertState,
     Decision,

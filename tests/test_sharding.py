@@ -13,12 +13,12 @@ from hypothesis import given
 from hypothesis import strategies as st
 from sqlalchemy import select
 
-from poller.cekura import CekuraClient
-from poller.cli import cli
-from poller.config import ConfigError, Secret, Settings, load_settings
-from poller.sharding import Shard, parse_shard
-from poller.simulator import SimulatedApi, SimulatorServer
-from poller.store import cycle_run, open_database
+from poller.cekura.client import CekuraClient
+from poller.cli.main import cli
+from poller.config.settings import ConfigError, Secret, Settings, load_settings
+from poller.devtools.simulator import SimulatedApi, SimulatorServer
+from poller.engine.sharding import Shard, parse_shard
+from poller.store.database import cycle_run, open_database
 from tests.engine_world import TOKEN, World, poller_env, run_poller
 
 # --- the partition -----------------------------------------------------------------------------

@@ -26,7 +26,7 @@ from jsonschema import Draft202012Validator, FormatChecker
 from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012
 
-from poller.simulator import (
+from poller.devtools.simulator import (
     DEFAULT_PAGE_SIZE,
     MAX_PAGE_SIZE,
     Fault,
@@ -1121,7 +1121,7 @@ def _start_cli_simulator(tmp_path: Path, **options: object) -> subprocess.Popen[
         "seed_file": None,
         **options,
     }
-    code = f"from poller.simulator import run_simulator; run_simulator(**{arguments!r})"
+    code = f"from poller.devtools.simulator import run_simulator; run_simulator(**{arguments!r})"
     return subprocess.Popen(
         [sys.executable, "-c", code],
         cwd=REPO,

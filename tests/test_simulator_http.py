@@ -22,7 +22,7 @@ import requests
 import urllib3
 from structlog.testing import capture_logs
 
-from poller.simulator import Fault, SimulatedApi, SimulatorServer
+from poller.devtools.simulator import Fault, SimulatedApi, SimulatorServer
 from tests.fixtures.api import SIM_TOKEN
 from tests.fixtures.smtp import SelfSignedCertificate
 

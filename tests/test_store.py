@@ -34,9 +34,9 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.pool import NullPool
 from structlog.testing import capture_logs
 
-import poller.store as store_module
-from poller.rules import AlertState, StoredState
-from poller.store import (
+import poller.store.database as store_module
+from poller.engine.rule import AlertState, StoredState
+from poller.store.database import (
     DatabaseError,
     Money,
     NewNotification,

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from poller.terminal import BIDI_CONTROLS, safe_for_terminal
+from poller.cli.terminal import BIDI_CONTROLS, safe_for_terminal
 
 
 @pytest.mark.parametrize(

@@ -14,7 +14,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from poller.transport import HttpTransport
+from poller.cekura.transport import HttpTransport
 
 
 @contextmanager
@@ -131,7 +131,7 @@ def test_what_a_server_wrote_on_an_idle_connection_is_not_taken_for_the_next_ans
     # up; the next GET must go out on a new connection instead of reading that 408.
     for name in ("HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
         monkeypatch.delenv(name, raising=False)
-    monkeypatch.setattr("poller.transport.IDLE_CHECK_AFTER", 0.1)
+    monkeypatch.setattr("poller.cekura.transport.IDLE_CHECK_AFTER", 0.1)
     listener = socket.create_server(("127.0.0.1", 0))
     seen: list[bytes] = []
 

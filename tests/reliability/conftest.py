@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from poller.simulator import SimulatedApi, SimulatorServer
+from poller.devtools.simulator import SimulatedApi, SimulatorServer
 from tests.engine_world import TOKEN, poller_env
 from tests.fixtures.smtp import SmtpTestServer
 from tests.reliability.world import ProcessWorld

@@ -46,9 +46,9 @@ from typing import TextIO
 
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
-from poller.simulator import SimulatedApi, SimulatorServer
-from poller.smtp_capture import CapturedMessage, CaptureHandler, SmtpCapture
-from poller.store import NotificationRecord, open_database
+from poller.devtools.simulator import SimulatedApi, SimulatorServer
+from poller.devtools.smtp_capture import CapturedMessage, CaptureHandler, SmtpCapture
+from poller.store.database import NotificationRecord, open_database
 from tests.engine_world import TOKEN, poller_env
 from tests.fixtures.database import fresh_postgres_database
 

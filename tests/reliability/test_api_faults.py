@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from decimal import Decimal
 
-from poller.simulator import Fault
+from poller.devtools.simulator import Fault
 from tests.reliability.world import ProcessWorld, add_orgs, assert_one_clear_line
 
 (

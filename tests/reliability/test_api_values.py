@@ -8,7 +8,7 @@ import json
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
-from poller.history import History
+from poller.store.history import History
 from tests.reliability.world import ProcessWorld, add_orgs
 
 TOO_BIG = 2**63  # one more than PostgreSQL's bigint (and SQLite's integer) holds

@@ -15,8 +15,8 @@ from sqlalchemy import create_engine, func, select, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.pool import NullPool
 
-from poller.simulator import Fault, SimulatedApi, SimulatorServer
-from poller.smtp_capture import free_port
+from poller.devtools.simulator import Fault, SimulatedApi, SimulatorServer
+from poller.devtools.smtp_capture import free_port
 from tests.engine_world import TOKEN, poller_env, run_poller
 from tests.fixtures.smtp import SmtpTestServer
 from tests.reliability.world import ProcessWorld, Run, add_orgs, assert_one_clear_line

@@ -15,11 +15,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from poller.cekura import CekuraClient
-from poller.config import load_settings
-from poller.mail import AlertContent, build_message, render_email
-from poller.records import Member, Organization
-from poller.simulator import SimulatedApi, SimulatorServer
+from poller.cekura.client import CekuraClient
+from poller.config.settings import load_settings
+from poller.devtools.simulator import SimulatedApi, SimulatorServer
+from poller.engine.model import Member, Organization
+from poller.mail.message import AlertContent, build_message, render_email
 
 HOSTILE_NAMES = st.one_of(
     st.text(min_size=1, max_size=300),

@@ -43,12 +43,12 @@ from hypothesis import HealthCheck, Phase, assume, example, given, note, setting
 from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
-from poller.cekura import CekuraClient
-from poller.config import load_settings
-from poller.cycle import CycleReport, run_cycle
-from poller.delivery import Deliverer
-from poller.simulator import SimulatedApi, SimulatorServer
-from poller.store import Store, metadata, open_database
+from poller.cekura.client import CekuraClient
+from poller.config.settings import load_settings
+from poller.devtools.simulator import SimulatedApi, SimulatorServer
+from poller.engine.cycle import CycleReport, run_cycle
+from poller.engine.delivery import Deliverer
+from poller.store.database import Store, metadata, open_database
 from tests.engine_world import TOKEN, poller_env, run_poller
 from tests.fixtures.smtp import DROP, SmtpTestServer, unicode_mailbox
 

@@ -10,8 +10,8 @@ import time
 from decimal import Decimal
 from pathlib import Path
 
-from poller.simulator import Fault, SimulatedApi, SimulatorServer
-from poller.smtp_capture import free_port
+from poller.devtools.simulator import Fault, SimulatedApi, SimulatorServer
+from poller.devtools.smtp_capture import free_port
 from tests.engine_world import poller_env, run_poller
 from tests.fixtures.smtp import TEST_LOGIN, SmtpTestServer
 from tests.reliability.world import ProcessWorld, Run, add_orgs

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from poller.simulator import Fault
+from poller.devtools.simulator import Fault
 from tests.fixtures.smtp import SmtpTestServer
 from tests.reliability.world import ProcessWorld, add_orgs
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from poller.simulator import SimulatedApi, SimulatorServer
+from poller.devtools.simulator import SimulatedApi, SimulatorServer
 from tests.engine_world import TOKEN, poller_env
 from tests.fixtures.smtp import TEST_LOGIN, TEST_PASSWORD, SelfSignedCertificate, SmtpTestServer
 from tests.reliability.world import ProcessWorld, add_orgs, assert_one_clear_line

@@ -1,0 +1,125 @@
+"""Is the poller doing its job? One verdict, shared by `/healthz` and `poller health`.
+
+Healthy means: a successful cycle finished less than ``max_age`` seconds ago, and no email is
+held back by a problem that is not about its recipients (SMTP server unreachable, login or
+sender refused, a setting the email cannot be built with): such a problem holds back every
+alert until someone fixes it, so it must show. An admin's address being refused does not
+count: it costs that admin's copy only (``email.recipient_refused`` / ``email.failed`` log
+events, ``poller status``).
+
+Overrun (the last successful cycle took longer than the interval): a breach then waits up to
+that cycle's duration, not the interval, to be seen. Still healthy, with "overrun" in the
+reason, while it took at most twice the interval; unhealthy beyond that, as a staleness limit
+of twice the interval would soon say anyway. See "Sizing" in docs/operations.md.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy import and_, or_, select
+
+from poller.store.database import Store, cycle_run
+
+
+@dataclass(frozen=True)
+class Verdict:
+    healthy: bool
+    reason: str  # one line for people: why healthy or not
+
+    @property
+    def status_line(self) -> str:
+        return f"{'healthy' if self.healthy else 'unhealthy'}: {self.reason}"
+
+
+def is_successful(outcome: str | None, orgs_read: int, orgs_failed: int) -> bool:
+    """The same rule as the SQL in ``last_successful_run``, for a cycle seen in memory."""
+    if outcome == "ok":
+        return True
+    return outcome == "partial" and (orgs_read > 0 or orgs_failed == 0)
+
+
+def judge(
+    last_success: datetime | None,
+    *,
+    now: datetime,
+    max_age: float,
+    running_since: datetime | None = None,
+    held: tuple[int, str | None] = (0, None),
+    cycle_seconds: float | None = None,
+    interval: float | None = None,
+) -> Verdict:
+    """``running_since``: a process that started less than ``max_age`` ago gets time to finish
+    its first cycle before it is called unhealthy (the daemon passes its start time).
+    ``held``: ``Store.held_back()``, emails waiting on a problem not about their recipients.
+    ``cycle_seconds``: how long the last successful cycle took, compared with ``interval``."""
+    if last_success is not None:
+        age = (now - last_success).total_seconds()
+        when = f"{_seconds(age)} ago (at {last_success:%Y-%m-%d %H:%M:%S} UTC)"
+        if age <= max_age and held[0]:
+            return Verdict(
+                False,
+                f"{held[0]} email(s) held back by a problem that is not about their recipients: "
+                f"{held[1]}; see the email.held and email.retry log events",
+            )
+        if age <= max_age and cycle_seconds is not None and interval is not None:
+            took = f"it took {_seconds(cycle_seconds)}"
+            sizing = "see Sizing in docs/operations.md"
+            if cycle_seconds > 2 * interval:
+                return Verdict(
+                    False,
+                    f"last successful cycle {when}, overrun: {took}, more than twice the "
+                    f"{_seconds(interval)} interval; {sizing}",
+                )
+            if cycle_seconds > interval:
+                return Verdict(
+                    True,
+                    f"last successful cycle {when}, overrun: {took}, longer than the "
+                    f"{_seconds(interval)} interval; {sizing}",
+                )
+        if age <= max_age:
+            return Verdict(True, f"last successful cycle {when}")
+        return Verdict(
+            False,
+            f"last successful cycle {when}, longer than {_seconds(max_age)}; "
+            "see the cycle.finished, cycle.list_failed and api.error log events",
+        )
+    if running_since is not None:
+        started = (now - running_since).total_seconds()
+        if started <= max_age:
+            return Verdict(True, f"starting: no cycle finished yet (up {_seconds(started)})")
+        return Verdict(
+            False,
+            f"no successful cycle in {_seconds(started)} since the start; "
+            "see the cycle.list_failed and api.error log events",
+        )
+    return Verdict(False, "no successful cycle recorded in the database yet")
+
+
+def last_successful_run(store: Store) -> tuple[datetime, float] | None:
+    """When the latest successful cycle (any process, any replica) finished, and how many
+    seconds it took."""
+    successful = or_(
+        cycle_run.c.outcome == "ok",
+        and_(
+            cycle_run.c.outcome == "partial",
+            or_(cycle_run.c.orgs_read > 0, cycle_run.c.orgs_failed == 0),
+        ),
+    )
+    query = (
+        select(cycle_run.c.finished_at, cycle_run.c.started_at)
+        .where(successful)
+        .order_by(cycle_run.c.finished_at.desc())
+        .limit(1)
+    )
+    # The store's own error wrapping: a database problem is one line, password hidden.
+    with store.database_errors("reading the cycle history"), store.engine.connect() as connection:
+        row = connection.execute(query).first()
+    if row is None:
+        return None
+    return row.finished_at, (row.finished_at - row.started_at).total_seconds()
+
+
+def _seconds(value: float) -> str:
+    return f"{value:.0f}s" if value >= 10 else f"{value:.1f}s"

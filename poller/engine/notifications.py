@@ -1,0 +1,110 @@
+"""What an outbox row says: the email's content and its addressees, for every kind of notice.
+
+The main low-credits alert and the optional notices (runway, reminder, recovery) are built
+the same way, so who gets an email and which status its row starts with has one answer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+
+from poller.engine.model import OrgSnapshot
+from poller.mail.message import AlertContent, render_subject
+from poller.store.database import Deliveries, NewNotification
+
+
+def addressees(snapshot: OrgSnapshot, baseline: bool) -> tuple[tuple[str, ...], str]:
+    """Who a notice goes to, and the outbox status it starts with."""
+    recipients = tuple(member.email for member in snapshot.org.alert_recipients())
+    if baseline:
+        return recipients, "baseline"
+    if not snapshot.org.send_emails_enabled:
+        return recipients, "suppressed"
+    if not recipients:
+        return recipients, "no_recipients"
+    return recipients, "pending"
+
+
+def content_for(
+    snapshot: OrgSnapshot, *, kind: str, number: int, billing_url: str, now: datetime
+) -> AlertContent:
+    return AlertContent(
+        org_id=snapshot.id,
+        org_name=snapshot.name,
+        breach_number=number,
+        balance=snapshot.balance,
+        threshold=snapshot.threshold,
+        detected_at=now,
+        billing_url=billing_url,
+        auto_refill=snapshot.org.auto_refill,
+        kind=kind,
+    )
+
+
+def notification_for(
+    content: AlertContent, snapshot: OrgSnapshot, baseline: bool
+) -> NewNotification:
+    recipients, status = addressees(snapshot, baseline)
+    return NewNotification(
+        kind=content.kind,
+        breach_number=content.breach_number,
+        org_name=snapshot.name,
+        recipients=recipients,
+        subject=render_subject(content),
+        balance=snapshot.balance,
+        threshold=snapshot.threshold,
+        detected_at=content.detected_at,
+        status=status,
+        auto_refill=snapshot.org.auto_refill,
+        burn_per_day=content.burn_per_day,
+        runs_out_at=content.runs_out_at,
+    )
+
+
+# Per-recipient outcomes (the ``deliveries`` of an outbox row).
+SENT, FAILED, RETRYING = "sent", "failed", "retrying"
+
+
+def still_to_send(recipients: Sequence[str], deliveries: Deliveries) -> list[str]:
+    """The recipients without a final outcome: never tried, or temporarily refused."""
+    return [
+        address
+        for address in recipients
+        if deliveries.get(address, {}).get("outcome") not in (SENT, FAILED)
+    ]
+
+
+def row_status(recipients: Sequence[str], deliveries: Deliveries) -> str:
+    """The outbox status per-recipient outcomes add up to.
+
+    ``pending`` while any recipient has no final outcome (never tried, or temporarily
+    refused); then ``sent`` if the server accepted it for at least one recipient, ``failed``
+    if it refused every one permanently.
+    """
+    if still_to_send(recipients, deliveries):
+        return "pending"
+    outcomes = [deliveries[address]["outcome"] for address in recipients]
+    return SENT if SENT in outcomes else FAILED
+
+
+def delivery_summary(status: str, recipients: Sequence[str], deliveries: Deliveries) -> str:
+    """``"sent 2/3, 1 failed"``, ``"pending 1/3 sent, 2 retrying"``: the row and its recipients.
+
+    A row from before per-recipient outcomes (or one not for sending) is its status alone.
+    """
+    if not deliveries or status not in ("pending", "sent", "failed"):
+        return status
+    counts = {outcome: 0 for outcome in (SENT, FAILED, RETRYING)}
+    for address in recipients:
+        outcome = deliveries.get(address, {}).get("outcome")
+        if outcome in counts:
+            counts[outcome] += 1
+    total = len(recipients)
+    untried = total - sum(counts.values())
+    head = f"{counts[SENT]}/{total} sent" if status == "pending" else f"{counts[SENT]}/{total}"
+    parts = [f"{status} {head}"]
+    parts += [f"{counts[outcome]} {outcome}" for outcome in (FAILED, RETRYING) if counts[outcome]]
+    if untried:
+        parts.append(f"{untried} not tried yet")
+    return ", ".join(parts)

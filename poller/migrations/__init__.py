@@ -1,1 +1,0 @@
-"""Alembic migrations for the alert-state store (script_location ``poller:migrations``)."""

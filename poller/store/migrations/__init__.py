@@ -1,0 +1,1 @@
+"""Alembic migrations for the alert-state store (script_location ``poller.store:migrations``)."""
