@@ -89,7 +89,9 @@ def _fail(message: str, status: int) -> None:
     "--database-url", help="SQLAlchemy URL of the alert-state database (POLLER_DATABASE_URL)."
 )
 @click.option("--log-format", type=click.Choice(["json", "console"]), help="POLLER_LOG_FORMAT.")
-@click.option("-v", "--verbose", count=True, help="More log output (-v debug, -vv the libraries' debug too).")
+@click.option(
+    "-v", "--verbose", count=True, help="More log output (-v debug, -vv the libraries' debug too)."
+)
 @click.option("-q", "--quiet", count=True, help="Less log output (-q warnings, -qq errors).")
 @click.pass_context
 def cli(
