@@ -112,6 +112,16 @@ class Settings:
         if not self.mail_from:
             raise ConfigError("POLLER_MAIL_FROM is required to send email")
 
+    def secret_values(self) -> list[str]:
+        """Every credential in clear, for the log redaction: keys, token, SMTP password and a
+        password inside the database URL (validated by load_settings already)."""
+        values = [key.reveal() for key in self.api_keys]
+        values += [s.reveal() for s in (self.api_token, self.smtp_password) if s]
+        database_password = make_url(self.database_url).password
+        if database_password:
+            values.append(str(database_password))
+        return values
+
     def __repr__(self) -> str:
         # The generated repr would print a PostgreSQL password embedded in database_url.
         shown = (
