@@ -25,7 +25,7 @@ import re
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import structlog
@@ -36,7 +36,7 @@ from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 
 from poller.config.settings import ConfigError
-from poller.engine.cycle import CycleReport
+from poller.engine.cycle import CycleReport, utc_now
 from poller.engine.health import Verdict, is_successful, judge
 from poller.store.database import DatabaseError, Store, notification, org_state
 
@@ -45,10 +45,6 @@ log = structlog.get_logger(__name__)
 # From a handful of organizations (well under a second) to 100,000 (minutes).
 CYCLE_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
 _ORG_ID_IN_PATH = re.compile(r"/\d+(?=/|$)")
-
-
-def utc_now() -> datetime:
-    return datetime.now(UTC)
 
 
 def endpoint_label(endpoint: str) -> str:

@@ -561,7 +561,7 @@ def _parse(spec: _Spec, raw: object, label: str) -> Any:
 
 def _refuse_credentials_over_plain_http(settings: Settings, api_url_label: str) -> None:
     parts = urlsplit(settings.api_url)
-    if parts.scheme == "https" or settings.allow_insecure_http or _is_loopback(parts.hostname):
+    if parts.scheme == "https" or settings.allow_insecure_http or is_loopback(parts.hostname):
         return
     raise ConfigError(
         f"{api_url_label}: refusing to send the API credential over plain http to "
@@ -570,10 +570,11 @@ def _refuse_credentials_over_plain_http(settings: Settings, api_url_label: str) 
     )
 
 
-def _is_loopback(host: str | None) -> bool:
+def is_loopback(host: str | None) -> bool:
+    """``localhost`` or a loopback IP: where plain http cannot leave the machine."""
     if host is None:
         return False
-    if host.lower() == "localhost":
+    if host.lower().rstrip(".") == "localhost":
         return True
     try:
         return ipaddress.ip_address(host).is_loopback
