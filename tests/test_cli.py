@@ -95,9 +95,7 @@ def test_an_unknown_toml_key_exits_2(sqlite_env, tmp_path):
     assert_no_traceback(result)
 
 
-def test_library_log_lines_join_the_json_stream_and_pass_the_secret_redaction(
-    sqlite_env, tmp_path
-):
+def test_library_log_lines_join_the_json_stream_and_pass_the_secret_redaction(sqlite_env, tmp_path):
     # Alembic names its SQLite implementation in a line of its own; configured as a secret,
     # that name must not leave the process, in a line of ours or of a library.
     secret = "SQLiteImpl"
