@@ -1,22 +1,8 @@
 """Prometheus metrics and `/healthz` for the daemon (`poller run --metrics-port PORT`).
 
-One registry per daemon, served with its health verdict by a small HTTP server on a thread:
-
-* ``poller_cycle_duration_seconds`` (histogram) and ``poller_cycles_total{outcome}``
-* ``poller_last_cycle_duration_seconds``, ``poller_interval_seconds`` and
-  ``poller_cycle_overruns_total``: cycles (any outcome) that took longer than the interval;
-  alert on ``poller_last_cycle_duration_seconds > poller_interval_seconds``
-* ``poller_last_success_timestamp_seconds``: when this process last finished a successful cycle
-* ``poller_api_requests_total{endpoint,status}`` and ``poller_api_errors_total{endpoint,status}``
-  (every HTTP attempt, retries included; status is the HTTP code, ``timeout`` or
-  ``connection_error``; organization ids in paths are replaced by ``{id}``)
-* ``poller_organizations{state,enabled}``, ``poller_notifications{status}`` and
-  ``poller_outbox_pending``: read from the database after each cycle with two GROUP BY
-  queries, so a scrape never touches the database.
-
-``/healthz`` answers 200 while this process's last successful cycle is younger than twice the
-interval and took at most twice the interval (see ``poller.engine.health``; an overrun below that is
-named in the 200 answer), 503 with the reason otherwise.
+One registry per daemon, served with its health verdict by a small HTTP server on a thread.
+Counts from the database are read once after each cycle, so a scrape never touches the
+database. The metrics and the /healthz rules are listed in docs/operations.md (Monitor).
 """
 
 from __future__ import annotations
