@@ -22,9 +22,11 @@ from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 
 from poller.config.settings import ConfigError
-from poller.engine.cycle import CycleReport, utc_now
+from poller.engine.cycle import CycleReport
 from poller.engine.health import Verdict, is_successful, judge
-from poller.store.database import DatabaseError, Store, notification, org_state
+from poller.engine.model import utc_now
+from poller.store.database import DatabaseError, Store
+from poller.store.schema import notification, org_state
 
 log = structlog.get_logger(__name__)
 

@@ -23,10 +23,12 @@ from poller.cli.present import outlook_json, plan_json, print_plan
 from poller.cli.progress import terminal_progress
 from poller.cli.terminal import echo_json
 from poller.config.settings import Settings
-from poller.engine.cycle import CycleReport, OrgPlan, run_cycle, warn_on_overrun
+from poller.engine.cycle import CycleReport, run_cycle, warn_on_overrun
+from poller.engine.decide import OrgPlan
 from poller.engine.delivery import Deliverer
-from poller.engine.insights import outlooks
-from poller.engine.notifications import content_for
+from poller.engine.model import NotificationKind
+from poller.engine.notices import content_for
+from poller.engine.outlook import outlooks
 from poller.engine.sharding import Shard
 from poller.mail.message import render_email
 
@@ -195,7 +197,7 @@ def _email_preview(plan: OrgPlan, settings: Settings) -> dict[str, Any] | None:
         return None
     content = content_for(
         plan.snapshot,
-        kind="low_credits",
+        kind=NotificationKind.LOW_CREDITS,
         number=notification.breach_number,
         billing_url=settings.billing_url,
         now=notification.detected_at,

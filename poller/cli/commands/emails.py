@@ -13,8 +13,8 @@ from poller.cli.common import EXIT_INCOMPLETE, EXIT_USAGE, fail
 from poller.cli.terminal import echo
 from poller.config.settings import Settings
 from poller.engine.delivery import smtp_transport
-from poller.engine.model import Member, Organization, OrgSnapshot
-from poller.engine.notifications import content_for
+from poller.engine.model import Member, NotificationKind, Organization, OrgSnapshot
+from poller.engine.notices import content_for
 from poller.mail.message import (
     AlertContent,
     DeliveryError,
@@ -54,7 +54,9 @@ TEST_SUBJECT_PREFIX = "[poller test] "
 
 def sample_content(billing_url: str, now: datetime) -> AlertContent:
     snapshot = OrgSnapshot(org=SAMPLE_ORG, balance=SAMPLE_BALANCE)
-    return content_for(snapshot, kind="low_credits", number=1, billing_url=billing_url, now=now)
+    return content_for(
+        snapshot, kind=NotificationKind.LOW_CREDITS, number=1, billing_url=billing_url, now=now
+    )
 
 
 @click.command()
@@ -88,7 +90,11 @@ def preview(settings: Settings, org_id: int | None, sample: bool, html_file: str
         snapshot = _live_snapshot(settings, org_id)
     rendered = render_email(
         content_for(
-            snapshot, kind="low_credits", number=1, billing_url=settings.billing_url, now=now
+            snapshot,
+            kind=NotificationKind.LOW_CREDITS,
+            number=1,
+            billing_url=settings.billing_url,
+            now=now,
         )
     )
     recipients = [r.email for r in snapshot.org.alert_recipients()]

@@ -10,7 +10,7 @@ import click
 from poller.cli.common import EXIT_USAGE, fail, open_store
 from poller.cli.terminal import echo
 from poller.config.settings import Settings
-from poller.engine.health import judge, last_successful_run
+from poller.engine.health import judge
 from poller.store.database import upgrade_database
 
 
@@ -132,7 +132,7 @@ def health(settings: Settings, max_age: float | None) -> None:
     limit = max_age if max_age is not None else 2 * settings.interval
     store = open_store(settings)
     try:
-        last = last_successful_run(store)
+        last = store.last_successful_run()
         held = store.held_back()
     finally:
         store.close()

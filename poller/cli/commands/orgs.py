@@ -20,7 +20,7 @@ from poller.cli.present import (
 )
 from poller.cli.terminal import echo, echo_json
 from poller.config.settings import Settings
-from poller.engine.insights import Outlook, outlooks
+from poller.engine.outlook import Outlook, outlooks
 from poller.mail.message import format_credits
 from poller.store.database import StatusRow
 
