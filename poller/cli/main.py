@@ -42,7 +42,7 @@ from poller.mail.message import (
     format_runway,
     render_email,
 )
-from poller.store.database import (
+from poller.store import (
     DatabaseError,
     SchemaOutdated,
     StatusRow,
