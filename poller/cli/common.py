@@ -11,7 +11,7 @@ import click
 from poller.cli.terminal import echo
 from poller.config.settings import Settings
 from poller.engine.sharding import Shard, parse_shard
-from poller.store.database import Store, open_database
+from poller.store import Store, open_database
 
 # 0 ok, 1 something was not read or not delivered, 2 usage or configuration.
 EXIT_OK, EXIT_INCOMPLETE, EXIT_USAGE = 0, 1, 2

@@ -21,7 +21,7 @@ from poller.cli.logs import configure_logging
 from poller.cli.terminal import echo
 from poller.config.envfile import read_env_file
 from poller.config.settings import ConfigError, load_settings
-from poller.store.database import DatabaseError, SchemaOutdated
+from poller.store import DatabaseError, SchemaOutdated
 
 
 class PollerGroup(click.Group):

@@ -25,7 +25,7 @@ from poller.config.settings import ConfigError
 from poller.engine.cycle import CycleReport
 from poller.engine.health import Verdict, is_successful, judge
 from poller.engine.model import utc_now
-from poller.store.database import DatabaseError, Store
+from poller.store import DatabaseError, Store
 from poller.store.schema import notification, org_state
 
 log = structlog.get_logger(__name__)

@@ -21,7 +21,7 @@ from poller.mail.message import (
     format_rate,
     format_runway,
 )
-from poller.store.database import StatusRow
+from poller.store import StatusRow
 
 
 def plan_json(

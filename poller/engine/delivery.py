@@ -50,7 +50,7 @@ from poller.mail.message import (
     render_email,
     reply_text,
 )
-from poller.store.database import ClaimedNotification, DatabaseError, Store
+from poller.store import ClaimedNotification, DatabaseError, Store
 
 log = structlog.get_logger(__name__)
 

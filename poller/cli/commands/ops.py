@@ -11,7 +11,7 @@ from poller.cli.common import EXIT_USAGE, fail, open_store
 from poller.cli.terminal import echo
 from poller.config.settings import Settings
 from poller.engine.health import judge
-from poller.store.database import upgrade_database
+from poller.store import upgrade_database
 
 
 @click.command()

@@ -22,7 +22,7 @@ from poller.cli.terminal import echo, echo_json
 from poller.config.settings import Settings
 from poller.engine.outlook import Outlook, outlooks
 from poller.mail.message import format_credits
-from poller.store.database import StatusRow
+from poller.store import StatusRow
 
 # The API's own rule for low_credits_threshold (DRF DecimalField, max_digits=10, places=2).
 THRESHOLD_PATTERN = re.compile(r"^\d{1,8}(\.\d{1,2})?$")
