@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from typing import Any
 
 import structlog
 
@@ -350,7 +351,7 @@ def _outcome(report: CycleReport, cancel: threading.Event) -> str:
     return "ok" if report.ok else "partial"
 
 
-def _log_summary(cycle_log, report: CycleReport) -> None:
+def _log_summary(cycle_log: Any, report: CycleReport) -> None:
     delivery = report.delivery or DeliveryReport()
     cycle_log.info(
         "cycle.finished",
