@@ -282,11 +282,9 @@ def _decide_all(
 def _no_garbage_collection() -> Iterator[None]:
     """Pause CPython's cyclic garbage collector while the cycle diffs and persists.
 
-    At 100,000 orgs these phases allocate a few hundred thousand objects that all live until
-    the cycle ends, which makes CPython run full collections that traverse every object in the
-    process, the fetched fleet included: 0.3 to 0.5 s apiece, one or two per cycle, finding
-    next to no garbage. Reference counting still frees everything as usual; only reference
-    cycles made in these few seconds wait for the collector to resume.
+    These phases allocate objects by the hundred thousand that all live until the cycle ends,
+    which makes CPython run full collections over the whole fleet that find next to no garbage
+    (docs/architecture.md). Reference counting still frees everything as usual.
     """
     was_enabled = gc.isenabled()
     gc.disable()
