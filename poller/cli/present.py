@@ -12,7 +12,7 @@ from poller.cli.terminal import echo, safe_for_terminal
 from poller.engine.cycle import CycleReport
 from poller.engine.decide import OrgPlan
 from poller.engine.forecast import BEYOND_HORIZON, MIN_POINTS, MIN_SPAN, Window
-from poller.engine.notifications import delivery_summary
+from poller.engine.outcomes import delivery_summary
 from poller.engine.outlook import Outlook
 from poller.mail.message import (
     format_amount,

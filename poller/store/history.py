@@ -37,6 +37,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.sql.dml import Insert
+from sqlalchemy.sql.expression import Executable
 
 from poller.engine.forecast import Point
 from poller.store.jsonrows import JsonRows, batches
@@ -209,7 +210,7 @@ class History:
             "pruning balance history",
         )
 
-    def _in_batches(self, statement, action: str) -> int:
+    def _in_batches(self, statement: Executable, action: str) -> int:
         total = 0
         for _ in range(MAINTENANCE_MAX_BATCHES):
             with self._store.database_errors(action), self._store.engine.begin() as connection:

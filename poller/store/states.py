@@ -58,12 +58,10 @@ from poller.store.schema import UTCDateTime, notification, org_state
 log = structlog.get_logger(__name__)
 
 # Rows per write transaction: big enough to amortize commits, small enough that a concurrent
-# poller (or `poller status`) never waits long for the SQLite write lock: with one statement
-# per batch (JsonRows) 2,000 new orgs take about 20 ms to write.
+# poller (or `poller status`) never waits long for the SQLite write lock.
 BATCH_SIZE = 2000
 # PostgreSQL writes this many batches at a time, each in its own transaction on its own
-# connection: the server works on each in a process of its own, which made the first cycle's
-# writes at 100,000 orgs 40% faster on two cores. SQLite has one writer at a time.
+# connection, so the server works on each in a process of its own. SQLite has one writer.
 PARALLEL_WRITES = 2
 # PostgreSQL SQLSTATE of a transaction aborted to break a deadlock.
 DEADLOCK_DETECTED = "40P01"
@@ -239,15 +237,15 @@ class StateWrites(Connected):
             org_state.c.last_error,
         )
         # At 100,000 orgs every object per row counts: the few distinct states and thresholds
-        # are shared (both immutable) instead of held once per org, about 40% less memory.
-        # Rows are unpacked as tuples: attribute access on each row doubled the time.
+        # are shared (both immutable) instead of held once per org, and rows are unpacked as
+        # tuples (attribute access on each row is slower).
         states: dict[tuple[str, int], StoredState] = {}
         thresholds: dict[Any, Decimal] = {}
         loaded: dict[int, StoredRow] = {}
         with self.database_errors("loading alert states"), self.reader.connect() as connection:
             # Streamed in partitions: PostgreSQL through a server-side cursor (psycopg2 would
-            # otherwise hold every row at once, about 19 MB more at peak for 100,000 orgs), and
-            # a partition at a time because SQLAlchemy's row-by-row iteration calls fetchone.
+            # otherwise hold every row at once), and a partition at a time because
+            # SQLAlchemy's row-by-row iteration calls fetchone.
             streamed = connection.execution_options(yield_per=2000).execute(query)
             for rows in streamed.partitions():
                 for org_id, state, breach_count, name, enabled, threshold, balance, error in rows:

@@ -26,7 +26,8 @@ class Store(StateWrites, Outbox):
     def start_cycle(self, now: datetime, shard: str | None) -> int:
         statement = cycle_run.insert().values(started_at=now, shard=shard).returning(cycle_run.c.id)
         with self.database_errors("recording the cycle start"), self.engine.begin() as connection:
-            return connection.execute(statement).scalar_one()
+            run_id: int = connection.execute(statement).scalar_one()
+            return run_id
 
     def finish_cycle(
         self, cycle_id: int, now: datetime, orgs_read: int, orgs_failed: int, outcome: str
