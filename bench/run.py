@@ -32,7 +32,7 @@ from pathlib import Path
 
 import requests
 
-from bench.report import Row, WideAreaRow, write_report
+from bench.report import Row, WideAreaRow, phases, write_report
 from poller.config.settings import Settings
 from poller.devtools.smtp_capture import SmtpCapture
 
@@ -309,7 +309,7 @@ def bench_wide_area(orgs: int, db: str, args: argparse.Namespace) -> list[WideAr
                         ),
                         latency=WIDE_AREA_LATENCY,
                         wall=run.wall,
-                        fetch=float(run.summary.get("fetch_seconds", 0.0)),
+                        phases=phases(run.summary),
                         requests=run.requests,
                         cpu_seconds=run.cpu_seconds,
                         peak_rss_mb=run.peak_rss_mb,

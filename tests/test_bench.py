@@ -1,4 +1,4 @@
-"""The benchmark as a smoke test at 300 orgs (no timing asserted), and its target verdicts."""
+"""The benchmark as a smoke test at 200 orgs (no timing asserted), and its target verdicts."""
 
 from __future__ import annotations
 
@@ -40,8 +40,8 @@ def test_the_benchmark_runs_both_scenarios_and_writes_the_tables_and_targets(
     # The generated section is replaced; the text around it is kept.
     output.write_text(f"# Benchmarks\n\nKept.\n\n{START}\nold\n{END}\nAlso kept.\n")
     env = {k: v for k, v in os.environ.items() if not k.startswith("POLLER_")}
-    command = [sys.executable, "-m", "bench", "--orgs", "300", "--db", "sqlite"]
-    command += ["--cycles", "2", "--wide-area-orgs", "300", "--output", str(output)]
+    command = [sys.executable, "-m", "bench", "--orgs", "200", "--db", "sqlite"]
+    command += ["--cycles", "2", "--wide-area-orgs", "200", "--output", str(output)]
     result = subprocess.run(
         command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120, check=False
     )
@@ -54,10 +54,10 @@ def test_the_benchmark_runs_both_scenarios_and_writes_the_tables_and_targets(
 
     assert [row["cycle"] for row in cycles] == ["first sight", "changes", "unchanged"]
     first, changes, unchanged = cycles
-    assert first["rows written"] == "300"
+    assert first["rows written"] == "200"
     # 3% of the fleet dropped to 1.00 credits: the enabled, armed ones alert; those with an
     # eligible admin and emails switched on get their email.
-    assert 1 <= int(changes["breaches"]) <= 9
+    assert 1 <= int(changes["breaches"]) <= 6
     assert 0 < int(changes["emails"]) <= int(changes["breaches"])
     assert unchanged["rows written"] == "0" and unchanged["breaches"] == "0"
     for row in cycles:
@@ -66,7 +66,7 @@ def test_the_benchmark_runs_both_scenarios_and_writes_the_tables_and_targets(
         assert number(row["poller CPU µs/org"]) > 0
         assert 0 <= number(row["simulator cores"]) < 2
 
-    # The bound is max(N·L/C, N/R): 300 reads of 50 ms by 8 workers under a 100/s cap, and by
+    # The bound is max(N·L/C, N/R): 200 reads of 50 ms by 8 workers under a 100/s cap, and by
     # 64 workers without one. No client beats it, so the latency and the cap really applied.
     defaults, wide_open = wide
     assert (defaults["scenario"], defaults["concurrency"], defaults["cap"]) == (
@@ -75,18 +75,19 @@ def test_the_benchmark_runs_both_scenarios_and_writes_the_tables_and_targets(
         "100/s",
     )
     assert (wide_open["concurrency"], wide_open["cap"]) == ("64", "none")
-    assert defaults["bound s"] == "3.00" and wide_open["bound s"] == "0.23"
+    assert defaults["bound s"] == "2.00" and wide_open["bound s"] == "0.16"
     for row in wide:
         assert 0 < number(row["bound / fetch"]) <= 1.1
         assert number(row["bound / wall"]) < number(row["bound / fetch"])
+        assert 0 < number(row["other s"]) < number(row["wall s"])
     assert number(defaults["API req/s"]) <= 110
 
     verdicts = {row["target"]: row["verdict"] for row in goals}
     assert len(verdicts) == 5
     assert verdicts["wide area, defaults: bound / wall ≥ 0.9"] in ("met", "**not met**")
-    # The targets at 5,000 and 100,000 orgs are not judged from a 300-org run.
+    # The targets at 5,000 and 100,000 orgs are not judged from a 200-org run.
     assert sum(verdict.startswith("pending") for verdict in verdicts.values()) == 3
-    assert verdicts["peak RSS under 300 MB"] == "met up to 300 orgs; 100,000 pending"
+    assert verdicts["peak RSS under 300 MB"] == "met up to 200 orgs; 100,000 pending"
 
 
 def _cycle(orgs: int, wall: float, cpu_seconds: float, rss: float) -> Row:
@@ -113,7 +114,7 @@ def _wide(scenario: str, concurrency: int, cap: float, wall: float) -> WideAreaR
         max_requests_per_second=cap,
         latency=0.05,
         wall=wall,
-        fetch=wall - 1,
+        phases={"fetch": wall - 1, "diff": 0.1, "persist": 0.0, "deliver": 0.0},
         requests=5_025,
         cpu_seconds=2.0,
         peak_rss_mb=90,
