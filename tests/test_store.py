@@ -35,19 +35,15 @@ from sqlalchemy.pool import NullPool
 from structlog.testing import capture_logs
 
 import poller.store.database as store_module
-from poller.engine.rule import AlertState, StoredState
+from poller.engine.model import AlertState, NewNotification, ObservedOrg, StateChange, StoredState
 from poller.store.database import (
     DatabaseError,
-    Money,
-    NewNotification,
-    ObservedOrg,
     SchemaOutdated,
-    StateChange,
     Store,
     open_database,
-    org_state,
     upgrade_database,
 )
+from poller.store.schema import Money, org_state
 
 NOW = datetime(2024, 11, 24, 12, 0, tzinfo=UTC)
 ARMED = StoredState(AlertState.ARMED, 0)

@@ -44,16 +44,14 @@ Refinements of the original design, and why:
 
 from __future__ import annotations
 
-import json
-import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from dataclasses import dataclass, replace
+from datetime import datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any, TypeVar
 
 import structlog
 from alembic import command
@@ -63,23 +61,14 @@ from alembic.script import ScriptDirectory
 from alembic.util import CommandError
 from sqlalchemy import (
     JSON,
-    BigInteger,
-    Boolean,
-    Column,
     Connection,
-    DateTime,
     Dialect,
     Engine,
     Integer,
-    MetaData,
-    Numeric,
-    String,
     Table,
     Text,
     and_,
     bindparam,
-    cast,
-    column,
     create_engine,
     event,
     func,
@@ -103,10 +92,29 @@ from sqlalchemy.exc import (
     SQLAlchemyError,
 )
 from sqlalchemy.sql.dml import Insert, Update
-from sqlalchemy.sql.selectable import Subquery
-from sqlalchemy.types import TypeDecorator, TypeEngine
+from sqlalchemy.types import TypeEngine
 
-from poller.engine.rule import AlertState, Observed, StoredState
+from poller.engine.forecast import Point
+from poller.engine.model import (
+    NEW_STATUSES,
+    AlertState,
+    ApplyResult,
+    CycleWrites,
+    Deliveries,
+    NewNotification,
+    NoticeState,
+    ObservedOrg,
+    StateChange,
+    StoredRow,
+    StoredState,
+    WordedError,
+    describe_failure,
+    one_line,
+)
+from poller.store.history import History
+from poller.store.jsonrows import JsonRows, batches
+from poller.store.notice_states import NoticeStates
+from poller.store.schema import UTCDateTime, cycle_run, notification, org_state
 
 log = structlog.get_logger(__name__)
 
@@ -128,217 +136,21 @@ _READ_ONLY = "poller_read_only"
 # sent / retry / failed marks): they commit without waiting for the disk (see
 # Store._progress_write for what a power loss can then cost).
 _PROGRESS = "poller_delivery_progress"
-MAX_ERROR_LENGTH = 500
 # PostgreSQL SQLSTATE of a transaction aborted to break a deadlock.
 DEADLOCK_DETECTED = "40P01"
 
 Item = TypeVar("Item")
+# INSERT with ON CONFLICT, which both dialects spell the same.
+DialectInsert = Callable[[Table], postgresql.Insert | sqlite.Insert]
 Result = TypeVar("Result")
-
-NOTIFICATION_STATUSES = frozenset(
-    {"pending", "sent", "failed", "suppressed", "no_recipients", "baseline"}
-)
 
 
 class SchemaOutdated(Exception):
     """The database schema is not the revision this poller needs (one-line message)."""
 
 
-class DatabaseError(Exception):
+class DatabaseError(WordedError):
     """The database could not be opened or used; the message is one line without secrets."""
-
-
-def _plain_decimal(value: Decimal) -> str:
-    """``format(value, "f")``: the digits without an exponent ("1E+3" is "1000")."""
-    # str() is several times faster and gives that same text unless it switches to an exponent.
-    text = str(value)
-    return format(value, "f") if "E" in text else text
-
-
-class Money(TypeDecorator[Decimal]):
-    """An exact Decimal on every backend (see the module docstring)."""
-
-    impl = Numeric
-    cache_ok = True
-
-    def load_dialect_impl(self, dialect: Dialect) -> TypeEngine[Any]:
-        if dialect.name == "sqlite":
-            return dialect.type_descriptor(String())
-        return dialect.type_descriptor(Numeric(asdecimal=True))
-
-    def process_bind_param(self, value: Decimal | None, dialect: Dialect) -> Any:
-        if value is None:
-            return None
-        if not isinstance(value, Decimal) or not value.is_finite():
-            raise ValueError(f"money must be a finite Decimal, got {value!r}")
-        return _plain_decimal(value) if dialect.name == "sqlite" else value
-
-    def process_result_value(self, value: Any, dialect: Dialect) -> Decimal | None:
-        return None if value is None else Decimal(value)
-
-
-class UTCDateTime(TypeDecorator[datetime]):
-    """Timezone-aware UTC in, timezone-aware UTC out, also on SQLite (which has no time zones)."""
-
-    impl = DateTime(timezone=True)
-    cache_ok = True
-
-    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
-        if value is None:
-            return None
-        if value.utcoffset() is None:
-            raise ValueError(f"timestamps must be timezone-aware, got {value!r}")
-        value = value.astimezone(UTC)
-        # SQLite stores text; dropping the offset keeps every stored value in one sortable form.
-        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
-
-    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
-        if value is None:
-            return None
-        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
-
-
-metadata = MetaData()
-
-org_state = Table(
-    "org_state",
-    metadata,
-    Column("org_id", BigInteger, primary_key=True, autoincrement=False),
-    Column("name", Text, nullable=False),
-    Column("enabled", Boolean, nullable=False),
-    Column("threshold", Money, nullable=False),
-    Column("balance", Money, nullable=False),
-    Column("state", String(16), nullable=False),
-    Column("breach_count", Integer, nullable=False),
-    Column("first_seen_at", UTCDateTime, nullable=False),
-    Column("changed_at", UTCDateTime, nullable=False),
-    Column("last_alert_at", UTCDateTime),
-    Column("last_error", Text),
-    Column("last_error_at", UTCDateTime),
-)
-
-notification = Table(
-    "notification",
-    metadata,
-    Column("id", Integer, primary_key=True, autoincrement=True),
-    Column("org_id", BigInteger, nullable=False),
-    Column("breach_number", Integer, nullable=False),
-    Column("kind", String(32), nullable=False),
-    Column("org_name", Text, nullable=False),
-    Column("recipients", JSON, nullable=False),
-    Column("subject", Text, nullable=False),
-    Column("balance", Money, nullable=False),
-    Column("threshold", Money, nullable=False),
-    Column("auto_refill", Boolean, nullable=False),
-    Column("detected_at", UTCDateTime, nullable=False),
-    Column("status", String(16), nullable=False),
-    Column("attempts", Integer, nullable=False),
-    Column("next_attempt_at", UTCDateTime, nullable=False),
-    Column("claimed_by", Text),
-    Column("claim_expires_at", UTCDateTime),
-    Column("last_error", Text),
-    Column("message_id", Text),
-    Column("created_at", UTCDateTime, nullable=False),
-    Column("updated_at", UTCDateTime, nullable=False),
-    Column("sent_at", UTCDateTime),
-    # The forecast when the notice was detected (revision 0002); None: no meaningful estimate.
-    Column("burn_per_day", Money),
-    Column("runs_out_at", UTCDateTime),
-    # Each recipient's outcome so far (revision 0003; see Deliveries); NULL on older rows.
-    Column("deliveries", JSON(none_as_null=True)),
-)
-
-cycle_run = Table(
-    "cycle_run",
-    metadata,
-    Column("id", Integer, primary_key=True, autoincrement=True),
-    Column("started_at", UTCDateTime, nullable=False),
-    Column("finished_at", UTCDateTime),
-    Column("orgs_read", Integer),
-    Column("orgs_failed", Integer),
-    Column("shard", Text),
-    Column("outcome", String(32)),
-)
-
-
-class JsonRows:
-    """Many rows sent as one JSON parameter and read back as a table inside one statement.
-
-    Why: a statement per row costs a round trip each (thousands per cycle on PostgreSQL), and
-    SQLAlchemy's executemany spends more Python time per row processing parameters than the
-    databases spend writing it: the first cycle's writes at 100,000 orgs took 6 s on SQLite and
-    31 s on PostgreSQL that way. One JSON text per batch is one bind parameter, unpacked in C
-    by the database: ``json_each`` on SQLite, ``jsonb_array_elements`` on PostgreSQL. Each
-    value first goes through its column type's own bind processor, so it is stored exactly as
-    a plain INSERT would store it (Money's finite-Decimal check and SQLite text form,
-    timezone-aware UTC timestamps).
-    """
-
-    def __init__(self, name: str, columns: dict[str, TypeEngine[Any]]) -> None:
-        self.name = name
-        self.columns = columns
-
-    def table(self, dialect: Dialect) -> Subquery:
-        """The rows as a subquery with one column per name (the statement built once per use)."""
-        param = bindparam(self.name, type_=Text)
-        if dialect.name == "postgresql":
-            each = func.jsonb_array_elements(cast(param, postgresql.JSONB)).table_valued(
-                column("value", postgresql.JSONB)
-            )
-            values = [
-                cast(each.c.value[index].astext, type_).label(name)
-                for index, (name, type_) in enumerate(self.columns.items())
-            ]
-        else:
-            each = func.json_each(param).table_valued("value")
-            # json_extract hands back SQLite's own values: text, integers (booleans as 0/1)
-            # and NULL, which column affinity stores exactly as bound parameters would be.
-            values = [
-                type_coerce(func.json_extract(each.c.value, f"$[{index}]"), type_).label(name)
-                for index, (name, type_) in enumerate(self.columns.items())
-            ]
-        return select(*values).subquery(self.name)
-
-    def bind(self, dialect: Dialect, rows: Iterable[Sequence[Any]]) -> dict[str, str]:
-        """The parameter for ``rows`` (values in column order)."""
-        processors = self._processors(dialect)
-        encoded = []
-        for row in rows:
-            values = list(row)
-            for index, processor in processors:
-                if values[index] is not None:
-                    values[index] = processor(values[index])
-            encoded.append(values)
-        return {self.name: json.dumps(encoded, default=_json_scalar, separators=(",", ":"))}
-
-    def _processors(self, dialect: Dialect) -> list[tuple[int, Callable[[Any], Any]]]:
-        """(column index, bind processor) for the columns whose values need converting."""
-        processors = []
-        for index, type_ in enumerate(self.columns.values()):
-            processor = type_.dialect_impl(dialect).bind_processor(dialect)
-            if processor is None and isinstance(type_, Text):  # text from outside, e.g. names
-                processor = _storable_text
-            if processor is not None:
-                processors.append((index, processor))
-        return processors
-
-
-# NUL, and the halves of UTF-16 surrogate pairs (which are no characters on their own).
-_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
-
-
-def _storable_text(text: str) -> str:
-    """Text from outside, with what neither database takes back from JSON stored as U+FFFD.
-
-    NUL: PostgreSQL refuses it in text, SQLite's json_extract cuts the string there. A lone
-    surrogate (JSON may write "\\udc80", and Python's json reads it): it has no UTF-8 form,
-    so PostgreSQL refuses the whole batch and SQLite stores bytes that every later read of
-    the table fails to decode. The Cekura API serves neither (Django's CharField refuses NUL;
-    its JSON is UTF-8).
-    """
-    if text.isascii() and "\x00" not in text:
-        return text
-    return _UNSTORABLE.sub("\ufffd", text)
 
 
 # Delivery statements, built once: they run once per email (or per batch).
@@ -420,99 +232,6 @@ _MARK_FAILED = _finish_claim_statement(
 _ASYNC_COMMIT = text("SET LOCAL synchronous_commit = off")
 
 
-def _json_scalar(value: object) -> str:
-    """What bind processors hand back that JSON has no type for (PostgreSQL casts the text)."""
-    if isinstance(value, Decimal):
-        return _plain_decimal(value)
-    if isinstance(value, datetime):
-        return value.isoformat()
-    raise TypeError(f"cannot send {type(value).__name__} as a JSON row value")
-
-
-# The per-org records a cycle builds by the 100,000 (ObservedOrg, StoredRow, StateChange) are
-# read-only by convention rather than frozen: a frozen dataclass takes several times as long
-# to build, which made up a good part of a cycle's diff.
-
-
-@dataclass(slots=True)
-class ObservedOrg:
-    org_id: int
-    name: str
-    enabled: bool
-    threshold: Decimal
-    balance: Decimal
-
-
-class ObservedValues(Observed, Protocol):
-    """What a stored row is compared with: an ObservedOrg, or a cycle's OrgSnapshot as is."""
-
-    @property
-    def name(self) -> str: ...
-
-
-@dataclass(slots=True)
-class StoredRow:
-    """One org as loaded (not frozen: see ObservedOrg)."""
-
-    org_id: int
-    stored: StoredState
-    name: str
-    enabled: bool
-    threshold: Decimal
-    balance: Decimal
-    last_error: str | None
-
-    def differs_from(self, observed: ObservedValues, new: StoredState) -> bool:
-        """Whether the org must be written: a value or the state changed, or an error to clear."""
-        return (
-            observed.balance != self.balance
-            or new != self.stored
-            or self.last_error is not None
-            or observed.threshold != self.threshold
-            or observed.enabled != self.enabled
-            or observed.name != self.name
-        )
-
-
-@dataclass(frozen=True, slots=True)
-class NewNotification:
-    kind: str
-    breach_number: int
-    org_name: str
-    recipients: tuple[str, ...]
-    subject: str
-    balance: Decimal
-    threshold: Decimal
-    detected_at: datetime
-    status: str  # 'pending' | 'suppressed' | 'no_recipients' | 'baseline'
-    auto_refill: bool = False  # the org's auto-refill setting when the breach was detected
-    burn_per_day: Decimal | None = None
-    runs_out_at: datetime | None = None
-
-
-@dataclass(slots=True)
-class StateChange:
-    observed: ObservedOrg
-    expected: StoredState | None  # what the cycle loaded; None = the org was not stored
-    new: StoredState
-    notification: NewNotification | None
-    # More notifications written with the state change, only if its guarded write hits
-    # (the recovery notice of a re-arm).
-    also_notify: tuple[NewNotification, ...] = ()
-
-
-@dataclass(frozen=True)
-class ApplyResult:
-    written: int
-    notifications: list[int]
-    conflicts: int
-    # Orgs whose state write (a first insert or a guarded transition) this call made: a
-    # concurrent poller that won the race wrote the others, and it alone reports them.
-    applied: frozenset[int] = frozenset()
-    # Orgs whose own change could not be written (org id -> why); nothing of theirs was.
-    failed: dict[int, str] = field(default_factory=dict)
-
-
 @dataclass(frozen=True)
 class _BatchResult:
     written: int
@@ -548,10 +267,6 @@ class NotificationRecord:
     runs_out_at: datetime | None
     deliveries: Deliveries
 
-
-# Recipient address -> {"outcome": "sent" | "failed" | "retrying", "answer": str, "at": ISO
-# time}; a recipient without an entry has not been tried yet (poller.engine.notifications reads it).
-Deliveries = dict[str, dict[str, str]]
 
 # What claim_due hands out: a record whose lease the claiming worker now holds.
 ClaimedNotification = NotificationRecord
@@ -677,19 +392,6 @@ def _safe_url(url: URL) -> str:
     return url.render_as_string(hide_password=True)
 
 
-def _one_line(text: str, limit: int = MAX_ERROR_LENGTH) -> str:
-    flat = " ".join(text.split())
-    return flat if len(flat) <= limit else flat[: limit - 1] + "…"
-
-
-def describe_failure(error: BaseException) -> str:
-    """One line naming an unexpected exception: its type and message (DatabaseError's own
-    message already names the action and hides the password)."""
-    if isinstance(error, DatabaseError):
-        return str(error)
-    return _one_line(f"{type(error).__name__}: {error}".rstrip(": "))
-
-
 def _row_specific(error: Exception) -> bool:
     """Whether a failed batch may owe its failure to one of its rows rather than the database.
 
@@ -710,7 +412,7 @@ def _row_specific(error: Exception) -> bool:
 
 def _describe(error: BaseException, url: URL) -> str:
     cause = getattr(error, "orig", None) or error
-    text = _one_line(str(cause)) or type(cause).__name__
+    text = one_line(str(cause)) or type(cause).__name__
     if url.password:
         text = text.replace(str(url.password), "***")
     return f"{_safe_url(url)}: {text}"
@@ -755,7 +457,7 @@ def _database_errors(url: URL, action: str) -> Iterator[None]:
     except SQLAlchemyError as error:
         raise DatabaseError(f"{action} failed on {_describe(error, url)}") from error
     except CommandError as error:
-        detail = _one_line(str(error))
+        detail = one_line(str(error))
         raise DatabaseError(f"{action} failed on {_safe_url(url)}: {detail}") from error
 
 
@@ -803,11 +505,6 @@ def open_database(url: str) -> Store:
         engine.dispose()
         raise
     return Store(engine)
-
-
-def _batches(items: Sequence[Item], size: int) -> Iterator[Sequence[Item]]:
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
 
 
 def _types(table: Table, *names: str) -> dict[str, TypeEngine[Any]]:
@@ -859,7 +556,7 @@ class _Writes:
     record_errors: Update
 
     @classmethod
-    def build(cls, dialect: Dialect, dialect_insert: Callable[[Table], Insert]) -> _Writes:
+    def build(cls, dialect: Dialect, dialect_insert: DialectInsert) -> _Writes:
         now = bindparam("now", type_=UTCDateTime)
         new = _NEW_ORGS.table(dialect)
         # SQLite needs a WHERE to tell where an INSERT's SELECT ends and its ON CONFLICT begins.
@@ -963,8 +660,11 @@ class Store:
         self.engine = engine
         self.reader = engine.execution_options(**{_READ_ONLY: True})
         self._progress = engine.execution_options(**{_PROGRESS: True})
-        dialect_insert = {"postgresql": postgresql.insert, "sqlite": sqlite.insert}
-        self.dialect_insert = dialect_insert[engine.dialect.name]
+        inserts: dict[str, DialectInsert] = {
+            "postgresql": postgresql.insert,
+            "sqlite": sqlite.insert,
+        }
+        self.dialect_insert = inserts[engine.dialect.name]
         self._writes = _Writes.build(engine.dialect, self.dialect_insert)
 
     def close(self) -> None:
@@ -1023,12 +723,12 @@ class Store:
         PostgreSQL they run PARALLEL_WRITES at a time, on connections of their own. After a
         failure no further batch starts, and the error is raised once the running ones end.
         """
-        batches = list(_batches(items, BATCH_SIZE))
-        if self.engine.dialect.name != "postgresql" or len(batches) < 2:
-            return [write(batch) for batch in batches]
+        parts = list(batches(items, BATCH_SIZE))
+        if self.engine.dialect.name != "postgresql" or len(parts) < 2:
+            return [write(batch) for batch in parts]
         results: list[Result] = []
         with ThreadPoolExecutor(PARALLEL_WRITES, thread_name_prefix="poller-write") as pool:
-            for group in _batches(batches, PARALLEL_WRITES):
+            for group in batches(parts, PARALLEL_WRITES):
                 results += pool.map(write, group)
         return results
 
@@ -1068,6 +768,42 @@ class Store:
         if conflicts:
             log.info("store.conflicts", conflicts=conflicts)
         return ApplyResult(written, notification_ids, conflicts, frozenset(applied), failed)
+
+    def persist(self, writes: CycleWrites, now: datetime) -> ApplyResult:
+        """A cycle's writes: alert states with their outbox rows, then notice states with
+        theirs, then the history points. An org whose state write failed gets nothing else
+        written (it is in ``failed``)."""
+        result = self.apply_changes(writes.states, now)
+        failed = dict(result.failed)
+        notices = [change for change in writes.notices if change.org_id not in failed]
+        notice_ids, notice_conflicts, notice_failed = NoticeStates(self).apply(notices, now)
+        failed |= notice_failed
+        History(self).record(
+            [(org_id, balance) for org_id, balance in writes.balances if org_id not in failed], now
+        )
+        return replace(
+            result,
+            conflicts=result.conflicts + notice_conflicts,
+            failed=failed,
+            notices=notice_ids,
+        )
+
+    def load_notice_states(self) -> dict[int, NoticeState]:
+        return NoticeStates(self).load()
+
+    def last_alerts(self) -> dict[int, datetime]:
+        """When each alerted org's current breach was alerted (orgs with a real alert only)."""
+        return NoticeStates(self).last_alerts()
+
+    def balance_series(
+        self, org_ids: Iterable[int] | None, *, since: datetime
+    ) -> dict[int, list[Point]]:
+        """Each org's recorded balances from ``since`` on (see History.series)."""
+        return History(self).series(org_ids, since=since)
+
+    def maintain_history(self, now: datetime, retention: timedelta) -> None:
+        """Downsample and prune the balance history, a bounded amount per call."""
+        History(self).maintain(now, retention)
 
     def write_isolating(
         self,
@@ -1199,7 +935,7 @@ class Store:
         if not notifications:
             return []
         for _, new in notifications:
-            if new.status not in NOTIFICATION_STATUSES - {"sent", "failed"}:
+            if new.status not in NEW_STATUSES:
                 raise ValueError(f"a new notification cannot have status {new.status!r}")
         rows = (
             (
@@ -1226,7 +962,7 @@ class Store:
         """Remember why reading these orgs failed; orgs never stored have no row to note it on."""
 
         def record(batch: Sequence[tuple[int, str]]) -> None:
-            rows = [(org_id, _one_line(error)) for org_id, error in batch]
+            rows = [(org_id, one_line(error)) for org_id, error in batch]
             with self.database_errors("recording org errors"), self.engine.begin() as connection:
                 connection.execute(
                     self._writes.record_errors,
@@ -1254,6 +990,29 @@ class Store:
             connection.execute(statement)
 
     # --- delivery -----------------------------------------------------------------------
+
+    def last_successful_run(self) -> tuple[datetime, float] | None:
+        """When the latest successful cycle (any process, any replica) finished, and how many
+        seconds it took."""
+        successful = or_(
+            cycle_run.c.outcome == "ok",
+            and_(
+                cycle_run.c.outcome == "partial",
+                or_(cycle_run.c.orgs_read > 0, cycle_run.c.orgs_failed == 0),
+            ),
+        )
+        query = (
+            select(cycle_run.c.finished_at, cycle_run.c.started_at)
+            .where(successful)
+            .order_by(cycle_run.c.finished_at.desc())
+            .limit(1)
+        )
+        # The store's own error wrapping: a database problem is one line, password hidden.
+        with self.database_errors("reading the cycle history"), self.engine.connect() as connection:
+            row = connection.execute(query).first()
+        if row is None:
+            return None
+        return row.finished_at, (row.finished_at - row.started_at).total_seconds()
 
     def claim_due(
         self, *, worker: str, now: datetime, lease_seconds: float, limit: int = 100
@@ -1324,7 +1083,7 @@ class Store:
         """Back to pending until ``next_attempt_at``. ``error``: why the message as a whole
         could not go (not about its recipients); None when only recipients are to retry."""
         values = {
-            "b_error": None if error is None else _one_line(error),
+            "b_error": None if error is None else one_line(error),
             "b_next_attempt_at": next_attempt_at,
             "b_deliveries": deliveries or None,
         }
@@ -1341,7 +1100,7 @@ class Store:
         now: datetime,
         deliveries: Deliveries | None = None,
     ) -> bool:
-        values = {"b_error": _one_line(error), "b_deliveries": deliveries or None}
+        values = {"b_error": one_line(error), "b_deliveries": deliveries or None}
         return self._finish_claim(
             _MARK_FAILED, notification_id, worker, now, values, "marking a notification failed"
         )
