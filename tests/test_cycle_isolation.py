@@ -16,7 +16,7 @@ from structlog.testing import capture_logs
 import poller.engine.cycle
 import poller.engine.decide
 import poller.engine.notices
-import poller.store.database
+import poller.store.states
 from tests.engine_world import ACME, ACME_ADMINS, INITECH, World
 
 INITECH_LOW = "333.00"  # below Initech's threshold of 500, and a balance no other org has
@@ -57,7 +57,7 @@ STEPS = {
         "deciding",
     ),
     "persist": (
-        poller.store.database,
+        poller.store.states,
         "_new_state_row",
         lambda change: change.observed.org_id == INITECH,
         "saving",

@@ -9,7 +9,7 @@ import pytest
 from sqlalchemy import text
 
 from poller.devtools.simulator import Fault
-from poller.store.database import DatabaseError
+from poller.store import DatabaseError
 from poller.store.schema import notification
 from tests.engine_world import (
     ACME,

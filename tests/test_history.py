@@ -10,7 +10,7 @@ from alembic.config import Config
 from sqlalchemy import text
 
 from poller.engine.forecast import Point
-from poller.store.database import (
+from poller.store import (
     MIGRATIONS_LOCATION,
     Store,
     create_configured_engine,

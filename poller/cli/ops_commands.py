@@ -30,7 +30,7 @@ from poller.mail.message import (
     message_id_for,
     render_email,
 )
-from poller.store.database import open_database
+from poller.store import open_database
 
 # Sample data for previews and test emails: plausible, and obviously not a real customer.
 SAMPLE_ORG = Organization(

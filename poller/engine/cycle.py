@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from typing import Any
 
 import structlog
 
@@ -281,11 +282,9 @@ def _decide_all(
 def _no_garbage_collection() -> Iterator[None]:
     """Pause CPython's cyclic garbage collector while the cycle diffs and persists.
 
-    At 100,000 orgs these phases allocate a few hundred thousand objects that all live until
-    the cycle ends, which makes CPython run full collections that traverse every object in the
-    process, the fetched fleet included: 0.3 to 0.5 s apiece, one or two per cycle, finding
-    next to no garbage. Reference counting still frees everything as usual; only reference
-    cycles made in these few seconds wait for the collector to resume.
+    These phases allocate objects by the hundred thousand that all live until the cycle ends,
+    which makes CPython run full collections over the whole fleet that find next to no garbage
+    (docs/architecture.md). Reference counting still frees everything as usual.
     """
     was_enabled = gc.isenabled()
     gc.disable()
@@ -350,7 +349,7 @@ def _outcome(report: CycleReport, cancel: threading.Event) -> str:
     return "ok" if report.ok else "partial"
 
 
-def _log_summary(cycle_log, report: CycleReport) -> None:
+def _log_summary(cycle_log: Any, report: CycleReport) -> None:
     delivery = report.delivery or DeliveryReport()
     cycle_log.info(
         "cycle.finished",

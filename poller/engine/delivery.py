@@ -31,7 +31,7 @@ from poller.config.settings import Settings
 from poller.engine.addresses import InvalidAddress, checked_address, needs_smtputf8
 from poller.engine.cancellation import on_cancel
 from poller.engine.model import DeliveryReport
-from poller.engine.notifications import (
+from poller.engine.outcomes import (
     FAILED,
     RETRYING,
     SENT,
@@ -50,7 +50,7 @@ from poller.mail.message import (
     render_email,
     reply_text,
 )
-from poller.store.database import ClaimedNotification, DatabaseError, Store
+from poller.store import ClaimedNotification, DatabaseError, Store
 
 log = structlog.get_logger(__name__)
 

@@ -14,7 +14,7 @@ from decimal import Decimal
 from poller.config.settings import Settings
 from poller.engine.decide import with_current
 from poller.engine.forecast import WEEK, Forecast, Point, forecast, needs_advice, suggest_threshold
-from poller.store.database import Store
+from poller.store import Store
 
 # `poller status` over more orgs than this reads the whole recent history in one query
 # instead of in batches of org ids.

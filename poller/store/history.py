@@ -37,12 +37,13 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.sql.dml import Insert
+from sqlalchemy.sql.expression import Executable
 
 from poller.engine.forecast import Point
 from poller.store.jsonrows import JsonRows, batches
 
 if TYPE_CHECKING:
-    from poller.store.database import Store
+    from poller.store.states import StateWrites
 from poller.store.schema import Money, UTCDateTime, balance_history
 
 log = structlog.get_logger(__name__)
@@ -56,7 +57,7 @@ READ_BATCH = 500
 _POINTS = JsonRows("points", {"org_id": BigInteger(), "balance": Money()})
 
 
-def _record_statement(store: Store) -> Insert:
+def _record_statement(store: StateWrites) -> Insert:
     """One INSERT per batch of points, all observed at :now (see JsonRows for why)."""
     points = _POINTS.table(store.engine.dialect)
     values = select(
@@ -82,7 +83,7 @@ def hour_of(moment: datetime) -> int:
 class History:
     """Reads and writes ``balance_history`` through the store's engine."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: StateWrites) -> None:
         self._store = store
 
     def record(self, balances: Sequence[tuple[int, Decimal]], now: datetime) -> None:
@@ -209,7 +210,7 @@ class History:
             "pruning balance history",
         )
 
-    def _in_batches(self, statement, action: str) -> int:
+    def _in_batches(self, statement: Executable, action: str) -> int:
         total = 0
         for _ in range(MAINTENANCE_MAX_BATCHES):
             with self._store.database_errors(action), self._store.engine.begin() as connection:

@@ -22,14 +22,10 @@ Item = TypeVar("Item")
 class JsonRows:
     """Many rows sent as one JSON parameter and read back as a table inside one statement.
 
-    Why: a statement per row costs a round trip each (thousands per cycle on PostgreSQL), and
-    SQLAlchemy's executemany spends more Python time per row processing parameters than the
-    databases spend writing it: the first cycle's writes at 100,000 orgs took 6 s on SQLite and
-    31 s on PostgreSQL that way. One JSON text per batch is one bind parameter, unpacked in C
-    by the database: ``json_each`` on SQLite, ``jsonb_array_elements`` on PostgreSQL. Each
-    value first goes through its column type's own bind processor, so it is stored exactly as
-    a plain INSERT would store it (Money's finite-Decimal check and SQLite text form,
-    timezone-aware UTC timestamps).
+    Unpacked in C by the database (``json_each``, ``jsonb_array_elements``) instead of a
+    statement or an executemany row per org (why: docs/architecture.md). Each value first goes
+    through its column type's own bind processor, so it is stored exactly as a plain INSERT
+    would store it.
     """
 
     def __init__(self, name: str, columns: dict[str, TypeEngine[Any]]) -> None:

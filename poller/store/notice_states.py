@@ -18,7 +18,7 @@ from poller.engine.model import AlertState, NoticeChange, NoticeState
 from poller.store.schema import notice_state, org_state
 
 if TYPE_CHECKING:
-    from poller.store.database import Store
+    from poller.store.states import StateWrites
 
 log = structlog.get_logger(__name__)
 
@@ -26,7 +26,7 @@ log = structlog.get_logger(__name__)
 class NoticeStates:
     """notice_state reads and the guarded notice writes (with their outbox rows)."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: StateWrites) -> None:
         self._store = store
 
     def load(self) -> dict[int, NoticeState]:
