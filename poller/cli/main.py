@@ -32,7 +32,7 @@ from poller.engine.forecast import BEYOND_HORIZON, MIN_POINTS, MIN_SPAN, Window
 from poller.engine.insights import Outlook, outlooks
 from poller.engine.notifications import content_for, delivery_summary
 from poller.engine.sharding import Shard, parse_shard
-from poller.mail.message import (
+from poller.mail import (
     format_amount,
     format_credits,
     format_detected_at,

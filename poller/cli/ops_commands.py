@@ -17,11 +17,10 @@ import click
 from poller.cekura.client import CekuraClient
 from poller.cli.terminal import echo
 from poller.config.settings import Settings
-from poller.engine.delivery import smtp_transport
 from poller.engine.health import judge, last_successful_run
 from poller.engine.model import Member, Organization, OrgSnapshot
 from poller.engine.notifications import content_for
-from poller.mail.message import (
+from poller.mail import (
     AlertContent,
     DeliveryError,
     RenderedEmail,
@@ -29,6 +28,7 @@ from poller.mail.message import (
     format_credits,
     message_id_for,
     render_email,
+    smtp_transport,
 )
 from poller.store.database import open_database
 

@@ -39,16 +39,18 @@ from poller.engine.notifications import (
     row_status,
     still_to_send,
 )
-from poller.mail.message import (
+from poller.mail import (
     NO_SMTPUTF8,
     AlertContent,
     DeliveryError,
+    OutgoingMessage,
     SmtpTransport,
     build_message,
     is_permanent,
     message_id_for,
     render_email,
     reply_text,
+    smtp_transport,
 )
 from poller.store.database import ClaimedNotification, DatabaseError, Store
 
@@ -258,7 +260,7 @@ class Deliverer:
             outcomes.record_answers(envelope, refused)
         self._finish(row, outcomes, report)
 
-    def _message(self, row: ClaimedNotification, recipients: list[str]):
+    def _message(self, row: ClaimedNotification, recipients: list[str]) -> OutgoingMessage:
         mail_from = self._settings.mail_from
         assert mail_from, "callers check Settings.require_mail_from() before delivering"
         content = AlertContent(
@@ -553,14 +555,3 @@ class _BatchLease:
             self._lost.update(set(rest) - held)
             self._expires_at = until
         return self._rows[index].id not in self._lost
-
-
-def smtp_transport(settings: Settings) -> SmtpTransport:
-    return SmtpTransport(
-        host=settings.smtp_host,
-        port=settings.smtp_port,
-        security=settings.smtp_security,
-        username=settings.smtp_username,
-        password=settings.smtp_password,
-        timeout=settings.smtp_timeout,
-    )

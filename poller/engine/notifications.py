@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from datetime import datetime
 
 from poller.engine.model import OrgSnapshot
-from poller.mail.message import AlertContent, render_subject
+from poller.mail import AlertContent, render_subject
 from poller.store.database import Deliveries, NewNotification
 
 

@@ -19,7 +19,7 @@ from poller.cekura.client import CekuraClient
 from poller.config.settings import load_settings
 from poller.devtools.simulator import SimulatedApi, SimulatorServer
 from poller.engine.model import Member, Organization
-from poller.mail.message import AlertContent, build_message, render_email
+from poller.mail import AlertContent, build_message, render_email
 
 HOSTILE_NAMES = st.one_of(
     st.text(min_size=1, max_size=300),
