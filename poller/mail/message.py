@@ -11,7 +11,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from email.header import Header
+from email.header import Header, decode_header, make_header
 from email.headerregistry import Address
 from email.message import EmailMessage, MIMEPart
 from email.policy import Policy
@@ -136,6 +136,10 @@ def _sender(mail_from: str) -> tuple[str, str]:
         name, address = checked_sender(mail_from)
     except InvalidAddress as problem:
         raise InvalidAddress(f"mail_from: {problem}") from None
+    if "=?" in name:
+        # A name given RFC 2047-encoded ("=?utf-8?q?J=C3=B6rg?="): the email package would
+        # decode it anyway, and then, with SMTPUTF8, write it without the quotes it may need.
+        name = one_line(str(make_header(decode_header(name))))
     return name, smtp_address(address)
 
 
@@ -158,8 +162,8 @@ class _Subject(str):
     name = "Subject"
 
     def fold(self, *, policy: Policy) -> str:
-        if getattr(policy, "utf8", False):
-            return f"Subject: {self}{policy.linesep}"  # SMTPUTF8: as it is (RFC 6532)
+        # Encoded words even with SMTPUTF8: every reader takes them, and a relay that must
+        # downgrade the message has no subject to rewrite.
         charset = "us-ascii" if self.isascii() and "=?" not in self else "utf-8"
         value = Header(str(self), charset, header_name=self.name).encode(
             linesep=policy.linesep, maxlinelen=policy.max_line_length
