@@ -23,7 +23,6 @@ import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 import structlog
@@ -31,6 +30,7 @@ import structlog
 from poller.config.settings import Settings
 from poller.engine.addresses import InvalidAddress, checked_address, needs_smtputf8
 from poller.engine.cancellation import on_cancel
+from poller.engine.model import DeliveryReport
 from poller.engine.notifications import (
     FAILED,
     RETRYING,
@@ -52,7 +52,7 @@ from poller.mail import (
     reply_text,
     smtp_transport,
 )
-from poller.store.database import ClaimedNotification, DatabaseError, Store
+from poller.store import ClaimedNotification, DatabaseError, Store
 
 log = structlog.get_logger(__name__)
 
@@ -65,25 +65,10 @@ RETRY_CAP_SECONDS = 3600.0
 MARK_SENT_RETRY_DELAYS = (0.1, 0.5, 1.0)
 
 
-@dataclass
-class DeliveryReport:
-    sent: int = 0
-    retried: int = 0
-    failed: int = 0
-    # Pending rows left after this run (waiting for a retry), not counting rows another
-    # poller holds a live lease on: they are being delivered right now.
-    undelivered: int = 0
-
-    def add(self, other: DeliveryReport) -> None:
-        self.sent += other.sent
-        self.retried += other.retried
-        self.failed += other.failed
-
-
 def retry_delay(attempts: int, rng: random.Random | None = None) -> float:
     """Exponential backoff with jitter: ~1 min, 2, 4, ... capped at an hour."""
     rng = rng or random.Random()
-    base = min(RETRY_CAP_SECONDS, RETRY_BASE_SECONDS * 2 ** max(0, attempts - 1))
+    base = min(RETRY_CAP_SECONDS, RETRY_BASE_SECONDS * 2.0 ** max(0, attempts - 1))
     return base * rng.uniform(0.8, 1.2)
 
 

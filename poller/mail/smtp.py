@@ -397,22 +397,18 @@ class _ClosedBeforeMail(smtplib.SMTPServerDisconnected):
     """The connection was gone when MAIL FROM was sent: the server has none of the message."""
 
 
-class _DetectsClosedBeforeMail:
+class _SMTP(smtplib.SMTP):
     """Tells a dead connection at MAIL FROM (nothing sent yet) from one lost later (maybe
     delivered): only the first may be retried on a new connection without a duplicate."""
 
     def mail(self, sender: str, options: Sequence[str] = ()) -> tuple[int, bytes]:
         try:
-            return super().mail(sender, options)  # type: ignore[misc]
+            return super().mail(sender, options)
         except smtplib.SMTPServerDisconnected as error:
             raise _ClosedBeforeMail(str(error)) from error
 
 
-class _SMTP(_DetectsClosedBeforeMail, smtplib.SMTP):
-    pass
-
-
-class _SMTP_SSL(_DetectsClosedBeforeMail, smtplib.SMTP_SSL):  # noqa: N801
+class _SMTP_SSL(_SMTP, smtplib.SMTP_SSL):  # noqa: N801
     pass
 
 
