@@ -81,7 +81,7 @@ def test_any_org_name_renders_safely_in_text_html_and_subject(name: str) -> None
         message_id="<a.7.1@x.example>",
         date=content.detected_at,
     )
-    wire = message.data
+    wire = message.data(eight_bit=False)
     parsed = email.message_from_bytes(wire, policy=email.policy.default)
 
     assert list(parsed.keys()) == EXPECTED_HEADERS  # nothing injected, nothing lost
