@@ -1,14 +1,8 @@
-"""Delivery of recorded notifications: claim → render → SMTP → mark sent / retry / failed.
+"""Delivery of recorded notifications: claim due rows → render → send → record each outcome.
 
-At least once, made effectively once: a row is claimed with a conditional update (so two
-pollers never send the same row), marked sent only after the SMTP server accepted the message,
-and every attempt for the same breach carries the same Message-ID. A send starts only with
-enough of the lease left (``renewal_margin``: half the lease, at least four SMTP timeouts);
-when less is left, the lease of the rest of the batch is renewed first, in one statement, so
-a long batch never outlives its claim. The one duplicate window is a process dying (or one
-send outlasting what was left of its lease) after the server has the message and before the
-row is marked sent, open on each of its ``smtp_connections`` at once; the lease then expires
-and another poller sends it again, with the same Message-ID.
+At least once, made effectively once: rows are claimed with a lease (two pollers never send
+the same row), marked sent only after the SMTP server accepted the message, and every attempt
+carries the same Message-ID. The one duplicate window is described in docs/guarantees.md.
 """
 
 from __future__ import annotations
