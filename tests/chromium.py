@@ -24,7 +24,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from poller.cli.commands.emails import sample_content
-from poller.mail.message import render_email
+from poller.mail import render_email
 
 CHROMIUM = Path("/usr/bin/chromium")
 WINDOW = (720, 1000)

@@ -308,7 +308,7 @@ def test_templates_are_found_from_an_installed_wheel(tmp_path: Path):
         check=True,
     )
     probe = subprocess.run(
-        [sys.executable, "-c", "import poller.mail.message as m; print(m.templates_dir())"],
+        [sys.executable, "-c", RENDER_FROM_THE_PACKAGE],
         env={**_clean_env(), "PYTHONPATH": str(target)},
         cwd=tmp_path,
         capture_output=True,
@@ -317,6 +317,18 @@ def test_templates_are_found_from_an_installed_wheel(tmp_path: Path):
     )
     assert probe.returncode == 0, probe.stderr
     assert Path(probe.stdout.strip()).is_relative_to(target)
+
+
+# Renders an email from the installed package; prints where its text template came from.
+RENDER_FROM_THE_PACKAGE = """
+from datetime import UTC, datetime
+from decimal import Decimal
+from poller.mail.render import TEXT_TEMPLATE, AlertContent, render_email, template_environment
+now = datetime.now(UTC)
+sample = AlertContent(1, "Acme", 1, Decimal(1), Decimal(2), now, "https://x.example", False)
+assert "Acme" in render_email(sample).text
+print(template_environment().get_template(TEXT_TEMPLATE).filename)
+"""
 
 
 def _clean_env() -> dict[str, str]:

@@ -14,7 +14,7 @@ from poller.engine.decide import OrgPlan
 from poller.engine.forecast import BEYOND_HORIZON, MIN_POINTS, MIN_SPAN, Window
 from poller.engine.outcomes import delivery_summary
 from poller.engine.outlook import Outlook
-from poller.mail.message import (
+from poller.mail import (
     format_amount,
     format_credits,
     format_detected_at,

@@ -30,7 +30,7 @@ from poller.engine.model import NotificationKind
 from poller.engine.notices import content_for
 from poller.engine.outlook import outlooks
 from poller.engine.sharding import Shard
-from poller.mail.message import render_email
+from poller.mail import render_email
 
 
 def _run(

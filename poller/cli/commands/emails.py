@@ -12,10 +12,9 @@ from poller.cekura.client import CekuraClient
 from poller.cli.common import EXIT_INCOMPLETE, EXIT_USAGE, fail
 from poller.cli.terminal import echo
 from poller.config.settings import Settings
-from poller.engine.delivery import smtp_transport
 from poller.engine.model import Member, NotificationKind, Organization, OrgSnapshot
 from poller.engine.notices import content_for
-from poller.mail.message import (
+from poller.mail import (
     AlertContent,
     DeliveryError,
     RenderedEmail,
@@ -23,6 +22,7 @@ from poller.mail.message import (
     format_credits,
     message_id_for,
     render_email,
+    smtp_transport,
 )
 
 # Sample data for previews and test emails: plausible, and obviously not a real customer.

@@ -21,7 +21,7 @@ from poller.cli.present import (
 from poller.cli.terminal import echo, echo_json
 from poller.config.settings import Settings
 from poller.engine.outlook import Outlook, outlooks
-from poller.mail.message import format_credits
+from poller.mail import format_credits
 from poller.store import StatusRow
 
 # The API's own rule for low_credits_threshold (DRF DecimalField, max_digits=10, places=2).
