@@ -14,9 +14,9 @@ from typing import Any
 
 import jinja2
 
-from poller.cli.terminal import BIDI_CONTROLS
 from poller.engine.addresses import checked_billing_url
 from poller.engine.forecast import BEYOND_HORIZON, HORIZON_DAYS
+from poller.engine.model import BIDI_CONTROLS
 
 SUBJECT_TEMPLATE = "low_credits_subject.txt.j2"
 TEXT_TEMPLATE = "low_credits.txt.j2"
