@@ -21,7 +21,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote_plus, unquote, urlencode
-from urllib.request import getproxies_environment, proxy_bypass_environment
+
+# proxy_bypass_environment is documented but missing from typeshed's stub of the module.
+from urllib.request import getproxies_environment, proxy_bypass_environment  # type: ignore[attr-defined]
 
 import certifi
 import urllib3
