@@ -136,10 +136,10 @@ class HttpTransport:
         max_body: int,
         deadline: float = math.inf,
     ) -> HttpResponse:
-        """One exchange with the API's origin (the caller has checked ``url``'s with
-        ``origin``). ResponseTooLarge for a body over ``max_body`` bytes; TransportTimeout
-        when the whole answer has not arrived by ``deadline`` (time.monotonic()), even if it
-        keeps trickling in (the read timeout alone applies to each read)."""
+        """One exchange with the API (the caller has checked that ``url`` has the API's
+        ``origin``), sending exactly ``headers``. ResponseTooLarge for a body over
+        ``max_body`` bytes; TransportTimeout when the whole answer has not arrived by
+        ``deadline`` (time.monotonic()), however steadily it trickles in."""
         target = url if self._absolute else _request_target(url)
         if params:
             target += ("&" if "?" in target else "?") + _query(params)
@@ -209,7 +209,8 @@ class HttpTransport:
 
     @property
     def headers(self) -> dict[str, str]:
-        """What every request sends besides its own headers (``request`` adds none itself)."""
+        """The headers every request should send besides its own (User-Agent, Accept-Encoding):
+        merged once by the caller, not on every request."""
         return dict(self._headers)
 
     def abort(self) -> None:
