@@ -37,12 +37,14 @@ from urllib3.exceptions import (
     SSLError,
 )
 from urllib3.exceptions import TimeoutError as Urllib3Timeout
-from urllib3.util import parse_url
+from urllib3.util import Retry, parse_url
 
 from poller.config.settings import ConfigError
 
 # How often the watchdog looks for requests past their deadline: a deadline is kept to this.
 WATCH_INTERVAL = 0.1
+# No retries, no redirects (the client owns both): one object, not one built per request.
+_NO_RETRIES = Retry(total=False, redirect=False)
 # What one read of a body without a Content-Length asks for.
 _READ_BYTES = 256 * 1024
 
@@ -91,7 +93,7 @@ class HttpTransport:
             "maxsize": 1,
             "cert_reqs": "CERT_REQUIRED",
             ("ca_cert_dir" if os.path.isdir(ca_bundle) else "ca_certs"): ca_bundle,
-            "retries": False,
+            "retries": _NO_RETRIES,
             "timeout": urllib3.Timeout(connect=connect_timeout, read=read_timeout),
         }
         self._api_url = api_url
@@ -176,7 +178,7 @@ class HttpTransport:
                     target,
                     body=body,
                     headers=headers,
-                    retries=False,
+                    retries=_NO_RETRIES,
                     redirect=False,
                     assert_same_host=False,
                     preload_content=False,
