@@ -946,10 +946,6 @@ class CekuraClient:
 
 
 def _checked_origin(api_url: str, allow_insecure_http: bool) -> tuple[str, str, int]:
-    if not api_url.lower().startswith(("http://", "https://")):
-        raise ConfigError("api_url: must be an http(s) URL with a host")
-    if "@" in api_url.split("://", 1)[1].split("/", 1)[0]:
-        raise ConfigError("api_url: must not contain a user name or password")
     try:
         scheme, host, port = origin(api_url)
     except ValueError as exc:

@@ -418,16 +418,16 @@ def origin(url: str) -> tuple[str, str, int]:
         raise ValueError("the URL contains a space, a backslash or a character that is not ASCII")
     authority = _AUTHORITY.match(url)
     if authority is None:
-        raise ValueError("not an http(s) URL")
+        raise ValueError("must be an http(s) URL with a host")
     if "@" in authority[1] or "%" in authority[1]:
-        raise ValueError("the URL's host part contains user information or percent-escapes")
+        raise ValueError("the host part contains a user name, a password or percent-escapes")
     try:
         parts = parse_url(url)
     except LocationParseError:
         raise ValueError("not a URL urllib3 can parse") from None
     default = {"http": 80, "https": 443}.get(parts.scheme or "")
     if default is None or not parts.host:
-        raise ValueError("not an http(s) URL")
+        raise ValueError("must be an http(s) URL with a host")
     return parts.scheme or "", parts.host.strip("[]"), parts.port or default
 
 
