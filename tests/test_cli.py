@@ -95,6 +95,27 @@ def test_an_unknown_toml_key_exits_2(sqlite_env, tmp_path):
     assert_no_traceback(result)
 
 
+def test_library_log_lines_join_the_json_stream_and_pass_the_secret_redaction(sqlite_env, tmp_path):
+    # Alembic names its SQLite implementation in a line of its own; configured as a secret,
+    # that name must not leave the process, in a line of ours or of a library.
+    secret = "SQLiteImpl"
+    sqlite_env |= {"POLLER_SMTP_USERNAME": "alerts", "POLLER_SMTP_PASSWORD": secret}
+    result = run_poller(sqlite_env, "-vv", "once", "--baseline")
+    assert result.returncode == 0, result.stderr
+    events = [json.loads(line) for line in result.stderr.splitlines()]
+    library = [e for e in events if e.get("logger", "").startswith("alembic")]
+    assert {"event": "Context impl ***.", "level": "info"}.items() <= library[0].items()
+    assert "timestamp" in library[0]
+    assert any(e["event"] == "cycle.finished" for e in events)
+    assert secret not in result.stderr
+
+    # Without -vv the libraries say only what is at least a warning.
+    sqlite_env["POLLER_DATABASE_URL"] = f"sqlite:///{tmp_path / 'second.db'}"
+    quiet = run_poller(sqlite_env, "once", "--baseline")
+    assert quiet.returncode == 0, quiet.stderr
+    assert "alembic" not in quiet.stderr and "cycle.finished" in quiet.stderr
+
+
 def test_check_dry_run_prints_the_decision_and_the_email_and_writes_nothing(
     sqlite_env, sim, smtp_server, tmp_path
 ):

@@ -15,7 +15,6 @@ pool, proxies, CA bundle) is poller.cekura.transport's job.
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import math
 import queue
@@ -57,7 +56,7 @@ from poller.cekura.transport import (
     TransportTlsError,
     origin,
 )
-from poller.config.settings import ConfigError, Secret, Settings
+from poller.config.settings import ConfigError, Secret, Settings, is_loopback
 from poller.engine.cancellation import on_cancel
 from poller.engine.model import Billing, Organization, OrgError, OrgSnapshot
 from poller.engine.ports import SourceError
@@ -950,7 +949,7 @@ def _checked_origin(api_url: str, allow_insecure_http: bool) -> tuple[str, str, 
         scheme, host, port = origin(api_url)
     except ValueError as exc:
         raise ConfigError(f"api_url: {exc}") from None
-    if scheme == "http" and not allow_insecure_http and not _is_loopback(host):
+    if scheme == "http" and not allow_insecure_http and not is_loopback(host):
         raise ConfigError(
             f"api_url: refusing to send the API credential over plain http to {host}; "
             "use https, or set allow_insecure_http"
@@ -964,15 +963,6 @@ def _describe_origin(url: str) -> str:
     except ValueError:
         return "an invalid URL"
     return f"{scheme}://{host}:{port}"
-
-
-def _is_loopback(host: str) -> bool:
-    if host.lower().rstrip(".") == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def _retry_after_seconds(value: str | None, now: datetime) -> float | None:
