@@ -17,7 +17,7 @@ from poller.cekura.client import ApiUnavailable, CekuraClient
 from poller.config.settings import Secret, Settings
 from poller.devtools.simulator import Fault, SimulatedApi, SimulatorServer
 from tests.test_cekura import Reply, org_json, scripted_server
-from tests.test_http11 import keep_alive, raw_server
+from tests.test_transport import keep_alive, raw_server
 
 TOKEN = "tok-bounds-secret-42"
 LISTING = "/user/v2/organizations/"

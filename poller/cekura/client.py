@@ -15,12 +15,10 @@ pool, proxies, CA bundle) is poller.cekura.transport's job.
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 import queue
 import random
-import re
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -32,7 +30,7 @@ from decimal import Decimal
 from email.utils import parsedate_to_datetime
 from operator import itemgetter
 from typing import TypeVar
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import urljoin
 
 import structlog
 
@@ -56,6 +54,7 @@ from poller.cekura.transport import (
     TransportError,
     TransportTimeout,
     TransportTlsError,
+    origin,
 )
 from poller.config.settings import ConfigError, Secret, Settings, is_loopback
 from poller.engine.cancellation import on_cancel
@@ -248,11 +247,6 @@ class CekuraClient:
         self._secrets = tuple(
             value for value in (c.secret.reveal() for c in self._credentials()) if value
         )
-        # Built once: every request of a credential sends the same headers.
-        self._headers = {
-            credential: {"Accept": "application/json", **credential.headers()}
-            for credential in self._credentials()
-        }
         self._attempts = 1 + max(0, settings.api_retries)
         self._request_timeout = settings.api_request_timeout
         self._cycle_timeout = settings.cycle_timeout
@@ -269,11 +263,15 @@ class CekuraClient:
         # Built last: the checks above must refuse a bad api_url before any connection exists.
         self._http = HttpTransport(
             self._base_url,
-            pool_size=self._concurrency,
             connect_timeout=settings.api_connect_timeout,
             read_timeout=settings.api_read_timeout,
             user_agent=f"poller/{__version__}",
         )
+        # Built once: every request of a credential sends the same headers.
+        self._headers = {
+            credential: {**self._http.headers, "Accept": "application/json", **credential.headers()}
+            for credential in self._credentials()
+        }
         self._lock = threading.Lock()
         self._executor: ThreadPoolExecutor | None = None
         self._key_for_org: dict[int, _Credential] = {}
@@ -935,10 +933,10 @@ class CekuraClient:
         return self._base_url + path
 
     def _same_origin(self, url: str) -> bool:
-        """Whether ``url`` leads to the API's own origin, as this module reads it and as the
-        transport that would connect reads it: a URL the two read differently is refused."""
+        """Whether ``url`` leads to the API's own origin, as the transport that would send it
+        reads it (a URL other parsers could read differently is refused)."""
         try:
-            return _origin(url) == self._origin == HttpTransport.origin(url)
+            return origin(url) == self._origin
         except ValueError:
             return False
 
@@ -947,45 +945,21 @@ class CekuraClient:
 
 
 def _checked_origin(api_url: str, allow_insecure_http: bool) -> tuple[str, str, int]:
-    parts = urlsplit(api_url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ConfigError("api_url: must be an http(s) URL with a host")
-    if parts.username is not None or parts.password is not None:
-        raise ConfigError("api_url: must not contain a user name or password")
-    if parts.scheme == "http" and not allow_insecure_http and not is_loopback(parts.hostname):
-        raise ConfigError(
-            f"api_url: refusing to send the API credential over plain http to {parts.hostname}; "
-            "use https, or set allow_insecure_http"
-        )
     try:
-        return _origin(api_url)
+        scheme, host, port = origin(api_url)
     except ValueError as exc:
         raise ConfigError(f"api_url: {exc}") from None
-
-
-# Anything but visible ASCII, and backslashes: parsers disagree on what these mean (urlsplit
-# reads "https://evil.test\@api/" as the host api, urllib3 as the host evil.test).
-_AMBIGUOUS_URL = re.compile(r"[^!-~]|\\")
-
-
-# Every request checks its URL, and nearly all of them are the same few (the billing endpoint).
-@functools.lru_cache(maxsize=256)
-def _origin(url: str) -> tuple[str, str, int]:
-    if _AMBIGUOUS_URL.search(url):
-        raise ValueError("the URL contains a space, a backslash or a character that is not ASCII")
-    parts = urlsplit(url)
-    if "@" in parts.netloc or "%" in parts.netloc:
-        raise ValueError("the URL's host part contains user information or percent-escapes")
-    port = parts.port  # raises ValueError for a non-numeric or out-of-range port
-    default = {"http": 80, "https": 443}.get(parts.scheme.lower())
-    if default is None or not parts.hostname:
-        raise ValueError("not an http(s) URL")
-    return parts.scheme.lower(), parts.hostname.lower(), port or default
+    if scheme == "http" and not allow_insecure_http and not is_loopback(host):
+        raise ConfigError(
+            f"api_url: refusing to send the API credential over plain http to {host}; "
+            "use https, or set allow_insecure_http"
+        )
+    return scheme, host, port
 
 
 def _describe_origin(url: str) -> str:
     try:
-        scheme, host, port = _origin(url)
+        scheme, host, port = origin(url)
     except ValueError:
         return "an invalid URL"
     return f"{scheme}://{host}:{port}"

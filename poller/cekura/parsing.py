@@ -81,7 +81,8 @@ def parse_decimal(value: object, field: str) -> Decimal:
         raise ParseError(field, f"{_show(value)} is not a decimal number") from None
     if number and number.adjusted() > _MAX_ADJUSTED_EXPONENT:
         raise ParseError(field, f"{_show(value)} is out of range")
-    if -number.as_tuple().exponent > MAX_DECIMAL_PLACES:  # finite here: an int exponent
+    exponent = number.as_tuple().exponent  # an int: the pattern admits finite numbers only
+    if isinstance(exponent, int) and -exponent > MAX_DECIMAL_PLACES:
         raise ParseError(field, f"{_show(value)} has more than {MAX_DECIMAL_PLACES} decimals")
     return number
 
