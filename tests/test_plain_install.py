@@ -135,7 +135,8 @@ def _runtime_closure(wheel: Path) -> list[metadata.Distribution]:
         [name] = [n for n in archive.namelist() if n.endswith(".dist-info/METADATA")]
         headers = email.parser.BytesParser().parsebytes(archive.read(name))
     # (requirement, the extras its requirer was asked for): no extras for poller itself.
-    pending = [(Requirement(text), frozenset[str]()) for text in headers.get_all("Requires-Dist")]
+    requires = headers.get_all("Requires-Dist") or []
+    pending = [(Requirement(text), frozenset[str]()) for text in requires]
     found: dict[str, metadata.Distribution] = {}
     seen: set[tuple[str, frozenset[str]]] = set()
     while pending:
