@@ -198,8 +198,9 @@ def test_latency_on_64_connections_at_once_is_served_concurrently(
         for sock in sockets:
             sock.close()
     assert answers == [(200, org_id) for org_id in ids]
-    # Served one after another they would take 64 x 50 ms = 3.2 s.
-    assert 0.05 <= elapsed < 1.0
+    # Served one after another they would take 64 x 50 ms = 3.2 s; half that is generous slack
+    # for a loaded machine and still rules out any serial wait.
+    assert 0.05 <= elapsed < 1.6
     assert big_sim.api.request_counts()["billing"] == 64
 
 
