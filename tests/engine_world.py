@@ -16,7 +16,7 @@ from poller.config.settings import Settings, load_settings
 from poller.devtools.simulator import SimulatedApi, SimulatorServer
 from poller.engine.cycle import CycleReport, run_cycle
 from poller.engine.delivery import Deliverer
-from poller.store.database import Store, open_database
+from poller.store import Store, open_database
 
 TOKEN = "engine-test-token-0123456789"
 MAIL_FROM = "alerts@poller.example.com"

@@ -19,13 +19,9 @@ from poller.engine.addresses import InvalidAddress, checked_address, checked_sen
 from poller.engine.model import Member, Organization
 from poller.engine.notifications import delivery_summary, row_status
 from poller.mail.message import RenderedEmail, SmtpTransport, build_message
-from poller.store.database import (
-    MIGRATIONS_LOCATION,
-    create_configured_engine,
-    open_database,
-    org_state,
-)
-from poller.store.database import upgrade_database as upgrade
+from poller.store import MIGRATIONS_LOCATION, create_configured_engine, open_database
+from poller.store import upgrade_database as upgrade
+from poller.store.schema import org_state
 
 NOW = datetime(2026, 12, 2, 12, 0, tzinfo=UTC)
 

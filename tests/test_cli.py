@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from poller.devtools.simulator import Fault
-from poller.store.database import open_database
+from poller.store import open_database
 from tests.engine_world import (
     ACME,
     ACME_ADMINS,

@@ -29,8 +29,8 @@ from poller.devtools.simulator import SimulatedApi, SimulatorServer
 from poller.engine.cycle import run_cycle
 from poller.engine.delivery import Deliverer
 from poller.engine.health import judge
-from poller.engine.insights import outlooks
-from poller.store.database import Store, open_database
+from poller.engine.outlook import outlooks
+from poller.store import Store, open_database
 from tests.engine_world import ACME, TOKEN, poller_env, run_poller, seed_organizations
 
 NUMERIC = (

@@ -14,9 +14,9 @@ import pytest
 from structlog.testing import capture_logs
 
 import poller.engine.cycle
-import poller.engine.insights
-import poller.engine.notifications
-import poller.store.database
+import poller.engine.decide
+import poller.engine.notices
+import poller.store.states
 from tests.engine_world import ACME, ACME_ADMINS, INITECH, World
 
 INITECH_LOW = "333.00"  # below Initech's threshold of 500, and a balance no other org has
@@ -38,26 +38,26 @@ def failing_for_initech(original: Callable, is_initech: Callable[..., bool]) -> 
 # what fails -> (module, attribute, how to tell the call is about Initech, the step reported;
 # the alert's subject is rendered while planning)
 STEPS = {
-    "plan": (
+    "decide": (
         poller.engine.cycle,
-        "plan_org",
+        "decide",
         lambda snapshot, *a, **k: snapshot.id == INITECH,
-        "planning",
+        "deciding",
     ),
     "render": (
-        poller.engine.notifications,
+        poller.engine.notices,
         "render_subject",
         lambda content: content.org_id == INITECH,
-        "planning",
+        "deciding",
     ),
     "forecast": (
-        poller.engine.insights,
+        poller.engine.decide,
         "forecast",
         lambda points: str(points[-1].balance) == INITECH_LOW,
-        "forecasting",
+        "deciding",
     ),
     "persist": (
-        poller.store.database,
+        poller.store.states,
         "_new_state_row",
         lambda change: change.observed.org_id == INITECH,
         "saving",
@@ -114,10 +114,10 @@ def test_a_failing_recovery_notice_fails_that_org_only_and_leaves_it_alerted(
     world.set_balance(INITECH, "5000.00")  # a top-up: Initech re-arms with a recovery notice
     world.set_balance(ACME, "999.99")
     monkeypatch.setattr(
-        poller.engine.insights,
+        poller.engine.decide,
         "content_for",
         failing_for_initech(
-            poller.engine.insights.content_for, lambda snapshot, **kwargs: snapshot.id == INITECH
+            poller.engine.decide.content_for, lambda snapshot, **kwargs: snapshot.id == INITECH
         ),
     )
 
@@ -126,7 +126,7 @@ def test_a_failing_recovery_notice_fails_that_org_only_and_leaves_it_alerted(
     [error] = report.errors
     assert (error.org_id, error.message) == (
         INITECH,
-        "preparing notices failed: Injected: injected for Initech",
+        "deciding failed: Injected: injected for Initech",
     )
     assert world.state(INITECH) == ("alerted", 1)
     assert len(emails_to(smtp_server, ACME_ADMINS[0])) == 1

@@ -12,7 +12,7 @@ from structlog.testing import capture_logs
 from poller.cekura.client import CekuraClient
 from poller.engine.cycle import CycleReport, run_cycle
 from poller.engine.delivery import Deliverer
-from poller.store.database import open_database
+from poller.store import open_database
 from tests.engine_world import ACME, INITECH, World
 
 

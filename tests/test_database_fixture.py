@@ -9,7 +9,7 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.pool import NullPool
 
-from poller.store.database import normalize_database_url
+from poller.store import normalize_database_url
 from tests.fixtures.database import POSTGRES_URL_VARIABLE, fresh_postgres_database
 
 

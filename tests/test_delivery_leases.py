@@ -18,7 +18,7 @@ import pytest
 from poller.config.settings import Settings, load_settings
 from poller.engine.delivery import Deliverer, smtp_transport
 from poller.mail.message import OutgoingMessage, SmtpTransport
-from poller.store.database import Store
+from poller.store import Store
 from tests.test_store import NOW, count_writes, seed_pending
 
 _ORG_IN_MESSAGE_ID = re.compile(rb"Message-ID: <low-credits\.(\d+)\.")

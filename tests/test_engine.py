@@ -9,7 +9,8 @@ import pytest
 from sqlalchemy import text
 
 from poller.devtools.simulator import Fault
-from poller.store.database import DatabaseError, notification
+from poller.store import DatabaseError
+from poller.store.schema import notification
 from tests.engine_world import (
     ACME,
     ACME_ADMINS,

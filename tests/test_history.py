@@ -10,21 +10,24 @@ from alembic.config import Config
 from sqlalchemy import text
 
 from poller.engine.forecast import Point
-from poller.store.database import (
+from poller.store import (
     MIGRATIONS_LOCATION,
     Store,
     create_configured_engine,
     open_database,
-    org_state,
     upgrade_database,
 )
 from poller.store.history import History
+from poller.store.schema import org_state
 
 NOW = datetime(2024, 6, 1, 12, 0, tzinfo=UTC)
 
 
+RETENTION = timedelta(days=30)
+
+
 def history(store: Store) -> History:
-    return History(store, retention=timedelta(days=30))
+    return History(store)
 
 
 def record_every(
@@ -68,7 +71,7 @@ def test_points_older_than_48_hours_keep_only_the_last_of_each_hour(store: Store
     h = history(store)
     record_every(h, 1, NOW - timedelta(hours=52), NOW, timedelta(minutes=15))
 
-    h.maintain(NOW)
+    h.maintain(NOW, RETENTION)
 
     points = all_points(h, 1)
     cutoff = NOW - timedelta(hours=48)
@@ -77,19 +80,19 @@ def test_points_older_than_48_hours_keep_only_the_last_of_each_hour(store: Store
     assert [point.at.minute for point in old] == [45, 45, 45, 45]
     assert len(recent) == 48 * 4 + 1  # untouched
     # Again at the same moment: nothing new to do.
-    h.maintain(NOW)
+    h.maintain(NOW, RETENTION)
     assert all_points(h, 1) == points
     # A minute later the 12:00 point of two days ago is old, and 12:15 supersedes it.
-    h.maintain(NOW + timedelta(minutes=1))
+    h.maintain(NOW + timedelta(minutes=1), RETENTION)
     assert cutoff not in [point.at for point in all_points(h, 1)]
     assert len(all_points(h, 1)) == len(points) - 1
 
 
 def test_points_older_than_the_retention_are_deleted(store: Store) -> None:
-    h = History(store, retention=timedelta(days=10))
+    h = History(store)
     for days in (12, 11, 9, 1):
         h.record([(1, Decimal(days))], NOW - timedelta(days=days))
-    h.maintain(NOW)
+    h.maintain(NOW, timedelta(days=10))
     assert [point.balance for point in all_points(h, 1)] == [Decimal(9), Decimal(1)]
 
 

@@ -22,7 +22,7 @@ import pytest
 from poller.cli.metrics import endpoint_label, read_store_counts
 from poller.devtools.simulator import Fault, SimulatedApi, SimulatorServer
 from poller.devtools.smtp_capture import free_port
-from poller.engine.health import judge, last_successful_run
+from poller.engine.health import judge
 from tests.engine_world import ACME, TOKEN, World, poller_env, run_poller, seed_organizations
 
 NOW = datetime(2026, 5, 1, 12, 0, tzinfo=UTC)
@@ -106,13 +106,13 @@ def test_store_counts_group_organizations_by_state_and_enabled(world: World) -> 
 
 
 def test_last_successful_run_ignores_cycles_that_could_not_list(world: World) -> None:
-    assert last_successful_run(world.store) is None
+    assert world.store.last_successful_run() is None
     world.cycle()
-    good = last_successful_run(world.store)
+    good = world.store.last_successful_run()
     assert good is not None and good[0].tzinfo is not None and 0 <= good[1] < 30
     world.api.add_fault(Fault(kind="status", status=503, endpoint="list_v2"))
     assert world.cycle().fatal is not None
-    assert last_successful_run(world.store) == good
+    assert world.store.last_successful_run() == good
 
 
 def test_poller_health_exit_status_follows_the_cycle_history(world: World) -> None:

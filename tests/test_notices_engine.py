@@ -16,10 +16,15 @@ from poller.cekura.client import CekuraClient
 from poller.engine.cycle import CycleReport, run_cycle
 from poller.engine.delivery import Deliverer
 from poller.engine.forecast import Point
-from poller.engine.notices import NOTICE_INITIAL, NoticeChange, NoticeState, NoticeStore
-from poller.engine.rule import AlertState
-from poller.store.database import NewNotification
+from poller.engine.model import (
+    NOTICE_INITIAL,
+    AlertState,
+    NewNotification,
+    NoticeChange,
+    NoticeState,
+)
 from poller.store.history import History
+from poller.store.notice_states import NoticeStates
 from tests.engine_world import (
     ACME,
     ACME_ADMINS,
@@ -105,7 +110,7 @@ def test_a_week_of_usage_forecasts_the_run_out_within_ten_percent_and_every_view
 
     true_runway = true_balance(end) / per_hour  # hours
     assert report.breaches == 1
-    prediction = report.insights.forecasts[ACME]
+    prediction = report.forecasts[ACME]
     estimated = Decimal((prediction.runs_out_at - end).total_seconds()) / 3600
     assert abs(estimated - true_runway) <= true_runway / 10
     # The top-up is recognised (less what was used between the two polls around it); the
@@ -246,7 +251,7 @@ def test_there_are_no_reminders_by_default(world, smtp_server):
 def test_a_poller_holding_a_stale_notice_state_records_no_second_reminder(world):
     world.set_balance(ACME, "500")
     cycle_at(world, T0)
-    notices = NoticeStore(world.store)
+    notices = NoticeStates(world.store)
     reminder = NewNotification(
         kind="reminder",
         breach_number=1,
@@ -328,7 +333,7 @@ def test_cycles_record_a_point_only_when_the_balance_changed(world):
         cycle_at(world, T0 + timedelta(minutes=minutes))
     world.set_balance(ACME, "4900")
     cycle_at(world, T0 + timedelta(minutes=15))
-    history = History(world.store, retention=timedelta(days=30))
+    history = History(world.store)
     assert history.series([ACME], since=T0 - timedelta(days=1))[ACME] == [
         Point(T0, Decimal("5000.00")),
         Point(T0 + timedelta(minutes=15), Decimal("4900.00")),

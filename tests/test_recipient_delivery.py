@@ -14,7 +14,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from poller.devtools.smtp_capture import SmtpCapture
-from poller.store.database import notification
+from poller.store.schema import notification
 from tests.engine_world import ACME, ACME_ADMINS, INITECH, World, open_world, run_poller
 
 DANA, SAM = ACME_ADMINS

@@ -9,14 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from poller.engine.rule import (
-    INITIAL,
-    AlertState,
-    Decision,
-    Observation,
-    StoredState,
-    evaluate,
-)
+from poller.engine.model import INITIAL, AlertState, Decision, StoredState
+from poller.engine.rule import Observation, evaluate
 
 ARMED = AlertState.ARMED
 ALERTED = AlertState.ALERTED

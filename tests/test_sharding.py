@@ -18,7 +18,8 @@ from poller.cli.main import cli
 from poller.config.settings import ConfigError, Secret, Settings, load_settings
 from poller.devtools.simulator import SimulatedApi, SimulatorServer
 from poller.engine.sharding import Shard, parse_shard
-from poller.store.database import cycle_run, open_database
+from poller.store import open_database
+from poller.store.schema import cycle_run
 from tests.engine_world import TOKEN, World, poller_env, run_poller
 
 # --- the partition -----------------------------------------------------------------------------

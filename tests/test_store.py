@@ -34,20 +34,11 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.pool import NullPool
 from structlog.testing import capture_logs
 
-import poller.store.database as store_module
-from poller.engine.rule import AlertState, StoredState
-from poller.store.database import (
-    DatabaseError,
-    Money,
-    NewNotification,
-    ObservedOrg,
-    SchemaOutdated,
-    StateChange,
-    Store,
-    open_database,
-    org_state,
-    upgrade_database,
-)
+import poller.store.database as database_module
+import poller.store.states as states_module
+from poller.engine.model import AlertState, NewNotification, ObservedOrg, StateChange, StoredState
+from poller.store import DatabaseError, SchemaOutdated, Store, open_database, upgrade_database
+from poller.store.schema import Money, org_state
 
 NOW = datetime(2024, 11, 24, 12, 0, tzinfo=UTC)
 ARMED = StoredState(AlertState.ARMED, 0)
@@ -142,7 +133,7 @@ def test_it_refuses_an_outdated_schema_until_db_upgrade(
     # A later poller: the shipped migrations plus one more revision.
     migrations = tmp_path / "migrations"
     shutil.copytree(
-        Path(store_module.__file__).parent / "migrations",
+        Path(database_module.__file__).parent / "migrations",
         migrations,
         ignore=shutil.ignore_patterns("__pycache__"),
     )
@@ -154,7 +145,7 @@ def test_it_refuses_an_outdated_schema_until_db_upgrade(
         "def downgrade():\n"
         '    op.drop_column("cycle_run", "note")\n'
     )
-    monkeypatch.setattr(store_module, "MIGRATIONS_LOCATION", str(migrations))
+    monkeypatch.setattr(database_module, "MIGRATIONS_LOCATION", str(migrations))
 
     with pytest.raises(SchemaOutdated) as refused:
         open_database(database_url)
@@ -355,7 +346,7 @@ def _apply_breaches_in_own_process(
     url: str, org_ids: list[int], barrier: threading.Barrier, results: multiprocessing.Queue
 ) -> None:
     # Several write batches per poller (on PostgreSQL two at a time), racing the others'.
-    store_module.BATCH_SIZE = 40
+    states_module.BATCH_SIZE = 40
     store = open_database(url)
     loaded = store.load_states()
     changes = [breach(observed(org_id), loaded[org_id].stored) for org_id in org_ids]
@@ -398,7 +389,7 @@ def test_concurrent_pollers_in_separate_processes_notify_each_breach_once(
 def test_a_batch_writes_and_notifies_only_the_orgs_whose_loaded_state_still_holds(
     store: Store, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(store_module, "BATCH_SIZE", 100)
+    monkeypatch.setattr(states_module, "BATCH_SIZE", 100)
     org_ids = range(1, 301)  # three write batches
     store.apply_changes([first_sight(observed(org_id)) for org_id in org_ids], NOW)
     raced = {org_id for org_id in org_ids if org_id % 7 == 3}
@@ -543,7 +534,7 @@ def test_a_nul_or_lone_surrogate_in_an_org_name_is_stored_as_a_replacement_chara
 def test_write_batches_runs_two_at_a_time_on_postgresql_and_one_on_sqlite(
     store: Store, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(store_module, "BATCH_SIZE", 2)
+    monkeypatch.setattr(states_module, "BATCH_SIZE", 2)
     parallel = store.engine.dialect.name == "postgresql"
     meet = threading.Barrier(2, timeout=10)  # only two batches that run together pass it
     lock = threading.Lock()
@@ -567,7 +558,7 @@ def test_write_batches_runs_two_at_a_time_on_postgresql_and_one_on_sqlite(
 def test_write_batches_starts_no_batch_after_one_failed(
     store: Store, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(store_module, "BATCH_SIZE", 1)
+    monkeypatch.setattr(states_module, "BATCH_SIZE", 1)
     started: list[int] = []
 
     def write(batch: list[int]) -> None:

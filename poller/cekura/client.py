@@ -61,6 +61,7 @@ from poller.cekura.transport import (
 from poller.config.settings import ConfigError, Secret, Settings
 from poller.engine.cancellation import on_cancel
 from poller.engine.model import Billing, Organization, OrgError, OrgSnapshot
+from poller.engine.ports import SourceError
 
 log = structlog.get_logger(__name__)
 
@@ -98,7 +99,7 @@ RequestObserver = Callable[[str, str], None]
 ProgressObserver = Callable[[int, int, int, bool], None]
 
 
-class ApiError(Exception):
+class ApiError(SourceError):
     """The API could not be used as intended. The message is safe to print: no credentials."""
 
     def __init__(self, message: str, *, status: int | None = None) -> None:

@@ -26,11 +26,13 @@ from poller.cli.progress import terminal_progress
 from poller.cli.terminal import echo, echo_json, safe_for_terminal
 from poller.config.envfile import read_env_file
 from poller.config.settings import ConfigError, Settings, load_settings
-from poller.engine.cycle import CycleReport, OrgPlan, run_cycle, warn_on_overrun
+from poller.engine.cycle import CycleReport, run_cycle, warn_on_overrun
+from poller.engine.decide import OrgPlan
 from poller.engine.delivery import Deliverer
 from poller.engine.forecast import BEYOND_HORIZON, MIN_POINTS, MIN_SPAN, Window
-from poller.engine.insights import Outlook, outlooks
-from poller.engine.notifications import content_for, delivery_summary
+from poller.engine.notices import content_for
+from poller.engine.notifications import delivery_summary
+from poller.engine.outlook import Outlook, outlooks
 from poller.engine.sharding import Shard, parse_shard
 from poller.mail.message import (
     format_amount,
@@ -40,7 +42,7 @@ from poller.mail.message import (
     format_runway,
     render_email,
 )
-from poller.store.database import (
+from poller.store import (
     DatabaseError,
     SchemaOutdated,
     StatusRow,

@@ -38,7 +38,8 @@ from sqlalchemy import func, select
 from poller.config.settings import ConfigError
 from poller.engine.cycle import CycleReport
 from poller.engine.health import Verdict, is_successful, judge
-from poller.store.database import DatabaseError, Store, notification, org_state
+from poller.store import DatabaseError, Store
+from poller.store.schema import notification, org_state
 
 log = structlog.get_logger(__name__)
 

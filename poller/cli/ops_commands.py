@@ -18,9 +18,9 @@ from poller.cekura.client import CekuraClient
 from poller.cli.terminal import echo
 from poller.config.settings import Settings
 from poller.engine.delivery import smtp_transport
-from poller.engine.health import judge, last_successful_run
+from poller.engine.health import judge
 from poller.engine.model import Member, Organization, OrgSnapshot
-from poller.engine.notifications import content_for
+from poller.engine.notices import content_for
 from poller.mail.message import (
     AlertContent,
     DeliveryError,
@@ -30,7 +30,7 @@ from poller.mail.message import (
     message_id_for,
     render_email,
 )
-from poller.store.database import open_database
+from poller.store import open_database
 
 # Sample data for previews and test emails: plausible, and obviously not a real customer.
 SAMPLE_ORG = Organization(
@@ -213,7 +213,7 @@ def health(settings: Settings, max_age: float | None) -> None:
     limit = max_age if max_age is not None else 2 * settings.interval
     store = open_database(settings.database_url)
     try:
-        last = last_successful_run(store)
+        last = store.last_successful_run()
         held = store.held_back()
     finally:
         store.close()

@@ -1,7 +1,9 @@
-"""One cycle: fetch every organization → evaluate the rule → persist changes → deliver.
+"""One cycle: fetch every organization → decide → persist → deliver.
 
 The daemon (`poller run`), cron (`poller once`) and `poller check --org` all call
-``run_cycle``; only how often and for which organizations differs.
+``run_cycle``; only how often and for which organizations differs. The decisions are pure
+(``poller.engine.decide``); this module loads their inputs and hands their writes to the
+store in one step.
 """
 
 from __future__ import annotations
@@ -10,69 +12,33 @@ import gc
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime
-from decimal import Decimal
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
 
 import structlog
 
-from poller.cekura.client import ApiError, CekuraClient
 from poller.config.settings import Settings
-from poller.engine.delivery import Deliverer, DeliveryReport
-from poller.engine.insights import InsightReport, Insights, OrgFailure
-from poller.engine.model import OrgError, OrgSnapshot
-from poller.engine.notifications import content_for, notification_for
-from poller.engine.rule import Decision, StoredState, evaluate
-from poller.store.database import (
-    NewNotification,
-    ObservedOrg,
-    StateChange,
-    Store,
-    StoredRow,
+from poller.engine.decide import NOTHING_KNOWN, Known, OrgPlan, Policy, decide, needs_history
+from poller.engine.forecast import WEEK, Forecast
+from poller.engine.model import (
+    CycleWrites,
+    DeliveryReport,
+    NotificationStatus,
+    OrgError,
+    OrgSnapshot,
     describe_failure,
+    utc_now,
 )
+from poller.engine.ports import AlertStore, Dispatcher, Source, SourceError
 
 log = structlog.get_logger(__name__)
 
-
-def utc_now() -> datetime:
-    return datetime.now(UTC)
-
-
-@dataclass(slots=True)
-class OrgPlan:
-    """What the cycle decided for one organization, before anything is written.
-
-    Read-only by convention: not frozen because a cycle builds one per organization and a
-    frozen dataclass takes several times as long to build.
-    """
-
-    snapshot: OrgSnapshot
-    before: StoredState | None
-    decision: Decision
-    change: StateChange | None  # None: nothing to write
-
-    @property
-    def notification(self) -> NewNotification | None:
-        return self.change.notification if self.change else None
-
-    @property
-    def action(self) -> str:
-        """One verb for people: what this cycle did (or would do) for the organization."""
-        if self.notification is not None:
-            return {
-                "pending": "alerted",
-                "suppressed": "alerted (emails disabled for the organization: suppressed)",
-                "no_recipients": "alerted (no admin with an email address: nobody to notify)",
-                "baseline": "recorded below threshold (baseline: no email)",
-            }[self.notification.status]
-        if self.decision.rearmed:
-            return "re-armed"
-        if self.before is None:
-            return "first seen"
-        return "no change"
+# What a cycle does with an org that one of its steps failed on: (org id, step, exception or
+# the reason already put in words). The org is then reported as an error, not written.
+OrgFailure = Callable[[int, str, BaseException | str], None]
 
 
 @dataclass
@@ -91,8 +57,9 @@ class CycleReport:
     delivery: DeliveryReport | None = None
     duration: float = 0.0
     outcome: str = ""  # ok | partial | list_failed | abandoned, once the cycle has finished
-    # Forecasts computed this cycle and the optional notices it recorded.
-    insights: InsightReport = field(default_factory=InsightReport)
+    # Forecasts computed this cycle, and the outbox ids of the runway alerts and reminders.
+    forecasts: dict[int, Forecast] = field(default_factory=dict)
+    notices: list[int] = field(default_factory=list)
     # Seconds spent in each phase: fetch, diff (load states + rule), persist, deliver.
     phases: dict[str, float] = field(default_factory=dict)
 
@@ -131,83 +98,12 @@ class CycleReport:
         )
 
 
-def plan_org(
-    snapshot: OrgSnapshot,
-    stored: StoredRow | None,
-    *,
-    rearm_margin: Decimal,
-    baseline: bool,
-    billing_url: str,
-    now: datetime,
-) -> OrgPlan:
-    """Apply the rule to one organization and describe the write it needs (pure)."""
-    before = stored.stored if stored is not None else None
-    decision = evaluate(before, snapshot, rearm_margin)
-    notification = None
-    if decision.breached:
-        content = content_for(
-            snapshot,
-            kind="low_credits",
-            number=decision.breach_count,
-            billing_url=billing_url,
-            now=now,
-        )
-        notification = notification_for(content, snapshot, baseline)
-    elif (
-        stored is not None
-        and not decision.changed_from(before)
-        and not stored.differs_from(snapshot, stored.stored)
-    ):
-        # Most organizations on most cycles: nothing to write.
-        return OrgPlan(snapshot, before, decision, None)
-    observed = ObservedOrg(
-        org_id=snapshot.id,
-        name=snapshot.name,
-        enabled=snapshot.enabled,
-        threshold=snapshot.threshold,
-        balance=snapshot.balance,
-    )
-    change = StateChange(
-        observed=observed, expected=before, new=decision.stored, notification=notification
-    )
-    return OrgPlan(snapshot=snapshot, before=before, decision=decision, change=change)
-
-
-def plan_cycle(
-    snapshots: Iterable[OrgSnapshot],
-    stored: Mapping[int, StoredRow],
-    *,
-    settings: Settings,
-    baseline: bool,
-    now: datetime,
-    failed: OrgFailure,
-) -> list[OrgPlan]:
-    """Each org's plan; an org whose planning raises is handed to ``failed`` and left out."""
-    rearm_margin, billing_url = settings.rearm_margin, settings.billing_url
-    plans = []
-    for snapshot in snapshots:
-        try:
-            plans.append(
-                plan_org(
-                    snapshot,
-                    stored.get(snapshot.id),
-                    rearm_margin=rearm_margin,
-                    baseline=baseline,
-                    billing_url=billing_url,
-                    now=now,
-                )
-            )
-        except Exception as error:
-            failed(snapshot.id, "planning", error)
-    return plans
-
-
 def run_cycle(
     *,
     settings: Settings,
-    client: CekuraClient,
-    store: Store,
-    deliverer: Deliverer | None,
+    client: Source,
+    store: AlertStore,
+    deliverer: Dispatcher | None,
     baseline: bool = False,
     only_org: int | None = None,
     dry_run: bool = False,
@@ -251,8 +147,8 @@ def run_cycle(
 def _fetch_and_persist(
     report: CycleReport,
     settings: Settings,
-    client: CekuraClient,
-    store: Store,
+    client: Source,
+    store: AlertStore,
     baseline: bool,
     only_org: int | None,
     dry_run: bool,
@@ -262,7 +158,7 @@ def _fetch_and_persist(
     try:
         with _phase(report, "fetch"):
             fetched = client.fetch_snapshots(only_org=only_org, cancel=cancel)
-    except ApiError as exc:
+    except SourceError as exc:
         if cancel.is_set():  # the listing was broken off by the stop request, not the API
             log.warning("cycle.abandoned", reason="stop requested while fetching")
             return
@@ -281,13 +177,21 @@ def _fetch_and_persist(
     for plan in report.plans:
         if report.wrote(plan):
             _log_plan(plan)
+        if plan.notice is not None and report.applied is not None:
+            for notice in plan.notice.notifications:
+                log.info(
+                    f"org.{notice.kind}_notice",
+                    org_id=plan.snapshot.id,
+                    number=notice.breach_number,
+                    status=notice.status,
+                )
 
 
 def _diff_and_persist(
     report: CycleReport,
     snapshots: list[OrgSnapshot],
     settings: Settings,
-    store: Store,
+    store: AlertStore,
     baseline: bool,
     dry_run: bool,
     now: datetime,
@@ -302,46 +206,85 @@ def _diff_and_persist(
         report.errors.append(OrgError(org_id, f"{step} failed: {why}"))
         log.error("org.failed", org_id=org_id, step=step, error=why)
 
-    def drop_failed() -> None:
-        if failed_ids:
-            report.plans = [plan for plan in report.plans if plan.snapshot.id not in failed_ids]
-
+    policy = Policy.of(settings, baseline=baseline, now=now)
     with _phase(report, "diff"):
-        stored = store.load_states()
-        report.plans = plan_cycle(
-            snapshots, stored, settings=settings, baseline=baseline, now=now, failed=failed
-        )
-        insights = Insights(store, settings, failed=failed)
-        amended = insights.before_persist(
-            report.plans, stored, baseline=baseline, now=now, report=report.insights
-        )
-        for index, change in amended.items():
-            report.plans[index] = replace(report.plans[index], change=change)
-        drop_failed()
+        known = _load_known(store, policy)
+        report.plans = _decide_all(snapshots, known, store, policy, failed)
+        report.forecasts = {p.snapshot.id: p.forecast for p in report.plans if p.forecast}
     if dry_run:
         return
     with _phase(report, "persist"):
-        result = store.apply_changes([p.change for p in report.plans if p.change], now)
+        writes = CycleWrites(
+            states=[plan.change for plan in report.plans if plan.change],
+            notices=[plan.notice for plan in report.plans if plan.notice],
+            balances=[
+                (p.snapshot.id, p.snapshot.balance) for p in report.plans if p.record_balance
+            ],
+        )
+        result = store.persist(writes, now)
         report.written, report.conflicts = result.written, result.conflicts
         report.applied = result.applied
+        report.notices = result.notices
         for org_id, why in result.failed.items():
             failed(org_id, "saving", why)
-        drop_failed()
-        insights.after_persist(
-            report.plans, stored, baseline=baseline, now=now, report=report.insights
-        )
+        if failed_ids:
+            report.plans = [plan for plan in report.plans if plan.snapshot.id not in failed_ids]
+        store.maintain_history(now, timedelta(days=settings.history_retention_days))
         store.record_errors([(e.org_id, e.message) for e in report.errors if e.org_id], now)
+
+
+def _load_known(store: AlertStore, policy: Policy) -> dict[int, Known]:
+    """What the store holds of every organization; notice state only where notices are on."""
+    rows = store.load_states()
+    if not policy.notices:
+        return {org_id: Known(row) for org_id, row in rows.items()}
+    notices = store.load_notice_states()
+    last_alerts = store.last_alerts() if policy.remind_every is not None else {}
+    return {
+        org_id: Known(row, notices.get(org_id), last_alerts.get(org_id))
+        for org_id, row in rows.items()
+    }
+
+
+def _decide_all(
+    snapshots: list[OrgSnapshot],
+    known: dict[int, Known],
+    store: AlertStore,
+    policy: Policy,
+    failed: OrgFailure,
+) -> list[OrgPlan]:
+    """Each org's plan; an org whose decision raises is handed to ``failed`` and left out."""
+    wanted: set[int] = set()
+    skipped: set[int] = set()
+    for snapshot in snapshots:
+        try:
+            if needs_history(snapshot, known.get(snapshot.id, NOTHING_KNOWN), policy):
+                wanted.add(snapshot.id)
+        except Exception as error:
+            skipped.add(snapshot.id)
+            failed(snapshot.id, "deciding", error)
+    # Only the organizations that alert or whose notices move read any history.
+    series = store.balance_series(sorted(wanted), since=policy.now - WEEK) if wanted else {}
+    plans = []
+    for snapshot in snapshots:
+        org_id = snapshot.id
+        if org_id in skipped:
+            continue
+        history = series.get(org_id, []) if org_id in wanted else None
+        try:
+            plans.append(decide(snapshot, known.get(org_id, NOTHING_KNOWN), policy, history))
+        except Exception as error:
+            failed(org_id, "deciding", error)
+    return plans
 
 
 @contextmanager
 def _no_garbage_collection() -> Iterator[None]:
     """Pause CPython's cyclic garbage collector while the cycle diffs and persists.
 
-    At 100,000 orgs these phases allocate a few hundred thousand objects that all live until
-    the cycle ends, which makes CPython run full collections that traverse every object in the
-    process, the fetched fleet included: 0.3 to 0.5 s apiece, one or two per cycle, finding
-    next to no garbage. Reference counting still frees everything as usual; only reference
-    cycles made in these few seconds wait for the collector to resume.
+    These phases allocate objects by the hundred thousand that all live until the cycle ends,
+    which makes CPython run full collections over the whole fleet that find next to no garbage
+    (docs/architecture.md). Reference counting still frees everything as usual.
     """
     was_enabled = gc.isenabled()
     gc.disable()
@@ -364,8 +307,9 @@ def _phase(report: CycleReport, name: str) -> Iterator[None]:
 def _log_plan(plan: OrgPlan) -> None:
     notification = plan.notification
     if notification is not None:
-        event = "org.alerted" if notification.status == "pending" else f"org.{notification.status}"
-        level = "warning" if notification.status == "no_recipients" else "info"
+        status = notification.status
+        event = "org.alerted" if status == NotificationStatus.PENDING else f"org.{status}"
+        level = "warning" if status == NotificationStatus.NO_RECIPIENTS else "info"
         getattr(log, level)(
             event,
             org_id=plan.snapshot.id,
@@ -405,7 +349,7 @@ def _outcome(report: CycleReport, cancel: threading.Event) -> str:
     return "ok" if report.ok else "partial"
 
 
-def _log_summary(cycle_log, report: CycleReport) -> None:
+def _log_summary(cycle_log: Any, report: CycleReport) -> None:
     delivery = report.delivery or DeliveryReport()
     cycle_log.info(
         "cycle.finished",

@@ -23,7 +23,6 @@ import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 import structlog
@@ -31,6 +30,7 @@ import structlog
 from poller.config.settings import Settings
 from poller.engine.addresses import InvalidAddress, checked_address, needs_smtputf8
 from poller.engine.cancellation import on_cancel
+from poller.engine.model import DeliveryReport
 from poller.engine.notifications import (
     FAILED,
     RETRYING,
@@ -50,7 +50,7 @@ from poller.mail.message import (
     render_email,
     reply_text,
 )
-from poller.store.database import ClaimedNotification, DatabaseError, Store
+from poller.store import ClaimedNotification, DatabaseError, Store
 
 log = structlog.get_logger(__name__)
 
@@ -61,21 +61,6 @@ RETRY_BASE_SECONDS = 60.0
 RETRY_CAP_SECONDS = 3600.0
 # Waits between attempts to record an accepted email as sent (see Deliverer._record_sent).
 MARK_SENT_RETRY_DELAYS = (0.1, 0.5, 1.0)
-
-
-@dataclass
-class DeliveryReport:
-    sent: int = 0
-    retried: int = 0
-    failed: int = 0
-    # Pending rows left after this run (waiting for a retry), not counting rows another
-    # poller holds a live lease on: they are being delivered right now.
-    undelivered: int = 0
-
-    def add(self, other: DeliveryReport) -> None:
-        self.sent += other.sent
-        self.retried += other.retried
-        self.failed += other.failed
 
 
 def retry_delay(attempts: int, rng: random.Random | None = None) -> float:

@@ -18,10 +18,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import and_, or_, select
-
-from poller.store.database import Store, cycle_run
-
 
 @dataclass(frozen=True)
 class Verdict:
@@ -34,7 +30,7 @@ class Verdict:
 
 
 def is_successful(outcome: str | None, orgs_read: int, orgs_failed: int) -> bool:
-    """The same rule as the SQL in ``last_successful_run``, for a cycle seen in memory."""
+    """The same rule as the SQL in ``Store.last_successful_run``, for a cycle seen in memory."""
     if outcome == "ok":
         return True
     return outcome == "partial" and (orgs_read > 0 or orgs_failed == 0)
@@ -95,30 +91,6 @@ def judge(
             "see the cycle.list_failed and api.error log events",
         )
     return Verdict(False, "no successful cycle recorded in the database yet")
-
-
-def last_successful_run(store: Store) -> tuple[datetime, float] | None:
-    """When the latest successful cycle (any process, any replica) finished, and how many
-    seconds it took."""
-    successful = or_(
-        cycle_run.c.outcome == "ok",
-        and_(
-            cycle_run.c.outcome == "partial",
-            or_(cycle_run.c.orgs_read > 0, cycle_run.c.orgs_failed == 0),
-        ),
-    )
-    query = (
-        select(cycle_run.c.finished_at, cycle_run.c.started_at)
-        .where(successful)
-        .order_by(cycle_run.c.finished_at.desc())
-        .limit(1)
-    )
-    # The store's own error wrapping: a database problem is one line, password hidden.
-    with store.database_errors("reading the cycle history"), store.engine.connect() as connection:
-        row = connection.execute(query).first()
-    if row is None:
-        return None
-    return row.finished_at, (row.finished_at - row.started_at).total_seconds()
 
 
 def _seconds(value: float) -> str:

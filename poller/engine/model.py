@@ -1,13 +1,15 @@
-"""Typed records of what the Cekura API tells us about an organization.
+"""The engine's types: what the API says of an organization, what is stored, what is decided.
 
-Money is always ``decimal.Decimal`` parsed from the API's decimal strings, never float.
-Parsing from API JSON lives in ``poller.cekura.parsing``; these are plain values.
+Plain values, shared by every layer: adapters (client, store, mail) build and read them, and
+none of them does I/O. Money is always ``decimal.Decimal``, never float.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
 from decimal import Decimal
+from enum import StrEnum
 
 import structlog
 
@@ -126,3 +128,220 @@ class OrgError:
 
 def _may_receive_alerts(member: Member) -> bool:
     return member.role == "admin" and member.email_notify_enabled is not False
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+MAX_ERROR_LENGTH = 500
+
+
+class WordedError(Exception):
+    """An error whose message is already one line for people, with no secret in it."""
+
+
+def one_line(text: str, limit: int = MAX_ERROR_LENGTH) -> str:
+    flat = " ".join(text.split())
+    return flat if len(flat) <= limit else flat[: limit - 1] + "…"
+
+
+def describe_failure(error: BaseException) -> str:
+    """One line naming an unexpected exception: its type and message."""
+    if isinstance(error, WordedError):
+        return str(error)
+    return one_line(f"{type(error).__name__}: {error}".rstrip(": "))
+
+
+# --- the alert rule's state and decision --------------------------------------------------
+
+
+class AlertState(StrEnum):
+    ARMED = "armed"
+    ALERTED = "alerted"
+
+
+@dataclass(frozen=True, slots=True)
+class StoredState:
+    state: AlertState
+    breach_count: int
+
+
+INITIAL = StoredState(AlertState.ARMED, 0)
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    state: AlertState
+    breach_count: int
+    # True -> send one notification, for breach number ``breach_count``.
+    breached: bool
+    rearmed: bool
+
+    @property
+    def stored(self) -> StoredState:
+        """What to persist for the organization after this decision."""
+        return StoredState(self.state, self.breach_count)
+
+    def changed_from(self, stored: StoredState | None) -> bool:
+        """Whether the stored state must be written (always for an organization not yet stored)."""
+        # Field by field: building self.stored costs a cycle a microsecond per organization.
+        return (
+            stored is None or stored.state != self.state or stored.breach_count != self.breach_count
+        )
+
+
+# --- what is stored of an organization ----------------------------------------------------
+# The per-org records a cycle builds by the 100,000 are read-only by convention rather than
+# frozen: a frozen dataclass takes several times as long to build (docs/benchmarks.md).
+
+
+@dataclass(slots=True)
+class ObservedOrg:
+    org_id: int
+    name: str
+    enabled: bool
+    threshold: Decimal
+    balance: Decimal
+
+
+@dataclass(slots=True)
+class StoredRow:
+    """One org as loaded from the store."""
+
+    org_id: int
+    stored: StoredState
+    name: str
+    enabled: bool
+    threshold: Decimal
+    balance: Decimal
+    last_error: str | None
+
+    def differs_from(self, observed: OrgSnapshot | ObservedOrg, new: StoredState) -> bool:
+        """Whether the org must be written: a value or the state changed, or an error to clear."""
+        return (
+            observed.balance != self.balance
+            or new != self.stored
+            or self.last_error is not None
+            or observed.threshold != self.threshold
+            or observed.enabled != self.enabled
+            or observed.name != self.name
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class NoticeState:
+    """The optional notices' own state (runway alert, reminders) for one organization."""
+
+    runway: AlertState
+    runway_breaches: int
+    reminders: int
+    reminded_at: datetime | None
+
+
+NOTICE_INITIAL = NoticeState(AlertState.ARMED, 0, 0, None)
+
+
+# --- notifications ------------------------------------------------------------------------
+
+
+class NotificationKind(StrEnum):
+    LOW_CREDITS = "low_credits"
+    RUNWAY = "runway"
+    REMINDER = "reminder"
+    RECOVERY = "recovery"
+
+
+class NotificationStatus(StrEnum):
+    PENDING = "pending"  # to be sent (or being sent)
+    SENT = "sent"
+    FAILED = "failed"
+    SUPPRESSED = "suppressed"  # the organization turned its emails off
+    NO_RECIPIENTS = "no_recipients"  # no admin with a deliverable address
+    BASELINE = "baseline"  # recorded on first sight (--baseline), never sent
+
+
+# Statuses a new outbox row may start with.
+NEW_STATUSES = frozenset(NotificationStatus) - {NotificationStatus.SENT, NotificationStatus.FAILED}
+
+# Recipient address -> {"outcome": "sent" | "failed" | "retrying", "answer": str, "at": ISO
+# time}; a recipient without an entry has not been tried yet.
+Deliveries = dict[str, dict[str, str]]
+
+
+@dataclass(frozen=True, slots=True)
+class NewNotification:
+    kind: NotificationKind
+    breach_number: int
+    org_name: str
+    recipients: tuple[str, ...]
+    subject: str
+    balance: Decimal
+    threshold: Decimal
+    detected_at: datetime
+    status: NotificationStatus
+    auto_refill: bool = False  # the org's auto-refill setting when the breach was detected
+    burn_per_day: Decimal | None = None
+    runs_out_at: datetime | None = None
+
+
+# --- what a cycle writes --------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class StateChange:
+    """One org's alert-state write, and the notifications that go with it only if it hits."""
+
+    observed: ObservedOrg
+    expected: StoredState | None  # what the cycle loaded; None = the org was not stored
+    new: StoredState
+    notification: NewNotification | None  # the low-credits alert
+    also_notify: tuple[NewNotification, ...] = ()  # the recovery notice of a re-arm
+
+
+@dataclass(frozen=True, slots=True)
+class NoticeChange:
+    """One org's notice-state write, and its notices (written only if the write hits)."""
+
+    org_id: int
+    expected: NoticeState | None  # None: no notice_state row was loaded
+    new: NoticeState
+    notifications: tuple[NewNotification, ...]  # none for a runway re-arm
+
+
+@dataclass(slots=True)
+class CycleWrites:
+    """Everything one cycle writes, handed to the store in one step."""
+
+    states: list[StateChange]
+    notices: list[NoticeChange]
+    balances: list[tuple[int, Decimal]]  # (org id, balance) points for the history
+
+
+@dataclass(frozen=True)
+class ApplyResult:
+    written: int
+    notifications: list[int]
+    conflicts: int
+    # Orgs whose state write (a first insert or a guarded transition) this call made: a
+    # concurrent poller that won the race wrote the others, and it alone reports them.
+    applied: frozenset[int] = frozenset()
+    # Orgs whose own change could not be written (org id -> why); nothing of theirs was.
+    failed: dict[int, str] = field(default_factory=dict)
+    # Outbox ids of the runway alerts and reminders written (Store.persist).
+    notices: list[int] = field(default_factory=list)
+
+
+@dataclass
+class DeliveryReport:
+    sent: int = 0
+    retried: int = 0
+    failed: int = 0
+    # Pending rows left after this run (waiting for a retry), not counting rows another
+    # poller holds a live lease on: they are being delivered right now.
+    undelivered: int = 0
+
+    def add(self, other: DeliveryReport) -> None:
+        self.sent += other.sent
+        self.retried += other.retried
+        self.failed += other.failed

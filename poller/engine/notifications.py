@@ -7,60 +7,8 @@ the same way, so who gets an email and which status its row starts with has one 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import datetime
 
-from poller.engine.model import OrgSnapshot
-from poller.mail.message import AlertContent, render_subject
-from poller.store.database import Deliveries, NewNotification
-
-
-def addressees(snapshot: OrgSnapshot, baseline: bool) -> tuple[tuple[str, ...], str]:
-    """Who a notice goes to, and the outbox status it starts with."""
-    recipients = tuple(member.email for member in snapshot.org.alert_recipients())
-    if baseline:
-        return recipients, "baseline"
-    if not snapshot.org.send_emails_enabled:
-        return recipients, "suppressed"
-    if not recipients:
-        return recipients, "no_recipients"
-    return recipients, "pending"
-
-
-def content_for(
-    snapshot: OrgSnapshot, *, kind: str, number: int, billing_url: str, now: datetime
-) -> AlertContent:
-    return AlertContent(
-        org_id=snapshot.id,
-        org_name=snapshot.name,
-        breach_number=number,
-        balance=snapshot.balance,
-        threshold=snapshot.threshold,
-        detected_at=now,
-        billing_url=billing_url,
-        auto_refill=snapshot.org.auto_refill,
-        kind=kind,
-    )
-
-
-def notification_for(
-    content: AlertContent, snapshot: OrgSnapshot, baseline: bool
-) -> NewNotification:
-    recipients, status = addressees(snapshot, baseline)
-    return NewNotification(
-        kind=content.kind,
-        breach_number=content.breach_number,
-        org_name=snapshot.name,
-        recipients=recipients,
-        subject=render_subject(content),
-        balance=snapshot.balance,
-        threshold=snapshot.threshold,
-        detected_at=content.detected_at,
-        status=status,
-        auto_refill=snapshot.org.auto_refill,
-        burn_per_day=content.burn_per_day,
-        runs_out_at=content.runs_out_at,
-    )
-
+from poller.engine.model import Deliveries
 
 # Per-recipient outcomes (the ``deliveries`` of an outbox row).
 SENT, FAILED, RETRYING = "sent", "failed", "retrying"

@@ -18,23 +18,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from decimal import Decimal
-from enum import StrEnum
 from functools import lru_cache
 from typing import Protocol
 
-
-class AlertState(StrEnum):
-    ARMED = "armed"
-    ALERTED = "alerted"
-
-
-@dataclass(frozen=True, slots=True)
-class StoredState:
-    state: AlertState
-    breach_count: int
-
-
-INITIAL = StoredState(AlertState.ARMED, 0)
+from poller.engine.model import INITIAL, AlertState, Decision, StoredState
 
 
 class Observed(Protocol):
@@ -56,28 +43,6 @@ class Observation:
     enabled: bool
     threshold: Decimal
     balance: Decimal
-
-
-@dataclass(frozen=True, slots=True)
-class Decision:
-    state: AlertState
-    breach_count: int
-    # True -> send one notification, for breach number ``breach_count``.
-    breached: bool
-    rearmed: bool
-
-    @property
-    def stored(self) -> StoredState:
-        """What to persist for the organization after this decision."""
-        return StoredState(self.state, self.breach_count)
-
-    def changed_from(self, stored: StoredState | None) -> bool:
-        """Whether the stored state must be written (always for an organization not yet stored)."""
-        # Field by field: building self.stored to compare would cost a cycle a microsecond per
-        # organization.
-        return (
-            stored is None or stored.state != self.state or stored.breach_count != self.breach_count
-        )
 
 
 def evaluate(

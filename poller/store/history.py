@@ -21,14 +21,12 @@ from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from datetime import datetime, timedelta
 from decimal import Decimal
+from typing import TYPE_CHECKING
 
 import structlog
 from sqlalchemy import (
     BigInteger,
-    Boolean,
-    Column,
     Integer,
-    Table,
     and_,
     bindparam,
     delete,
@@ -39,9 +37,14 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.sql.dml import Insert
+from sqlalchemy.sql.expression import Executable
 
 from poller.engine.forecast import Point
-from poller.store.database import JsonRows, Money, Store, UTCDateTime, metadata
+from poller.store.jsonrows import JsonRows, batches
+
+if TYPE_CHECKING:
+    from poller.store.states import StateWrites
+from poller.store.schema import Money, UTCDateTime, balance_history
 
 log = structlog.get_logger(__name__)
 
@@ -51,22 +54,10 @@ MAINTENANCE_MAX_BATCHES = 20
 # Org ids per history query: keeps IN lists well inside every database's parameter limit.
 READ_BATCH = 500
 
-balance_history = Table(
-    "balance_history",
-    metadata,
-    Column("id", Integer, primary_key=True, autoincrement=True),
-    Column("org_id", BigInteger, nullable=False),
-    Column("observed_at", UTCDateTime, nullable=False),
-    Column("hour", Integer, nullable=False),
-    Column("balance", Money, nullable=False),
-    Column("raw", Boolean, nullable=False),
-)
-
-
 _POINTS = JsonRows("points", {"org_id": BigInteger(), "balance": Money()})
 
 
-def _record_statement(store: Store) -> Insert:
+def _record_statement(store: StateWrites) -> Insert:
     """One INSERT per batch of points, all observed at :now (see JsonRows for why)."""
     points = _POINTS.table(store.engine.dialect)
     values = select(
@@ -92,9 +83,8 @@ def hour_of(moment: datetime) -> int:
 class History:
     """Reads and writes ``balance_history`` through the store's engine."""
 
-    def __init__(self, store: Store, retention: timedelta) -> None:
+    def __init__(self, store: StateWrites) -> None:
         self._store = store
-        self._retention = retention
 
     def record(self, balances: Sequence[tuple[int, Decimal]], now: datetime) -> None:
         """One point per (org, balance) seen at ``now``; the same org and moment twice: one."""
@@ -120,8 +110,8 @@ class History:
         The point before ``since`` is the balance when the window opened, however old it is
         (an org whose balance sat still has no newer one). ``org_ids`` None means every org.
         """
-        batches: list[Sequence[int] | None] = (
-            [None] if org_ids is None else list(_batches(sorted(set(org_ids)), READ_BATCH))
+        groups: list[Sequence[int] | None] = (
+            [None] if org_ids is None else list(batches(sorted(set(org_ids)), READ_BATCH))
         )
         points: dict[int, list[Point]] = defaultdict(list)
         columns = (
@@ -133,7 +123,7 @@ class History:
             self._store.database_errors("reading balance history"),
             self._store.reader.connect() as connection,
         ):
-            for batch in batches:
+            for batch in groups:
                 chosen = [] if batch is None else [balance_history.c.org_id.in_(batch)]
                 last_before = (
                     select(
@@ -157,9 +147,9 @@ class History:
                     points[row.org_id].append(Point(row.observed_at, row.balance))
         return dict(points)
 
-    def maintain(self, now: datetime) -> None:
+    def maintain(self, now: datetime, retention: timedelta) -> None:
         """Downsample and prune what is due; an index lookup each when nothing is."""
-        raw_cutoff, prune_cutoff = now - RAW_PERIOD, now - self._retention
+        raw_cutoff, prune_cutoff = now - RAW_PERIOD, now - retention
         due = select(
             exists().where(balance_history.c.raw, balance_history.c.observed_at < raw_cutoff),
             exists().where(balance_history.c.observed_at < prune_cutoff),
@@ -220,7 +210,7 @@ class History:
             "pruning balance history",
         )
 
-    def _in_batches(self, statement, action: str) -> int:
+    def _in_batches(self, statement: Executable, action: str) -> int:
         total = 0
         for _ in range(MAINTENANCE_MAX_BATCHES):
             with self._store.database_errors(action), self._store.engine.begin() as connection:
@@ -229,8 +219,3 @@ class History:
             if count < MAINTENANCE_BATCH:
                 break
         return total
-
-
-def _batches(items: Sequence, size: int) -> Iterable[Sequence]:
-    for start in range(0, len(items), size):
-        yield items[start : start + size]

@@ -48,7 +48,7 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from poller.devtools.simulator import SimulatedApi, SimulatorServer
 from poller.devtools.smtp_capture import CapturedMessage, CaptureHandler, SmtpCapture
-from poller.store.database import NotificationRecord, open_database
+from poller.store import NotificationRecord, open_database
 from tests.engine_world import TOKEN, poller_env
 from tests.fixtures.database import fresh_postgres_database
 

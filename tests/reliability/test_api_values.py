@@ -54,7 +54,7 @@ def test_a_near_idle_org_with_a_large_balance_runs_out_beyond_the_horizon_withou
     assert world.poller("once", "--baseline").status == 0
     # 0.02 credits used in five days: a run-out date millions of years away.
     now = datetime.now(UTC)
-    history = History(world.store, retention=timedelta(days=30))
+    history = History(world.store)
     for days_ago, balance in ((5, "90000.03"), (3, "90000.02"), (1, "90000.01")):
         history.record([(2, Decimal(balance))], now - timedelta(days=days_ago))
     api.update_org(2, low_credits_threshold="100000.00")

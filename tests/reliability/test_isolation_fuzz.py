@@ -48,7 +48,8 @@ from poller.config.settings import load_settings
 from poller.devtools.simulator import SimulatedApi, SimulatorServer
 from poller.engine.cycle import CycleReport, run_cycle
 from poller.engine.delivery import Deliverer
-from poller.store.database import Store, metadata, open_database
+from poller.store import Store, open_database
+from poller.store.schema import metadata
 from tests.engine_world import TOKEN, poller_env, run_poller
 from tests.fixtures.smtp import DROP, SmtpTestServer, unicode_mailbox
 

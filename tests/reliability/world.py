@@ -14,7 +14,8 @@ from datetime import UTC, datetime
 from sqlalchemy import select, update
 
 from poller.devtools.simulator import SimulatedApi
-from poller.store.database import NotificationRecord, Store, notification, open_database, org_state
+from poller.store import NotificationRecord, Store, open_database
+from poller.store.schema import notification, org_state
 from tests.engine_world import run_poller
 
 THRESHOLD = "1000.00"
