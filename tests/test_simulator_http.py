@@ -239,7 +239,7 @@ def test_urllib3_keeps_one_connection_for_many_requests(simulator: SimulatorServ
             response = pool.request(
                 "GET",
                 BILLING,
-                fields={"organization_id": org_id},
+                fields={"organization_id": str(org_id)},
                 headers={"Authorization": f"Bearer {SIM_TOKEN}"},
             )
             assert json.loads(response.data)["organization"] == org_id
