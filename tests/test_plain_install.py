@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import email.parser
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -98,9 +99,17 @@ def test_a_plain_install_works_without_the_devtools_extra(
 
 
 def _build_wheel(directory: Path) -> Path:
+    """The wheel of a copy of the sources: setuptools would also pack whatever an earlier build
+    left in the repository's build/ (modules since removed, for one)."""
+    source = directory / "source"
+    shutil.copytree(
+        REPO / "poller", source / "poller", ignore=shutil.ignore_patterns("__pycache__")
+    )
+    for name in ("pyproject.toml", "setup.cfg", "README.md"):
+        shutil.copy2(REPO / name, source / name)
     command = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q"]
     build = subprocess.run(
-        [*command, "-w", str(directory), str(REPO)], capture_output=True, text=True, check=False
+        [*command, "-w", str(directory), str(source)], capture_output=True, text=True, check=False
     )
     assert build.returncode == 0, build.stderr
     [wheel] = directory.glob("poller-*.whl")
