@@ -31,7 +31,7 @@ from poller.engine.decide import OrgPlan
 from poller.engine.delivery import Deliverer
 from poller.engine.forecast import BEYOND_HORIZON, MIN_POINTS, MIN_SPAN, Window
 from poller.engine.notices import content_for
-from poller.engine.notifications import delivery_summary
+from poller.engine.outcomes import delivery_summary
 from poller.engine.outlook import Outlook, outlooks
 from poller.engine.sharding import Shard, parse_shard
 from poller.mail.message import (

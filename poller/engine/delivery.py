@@ -31,7 +31,7 @@ from poller.config.settings import Settings
 from poller.engine.addresses import InvalidAddress, checked_address, needs_smtputf8
 from poller.engine.cancellation import on_cancel
 from poller.engine.model import DeliveryReport
-from poller.engine.notifications import (
+from poller.engine.outcomes import (
     FAILED,
     RETRYING,
     SENT,

@@ -1,6 +1,9 @@
-"""The optional notices beside the main alert: runway alert, reminders, recovery notice.
+"""What a notification says and who gets it, and the optional notices' own rules.
 
-Each is off by default and never changes the main alert (``poller.engine.rule``):
+Every kind (the low-credits alert, runway alert, reminder, recovery notice) is built by
+``notification_for``, so who gets an email and which status its row starts with has one
+answer. The optional notices beside the main alert are each off by default and never change
+the main alert (``poller.engine.rule``):
 
 - **runway alert** (``runway_days``): its own armed/alerted state and breach counter. Armed,
   notifications on, a meaningful forecast and fewer than ``runway_days`` days to zero →

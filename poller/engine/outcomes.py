@@ -1,8 +1,4 @@
-"""What an outbox row says: the email's content and its addressees, for every kind of notice.
-
-The main low-credits alert and the optional notices (runway, reminder, recovery) are built
-the same way, so who gets an email and which status its row starts with has one answer.
-"""
+"""Each recipient's outcome of an outbox row, and the row status they add up to."""
 
 from __future__ import annotations
 
