@@ -12,8 +12,7 @@ $(STAMP): setup.cfg pyproject.toml
 	$(PY) -m pip install -q -e '.[devtools,test]'
 	touch $(STAMP)
 
-test: $(STAMP)
-	$(PY) -m ruff check poller tests bench
+test: lint
 	$(PY) -m pytest -q -n auto
 
 # The crash/concurrency harness at a large size (tests/reliability/harness.py; a few minutes).
@@ -32,6 +31,7 @@ bench: $(STAMP)
 lint: $(STAMP)
 	$(PY) -m ruff check poller tests bench
 	$(PY) -m ruff format --check poller tests bench
+	$(PY) -m mypy
 
 # The README's picture of the alert email, from a real render in headless Chromium.
 email-png: $(STAMP)

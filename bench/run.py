@@ -1,18 +1,16 @@
 """`python -m bench`: full `poller once` cycles against a simulated fleet, measured from outside.
 
-For each size N and database: a fresh simulator process seeded with N organizations, a local
-SMTP capture, a fresh database. Then, in order:
+Two scenarios, each against a simulator process of its own, a local SMTP capture and a fresh
+database (docs/benchmarks.md says what each column means):
 
-1. the floor: one billing request per org from each of the simplest keep-alive clients
-   (bench.floor: http.client and requests); the faster one is the floor the cycle is held to;
-2. ``poller once --baseline``: first sight, every org inserted (row "first sight");
-3. ``cycles - 1`` cycles after moving ``--drop-percent`` of the orgs below any threshold
-   through the simulator's /_sim/ control endpoint (rows "changes");
-4. one cycle with no balance change (row "unchanged": what it wrote should be ~0).
+- the table, per size N and database: ``poller once --baseline`` (first sight), ``cycles - 1``
+  cycles after moving ``--drop-percent`` of the orgs below any threshold (changes), and one
+  cycle with no balance change (unchanged); the rate cap is off;
+- the wide area, at ``--wide-area-orgs``: every billing read answered after 50 ms, one cycle
+  with poller's default settings and one at concurrency 64 without a cap, each beside the
+  least time its settings allow.
 
-Each cycle is a `poller once` subprocess: wall time, CPU time (wait4) and peak RSS (VmHWM,
-through bench.peak_rss) come from outside, the per-phase seconds and counts from its
-``cycle.finished`` JSON log line.
+Then the issue's targets, each with its measured value and whether it is met.
 """
 
 from __future__ import annotations
@@ -34,13 +32,16 @@ from pathlib import Path
 
 import requests
 
-from bench.floor import CEILING_CLIENT, FLOOR_CLIENTS, measure_floor
-from bench.report import Floor, Row, write_report
+from bench.report import Row, WideAreaRow, phases, write_report
+from poller.config.settings import Settings
 from poller.devtools.smtp_capture import SmtpCapture
 
 TOKEN = "bench-token-0123456789"
 MAIL_FROM = "bench@poller.example.com"
 DEFAULT_OUTPUT = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
+DEFAULTS = Settings()
+WIDE_AREA_LATENCY = 0.05  # seconds the simulator holds back every billing answer
+WIDE_AREA_CONCURRENCY = 64
 
 
 @dataclass
@@ -165,15 +166,6 @@ def run_cycle(env: dict[str, str], workdir: Path, sim: Simulator, *args: str) ->
     )
 
 
-def measure_floor_of(sim: Simulator, concurrency: int, client: str) -> Floor:
-    before = sim.cpu_seconds()
-    seconds = measure_floor(sim.url, TOKEN, sim.org_ids, concurrency, client)
-    return Floor(
-        requests_per_second=len(sim.org_ids) / seconds,
-        simulator_cores=(sim.cpu_seconds() - before) / seconds,
-    )
-
-
 def _request_count(api_url: str) -> int:
     return sum(requests.get(api_url + "/_sim/requests", timeout=30).json().values())
 
@@ -191,9 +183,27 @@ def drop_balances(api_url: str, org_ids: list[int]) -> None:
         list(pool.map(drop, org_ids))
 
 
-def poller_env(api_url: str, database_url: str, smtp_port: int, concurrency: int) -> dict[str, str]:
+def add_billing_latency(api_url: str, seconds: float) -> None:
+    """From now on the simulator answers every billing read ``seconds`` late."""
+    response = requests.post(
+        api_url + "/_sim/faults",
+        json={"kind": "latency", "endpoint": "billing", "seconds": seconds},
+        timeout=30,
+    )
+    response.raise_for_status()
+
+
+def poller_env(
+    api_url: str,
+    database_url: str,
+    smtp_port: int,
+    *,
+    concurrency: int | None,
+    max_requests_per_second: float | None,
+) -> dict[str, str]:
+    """The environment of ``poller once``: None leaves that setting at poller's default."""
     clean = {k: v for k, v in os.environ.items() if not k.startswith("POLLER_")}
-    return {
+    env = {
         **clean,
         "POLLER_API_URL": api_url,
         "POLLER_API_TOKEN": TOKEN,
@@ -202,11 +212,13 @@ def poller_env(api_url: str, database_url: str, smtp_port: int, concurrency: int
         "POLLER_SMTP_PORT": str(smtp_port),
         "POLLER_SMTP_SECURITY": "none",
         "POLLER_MAIL_FROM": MAIL_FROM,
-        "POLLER_CONCURRENCY": str(concurrency),
-        # The benchmark measures poller's own cost; the client-side cap would dominate it.
-        "POLLER_MAX_REQUESTS_PER_SECOND": "0",
         "POLLER_LOG_FORMAT": "json",
     }
+    if concurrency is not None:
+        env["POLLER_CONCURRENCY"] = str(concurrency)
+    if max_requests_per_second is not None:
+        env["POLLER_MAX_REQUESTS_PER_SECOND"] = f"{max_requests_per_second:g}"
+    return env
 
 
 def bench_one(orgs: int, db: str, args: argparse.Namespace) -> list[Row]:
@@ -219,11 +231,14 @@ def bench_one(orgs: int, db: str, args: argparse.Namespace) -> list[Row]:
             SmtpCapture() as smtp,
             database(db, workdir, args.postgres_url) as database_url,
         ):
-            floors = {
-                client: measure_floor_of(sim, args.concurrency, client)
-                for client in (*FLOOR_CLIENTS, CEILING_CLIENT)
-            }
-            env = poller_env(sim.url, database_url, smtp.port, args.concurrency)
+            # The table measures poller's own cost: the client-side cap would dominate it.
+            env = poller_env(
+                sim.url,
+                database_url,
+                smtp.port,
+                concurrency=args.concurrency,
+                max_requests_per_second=0,
+            )
 
             def record(kind: str, run: CycleRun) -> None:
                 rows.append(
@@ -237,7 +252,6 @@ def bench_one(orgs: int, db: str, args: argparse.Namespace) -> list[Row]:
                         requests=run.requests,
                         cpu_seconds=run.cpu_seconds,
                         simulator_cpu_seconds=run.simulator_cpu_seconds,
-                        floors=floors,
                     )
                 )
                 print(rows[-1].one_line(), file=sys.stderr, flush=True)
@@ -254,25 +268,76 @@ def bench_one(orgs: int, db: str, args: argparse.Namespace) -> list[Row]:
     return rows
 
 
+def bench_wide_area(orgs: int, db: str, args: argparse.Namespace) -> list[WideAreaRow]:
+    """Two unchanged cycles against slow billing reads: poller's defaults, then 64 uncapped."""
+    # (name, concurrency, cap): None leaves the setting unset, at poller's default.
+    scenarios: list[tuple[str, int | None, float | None]] = [
+        ("defaults", None, None),
+        ("concurrency 64, no cap", WIDE_AREA_CONCURRENCY, 0.0),
+    ]
+    rows: list[WideAreaRow] = []
+    with tempfile.TemporaryDirectory(prefix="poller-bench-") as tmp:
+        workdir = Path(tmp)
+        with (
+            simulator_process(orgs, workdir) as sim,
+            SmtpCapture() as smtp,
+            database(db, workdir, args.postgres_url) as database_url,
+        ):
+
+            def env(concurrency: int | None, cap: float | None) -> dict[str, str]:
+                return poller_env(
+                    sim.url,
+                    database_url,
+                    smtp.port,
+                    concurrency=concurrency,
+                    max_requests_per_second=cap,
+                )
+
+            # First sight at full speed, so that the measured cycles are ordinary ones.
+            run_cycle(env(args.concurrency, 0), workdir, sim, "--baseline")
+            add_billing_latency(sim.url, WIDE_AREA_LATENCY)
+            for name, concurrency, cap in scenarios:
+                run = run_cycle(env(concurrency, cap), workdir, sim)
+                rows.append(
+                    WideAreaRow(
+                        scenario=name,
+                        orgs=orgs,
+                        db=db,
+                        concurrency=DEFAULTS.concurrency if concurrency is None else concurrency,
+                        max_requests_per_second=(
+                            DEFAULTS.max_requests_per_second if cap is None else cap
+                        ),
+                        latency=WIDE_AREA_LATENCY,
+                        wall=run.wall,
+                        phases=phases(run.summary),
+                        requests=run.requests,
+                        cpu_seconds=run.cpu_seconds,
+                        peak_rss_mb=run.peak_rss_mb,
+                    )
+                )
+                print(rows[-1].one_line(), file=sys.stderr, flush=True)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
     parser.add_argument(
         "--orgs",
         type=int,
         action="append",
-        help="fleet size; repeat for several (default 1000, 10000, 100000)",
+        help="fleet size of the table; repeat for several (default 1000, 10000, 100000)",
     )
     parser.add_argument(
         "--db",
         choices=["sqlite", "postgresql"],
         action="append",
-        help="database; repeat for both (default both)",
+        help="database; repeat for both (default both; the wide area runs on the first)",
     )
     parser.add_argument(
         "--cycles",
         type=int,
         default=2,
-        help="measured cycles after first sight; the last has no changes (>= 2)",
+        help="measured cycles after first sight; the last has no changes (>= 1)",
     )
     parser.add_argument(
         "--drop-percent",
@@ -280,7 +345,18 @@ def main(argv: list[str] | None = None) -> None:
         default=3.0,
         help="orgs moved below their threshold before each changing cycle",
     )
-    parser.add_argument("--concurrency", type=int, default=8, help="poller and floor workers")
+    parser.add_argument(
+        "--concurrency",
+        type=int,
+        default=DEFAULTS.concurrency,
+        help=f"poller's workers in the table (default {DEFAULTS.concurrency}, poller's default)",
+    )
+    parser.add_argument(
+        "--wide-area-orgs",
+        type=int,
+        default=5_000,
+        help="fleet size of the wide-area run (default 5000; 0 skips it)",
+    )
     parser.add_argument(
         "--postgres-url",
         default=os.environ.get("POLLER_TEST_DATABASE_URL"),
@@ -290,13 +366,15 @@ def main(argv: list[str] | None = None) -> None:
         "--output",
         type=Path,
         default=DEFAULT_OUTPUT,
-        help="Markdown file whose table is replaced (default docs/benchmarks.md)",
+        help="Markdown file whose generated section is replaced (default docs/benchmarks.md)",
     )
     args = parser.parse_args(argv)
-    if args.cycles < 2:
-        parser.error("--cycles must be at least 2 (one with changes, one without)")
+    if args.cycles < 1:
+        parser.error("--cycles must be at least 1")
+    if args.wide_area_orgs < 0 or any(orgs < 1 for orgs in args.orgs or []):
+        parser.error("fleet sizes must be positive (--wide-area-orgs 0 skips the wide area)")
     sizes = args.orgs or [1_000, 10_000, 100_000]
     dbs = args.db or ["sqlite", "postgresql"]
+    wide = bench_wide_area(args.wide_area_orgs, dbs[0], args) if args.wide_area_orgs else []
     rows = [row for orgs in sizes for db in dbs for row in bench_one(orgs, db, args)]
-    table = write_report(rows, args.output, argv if argv is not None else sys.argv[1:])
-    print(table)
+    print(write_report(rows, wide, args.output, argv if argv is not None else sys.argv[1:]))

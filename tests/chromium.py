@@ -23,8 +23,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from poller.cli.ops_commands import sample_content
-from poller.mail.message import render_email
+from poller.cli.commands.emails import sample_content
+from poller.mail import render_email
 
 CHROMIUM = Path("/usr/bin/chromium")
 WINDOW = (720, 1000)

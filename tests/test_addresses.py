@@ -18,7 +18,7 @@ from poller.devtools.smtp_capture import SmtpCapture
 from poller.engine.addresses import InvalidAddress, checked_address, checked_sender, smtp_address
 from poller.engine.model import Member, Organization
 from poller.engine.outcomes import delivery_summary, row_status
-from poller.mail.message import RenderedEmail, SmtpTransport, build_message
+from poller.mail import RenderedEmail, SmtpTransport, build_message
 from poller.store import MIGRATIONS_LOCATION, create_configured_engine, open_database
 from poller.store import upgrade_database as upgrade
 from poller.store.schema import org_state

@@ -95,6 +95,27 @@ def test_an_unknown_toml_key_exits_2(sqlite_env, tmp_path):
     assert_no_traceback(result)
 
 
+def test_library_log_lines_join_the_json_stream_and_pass_the_secret_redaction(sqlite_env, tmp_path):
+    # Alembic names its SQLite implementation in a line of its own; configured as a secret,
+    # that name must not leave the process, in a line of ours or of a library.
+    secret = "SQLiteImpl"
+    sqlite_env |= {"POLLER_SMTP_USERNAME": "alerts", "POLLER_SMTP_PASSWORD": secret}
+    result = run_poller(sqlite_env, "-vv", "once", "--baseline")
+    assert result.returncode == 0, result.stderr
+    events = [json.loads(line) for line in result.stderr.splitlines()]
+    library = [e for e in events if e.get("logger", "").startswith("alembic")]
+    assert {"event": "Context impl ***.", "level": "info"}.items() <= library[0].items()
+    assert "timestamp" in library[0]
+    assert any(e["event"] == "cycle.finished" for e in events)
+    assert secret not in result.stderr
+
+    # Without -vv the libraries say only what is at least a warning.
+    sqlite_env["POLLER_DATABASE_URL"] = f"sqlite:///{tmp_path / 'second.db'}"
+    quiet = run_poller(sqlite_env, "once", "--baseline")
+    assert quiet.returncode == 0, quiet.stderr
+    assert "alembic" not in quiet.stderr and "cycle.finished" in quiet.stderr
+
+
 def test_check_dry_run_prints_the_decision_and_the_email_and_writes_nothing(
     sqlite_env, sim, smtp_server, tmp_path
 ):
@@ -287,7 +308,7 @@ def test_templates_are_found_from_an_installed_wheel(tmp_path: Path):
         check=True,
     )
     probe = subprocess.run(
-        [sys.executable, "-c", "import poller.mail.message as m; print(m.templates_dir())"],
+        [sys.executable, "-c", RENDER_FROM_THE_PACKAGE],
         env={**_clean_env(), "PYTHONPATH": str(target)},
         cwd=tmp_path,
         capture_output=True,
@@ -296,6 +317,18 @@ def test_templates_are_found_from_an_installed_wheel(tmp_path: Path):
     )
     assert probe.returncode == 0, probe.stderr
     assert Path(probe.stdout.strip()).is_relative_to(target)
+
+
+# Renders an email from the installed package; prints where its text template came from.
+RENDER_FROM_THE_PACKAGE = """
+from datetime import UTC, datetime
+from decimal import Decimal
+from poller.mail.render import TEXT_TEMPLATE, AlertContent, render_email, template_environment
+now = datetime.now(UTC)
+sample = AlertContent(1, "Acme", 1, Decimal(1), Decimal(2), now, "https://x.example", False)
+assert "Acme" in render_email(sample).text
+print(template_environment().get_template(TEXT_TEMPLATE).filename)
+"""
 
 
 def _clean_env() -> dict[str, str]:

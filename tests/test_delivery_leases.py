@@ -16,12 +16,12 @@ from types import TracebackType
 import pytest
 
 from poller.config.settings import Settings, load_settings
-from poller.engine.delivery import Deliverer, smtp_transport
-from poller.mail.message import OutgoingMessage, SmtpTransport
+from poller.engine.delivery import Deliverer
+from poller.mail import OutgoingMessage, SmtpTransport, smtp_transport
 from poller.store import Store
 from tests.test_store import NOW, count_writes, seed_pending
 
-_ORG_IN_MESSAGE_ID = re.compile(rb"Message-ID: <low-credits\.(\d+)\.")
+_ORG_IN_MESSAGE_ID = re.compile(r"<low-credits\.(\d+)\.")
 
 
 class Clock:
@@ -68,7 +68,7 @@ class WatchedTransport:
         self._real.__exit__(exc_type, exc, traceback)
 
     def send(self, message: OutgoingMessage, recipients: list[str]) -> dict:
-        match = _ORG_IN_MESSAGE_ID.search(message.data)
+        match = _ORG_IN_MESSAGE_ID.search(message.message["Message-ID"])
         assert match is not None
         org_id = int(match.group(1))
         [row] = self._store.notifications_for(org_id)

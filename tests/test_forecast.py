@@ -18,7 +18,7 @@ from poller.engine.forecast import (
     window,
 )
 from poller.engine.notices import forecast_fields
-from poller.mail.message import AlertContent, forecast_line
+from poller.mail import AlertContent, forecast_line
 
 T0 = datetime(2024, 5, 1, tzinfo=UTC)
 

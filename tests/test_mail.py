@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import email
 import email.policy
+import re
 import socket
 import threading
 import time
@@ -22,28 +23,21 @@ from hypothesis import strategies as st
 
 from poller.config.settings import Secret
 from poller.devtools.smtp_capture import CaptureHandler, SmtpCapture, describe
-from poller.engine.addresses import smtp_address
-from poller.mail.message import (
-    HTML_TEMPLATE,
-    SUBJECT_TEMPLATE,
-    TEXT_TEMPLATE,
+from poller.engine.addresses import needs_smtputf8, smtp_address
+from poller.mail.message import OutgoingMessage, build_message, message_id_for
+from poller.mail.render import (
+    TEMPLATE_SETS,
     AlertContent,
-    DeliveryError,
-    OutgoingMessage,
     RenderedEmail,
-    SmtpTransport,
-    build_message,
-    find_templates_dir,
     forecast_line,
     format_credits,
     format_runway,
-    message_id_for,
     one_line,
     render_email,
     render_subject,
     template_environment,
-    templates_dir,
 )
+from poller.mail.smtp import DeliveryError, SmtpTransport
 from tests.fixtures.smtp import TEST_LOGIN, TEST_PASSWORD, SmtpTestServer
 
 MAIL_FROM = "Cekura alerts <alerts@poller.example.com>"
@@ -78,9 +72,11 @@ def message_for(content: AlertContent, recipients: list[str]) -> OutgoingMessage
     )
 
 
-def read(message: OutgoingMessage) -> email.message.EmailMessage:
+def read(message: OutgoingMessage, *, eight_bit: bool = True) -> email.message.EmailMessage:
     """The message as a mail client reads it off the wire."""
-    parsed = email.message_from_bytes(message.data, policy=email.policy.default)
+    parsed = email.message_from_bytes(
+        message.data(eight_bit=eight_bit), policy=email.policy.default
+    )
     assert isinstance(parsed, email.message.EmailMessage)
     return parsed
 
@@ -372,29 +368,13 @@ def test_a_missing_template_variable_is_an_error_not_a_blank() -> None:
 # --- templates on disk -------------------------------------------------------------------------
 
 
-def test_templates_dir_holds_the_three_templates() -> None:
-    directory = templates_dir()
-    for name in (SUBJECT_TEMPLATE, TEXT_TEMPLATE, HTML_TEMPLATE):
-        assert (directory / name).is_file()
-
-
-def test_templates_are_found_inside_an_installed_package(tmp_path: Path) -> None:
-    package = tmp_path / "site-packages" / "poller"
-    (package / "templates").mkdir(parents=True)
-    (package / "templates" / TEXT_TEMPLATE).write_text("x")
-    assert find_templates_dir(package) == package / "templates"
-
-
-def test_templates_are_found_beside_the_package_in_a_checkout(tmp_path: Path) -> None:
-    (tmp_path / "poller").mkdir()
-    (tmp_path / "templates").mkdir()
-    (tmp_path / "templates" / TEXT_TEMPLATE).write_text("x")
-    assert find_templates_dir(tmp_path / "poller") == tmp_path / "templates"
-
-
-def test_missing_templates_are_a_clear_error(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match="email templates not found"):
-        find_templates_dir(tmp_path / "poller")
+def test_the_templates_are_loaded_from_the_package() -> None:
+    package = Path(__file__).resolve().parent.parent / "poller" / "mail" / "templates"
+    for names in TEMPLATE_SETS.values():
+        for name in names:
+            template = template_environment().get_template(name)
+            assert template.filename is not None
+            assert Path(template.filename).resolve().parent == package
 
 
 # --- Message-ID and the built message ---------------------------------------------------------
@@ -463,10 +443,14 @@ def test_a_header_injection_in_the_org_name_stays_inside_the_subject() -> None:
     assert "evil@x" not in str(parsed["To"])
 
 
-def test_no_line_on_the_wire_exceeds_the_smtp_limit_even_for_a_huge_org_name() -> None:
+@pytest.mark.parametrize("eight_bit", [True, False])
+def test_no_line_on_the_wire_exceeds_the_smtp_limit_even_for_a_huge_org_name(
+    eight_bit: bool,
+) -> None:
     recipients = [f"admin{number}@acme.example" for number in range(100)]
-    wire = message_for(alert(org_name="Ünïcode Org " * 400), recipients).data
-    assert max(len(line) for line in wire.split(b"\r\n")) <= 998
+    wire = message_for(alert(org_name="Ünïcode Org " * 400), recipients).data(eight_bit=eight_bit)
+    assert max(len(line) for line in wire.split(b"\r\n")) <= 78
+    assert wire.isascii() or eight_bit
     parsed = email.message_from_bytes(wire, policy=email.policy.default)
     assert parsed.get_body(preferencelist=("html",)).get_content().count("Ünïcode Org") >= 400
     assert len(parsed["To"].addresses) == 100
@@ -486,14 +470,34 @@ def lines_of(text: str) -> list[str]:
 
 def test_the_parts_carry_whatever_line_endings_the_templates_have_as_crlf() -> None:
     rendered = RenderedEmail(subject="s", text="a\rb\nc\r\nd", html="<p>\r\n</p>")
-    message = hand_built(rendered)
-    assert b"\r\n\r\na\r\nb\r\nc\r\nd\r\n" in message.data
-    assert b"\r\n\r\n<p>\r\n</p>\r\n" in message.data
-    assert b"\n" not in message.data.replace(b"\r\n", b"")
-    assert b"\r" not in message.data.replace(b"\r\n", b"")
+    data = hand_built(rendered).data(eight_bit=True)
+    assert b"\r\n\r\na\r\nb\r\nc\r\nd\r\n" in data
+    assert b"\r\n\r\n<p>\r\n</p>\r\n" in data
+    assert b"\n" not in data.replace(b"\r\n", b"")
+    assert b"\r" not in data.replace(b"\r\n", b"")
 
 
-@settings(max_examples=60, deadline=None)
+def unescaped(text: str) -> str:
+    return text.encode("utf-8", "surrogateescape").decode("utf-8")
+
+
+ENCODED_WORD = re.compile(rb"=\?[^?\s]+\?[bBqQ]\?[^?\s]*\?=")
+
+
+def check_wire(data: bytes, *, seven_bit: bool) -> None:
+    """RFC 5322 line limits, RFC 2047 encoded words, RFC 6152 without 8BITMIME."""
+    lines = data.split(b"\r\n")
+    assert all(len(line) <= 998 for line in lines)
+    head = data.partition(b"\r\n\r\n")[0]
+    assert all(len(word) <= 75 for word in ENCODED_WORD.findall(head))
+    if seven_bit:
+        assert data.isascii()
+        # Nothing 8-bit is announced either.
+        assert b"8bit" not in data.lower().replace(b"8bitmime", b"")
+        assert all(len(line) <= 78 for line in lines)
+
+
+@settings(max_examples=80, deadline=None)
 @given(
     subject=st.text(max_size=300),
     text=st.text(max_size=300) | st.text(alphabet="ab\u00e9\u4e2d \n", min_size=999),
@@ -508,17 +512,24 @@ def test_the_parts_carry_whatever_line_endings_the_templates_have_as_crlf() -> N
                 "cto@acme.example",
                 "a" * 60 + "@b.example",
                 "jürgen@bücher.example",
+                "admin@bücher.example",
             ]
         ),
         min_size=1,
         max_size=40,
     ),
+    eight_bit=st.booleans(),
 )
 def test_a_mail_client_reads_exactly_what_was_rendered(
-    subject: str, text: str, html: str, display_name: str, recipients: list[str]
+    subject: str,
+    text: str,
+    html: str,
+    display_name: str,
+    recipients: list[str],
+    eight_bit: bool,
 ) -> None:
-    # The message is written out by hand (not by the email package): the email package's
-    # parser, as a mail client, must read back every header and part as given.
+    # Whatever the server offers: the email package's parser, as a mail client, reads back
+    # every header and part as given.
     address = "alerts@poller.example.com"
     mail_from = formataddr((display_name, address))
     message = build_message(
@@ -528,9 +539,12 @@ def test_a_mail_client_reads_exactly_what_was_rendered(
         message_id="<low-credits.7.1.20240501T140327Z@poller.example.com>",
         date=DETECTED_AT,
     )
-    parsed = read(message)
+    data = message.data(eight_bit=eight_bit)
+    parsed = read(message, eight_bit=eight_bit)
 
-    assert all(len(line) <= 998 for line in message.data.split(b"\r\n"))
+    # A local part that is not ASCII needs SMTPUTF8, and with it 8BITMIME (RFC 6531).
+    assert message.international == any(map(needs_smtputf8, recipients))
+    check_wire(data, seven_bit=not eight_bit and not message.international)
     assert list(parsed.keys()) == [
         "Subject",
         "From",
@@ -543,10 +557,10 @@ def test_a_mail_client_reads_exactly_what_was_rendered(
         "Content-Type",
     ]
     assert parsed["Subject"] == one_line(subject)
-    assert parsed["From"].addresses[0].display_name == display_name
-    assert parsed["From"].addresses[0].addr_spec == address
-    # str() decodes addresses sent as UTF-8 (RFC 6532); addr_spec would leave them escaped.
-    # Domains that are not ASCII go IDNA-encoded.
+    # Python's parser keeps the UTF-8 of headers sent with SMTPUTF8 (RFC 6532) as escapes.
+    sender = parsed["From"].addresses[0]
+    assert unescaped(sender.display_name) == display_name and sender.addr_spec == address
+    # str() decodes addresses sent as UTF-8; domains that are not ASCII go IDNA-encoded.
     to = [address for _, address in getaddresses([str(parsed["To"])])]
     assert to == [smtp_address(address) for address in recipients]
     assert parsed["Message-ID"] == "<low-credits.7.1.20240501T140327Z@poller.example.com>"
@@ -557,6 +571,59 @@ def test_a_mail_client_reads_exactly_what_was_rendered(
     assert lines_of(plain.get_content()) == (lines_of(text) or [""])
     assert lines_of(rich.get_content()) == (lines_of(html) or [""])
     assert message.envelope_from == address
+
+
+@settings(max_examples=80, deadline=None)
+@given(org_name=st.text(max_size=120), eight_bit=st.booleans())
+def test_any_org_name_makes_an_email_that_reads_back_as_rendered(
+    org_name: str, eight_bit: bool
+) -> None:
+    content = alert(org_name=org_name)
+    rendered = render_email(content)
+    message = message_for(content, [OPS])
+    check_wire(message.data(eight_bit=eight_bit), seven_bit=not eight_bit)
+    parsed = read(message, eight_bit=eight_bit)
+    assert parsed["Subject"] == rendered.subject
+    assert lines_of(parsed.get_body(("plain",)).get_content()) == lines_of(rendered.text)
+    assert lines_of(parsed.get_body(("html",)).get_content()) == lines_of(rendered.html)
+
+
+@pytest.mark.parametrize("eight_bit", [True, False])
+def test_a_long_subject_that_is_not_ascii_is_folded_into_short_encoded_words(
+    eight_bit: bool,
+) -> None:
+    rendered = render_email(alert(org_name="Jörg Müller Übersetzungen — 低信用额度 " * 3))
+    data = hand_built(rendered).data(eight_bit=eight_bit)
+    head = data.partition(b"\r\n\r\n")[0].decode("ascii")
+    subject = head[head.index("Subject:") : head.index("\r\nFrom:")]
+    assert subject.count("\r\n ") >= 3  # folded, every line short
+    assert all(len(line) <= 76 for line in subject.split("\r\n"))
+    words = ENCODED_WORD.findall(subject.encode("ascii"))
+    assert len(words) >= 4 and all(len(word) <= 75 for word in words)
+    assert read(hand_built(rendered))["Subject"] == rendered.subject
+
+
+def test_an_ascii_subject_is_folded_between_words_not_after_the_colon() -> None:
+    subject = "Low credits: Acme Voice has 412.50 credits left (threshold 500.00 credits)"
+    data = hand_built(RenderedEmail(subject=subject, text="t", html="h")).data(eight_bit=True)
+    assert data.startswith(b"Subject: Low credits: Acme Voice")  # not "Subject:\r\n Low"
+    assert read(hand_built(RenderedEmail(subject=subject, text="t", html="h")))["Subject"] == (
+        subject
+    )
+
+
+def test_without_8bitmime_a_body_that_is_not_ascii_goes_base64_or_quoted_printable() -> None:
+    rendered = RenderedEmail(subject="s", text="Grüße\n", html="<p>Grüße</p>\n")
+    message = hand_built(rendered)
+    eight = read(message, eight_bit=True)
+    seven = read(message, eight_bit=False)
+    assert [part["Content-Transfer-Encoding"] for part in eight.iter_parts()] == ["8bit"] * 2
+    encodings = {part["Content-Transfer-Encoding"] for part in seven.iter_parts()}
+    assert encodings <= {"base64", "quoted-printable"}
+    assert message.data(eight_bit=False).isascii()
+    for parsed in (eight, seven):
+        assert lines_of(parsed.get_body(("plain",)).get_content()) == ["Grüße"]
+        assert lines_of(parsed.get_body(("html",)).get_content()) == ["<p>Grüße</p>"]
 
 
 def test_a_subject_that_looks_like_an_encoded_word_reads_as_written() -> None:
@@ -804,6 +871,74 @@ def test_a_server_without_smtputf8_cannot_take_a_local_part_that_is_not_ascii() 
     assert caught.value.permanent is True
     assert caught.value.refused["jürgen@bücher.example"][0] == 553
     assert server.received == []
+
+
+NAME_NOT_ASCII = "Jörg Müller Übersetzungen — 低信用额度"
+
+
+class MailOptionsHandler(CaptureHandler):
+    """Also keeps the parameters of each MAIL FROM (BODY=8BITMIME, SMTPUTF8)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mail_options: list[list[str]] = []
+
+    async def handle_MAIL(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
+    ) -> str:
+        self.mail_options.append(list(options))
+        envelope.mail_from = address
+        envelope.mail_options.extend(options)
+        return "250 OK"
+
+
+def test_a_server_without_8bitmime_receives_a_7_bit_message_that_reads_as_rendered() -> None:
+    content = alert(org_name=NAME_NOT_ASCII)
+    rendered = render_email(content)
+    handler = MailOptionsHandler()
+    # aiosmtpd offers 8BITMIME unless it decodes the data itself; then it refuses BODY=8BITMIME.
+    with SmtpCapture(handler, decode_data=True) as server:
+        with transport(host=server.host, port=server.port) as smtp:
+            assert smtp.send(message_for(content, [OPS]), [OPS]) == {}
+        [received] = server.received
+    [options] = handler.mail_options
+    assert not [option for option in options if option.upper().startswith("BODY")]
+    check_wire(received.raw, seven_bit=True)
+    message = received.message
+    assert message["Subject"] == rendered.subject and NAME_NOT_ASCII in message["Subject"]
+    plain = message.get_body(("plain",))
+    assert plain["Content-Transfer-Encoding"] in ("base64", "quoted-printable")
+    assert plain.get_content() == rendered.text
+    assert message.get_body(("html",)).get_content() == rendered.html
+
+
+def test_a_server_with_8bitmime_may_get_8_bit_text_announced_with_body_8bitmime() -> None:
+    rendered = RenderedEmail(subject="Grüße", text="Grüße aus Köln\n", html="<p>Grüße</p>\n")
+    handler = MailOptionsHandler()
+    with SmtpCapture(handler) as server:
+        with transport(host=server.host, port=server.port) as smtp:
+            assert smtp.send(hand_built(rendered), [OPS]) == {}
+        [received] = server.received
+    [options] = handler.mail_options
+    assert "BODY=8BITMIME" in options
+    assert "Grüße aus Köln".encode() in received.raw
+    assert received.message.get_body(("plain",)).get_content() == rendered.text
+
+
+def test_a_long_subject_that_is_not_ascii_arrives_in_encoded_words_of_at_most_75(
+    smtp_server: SmtpTestServer,
+) -> None:
+    content = alert(org_name=(NAME_NOT_ASCII + " ") * 3)
+    rendered = render_email(content)
+    with transport(smtp_server) as smtp:
+        smtp.send(message_for(content, [OPS]), [OPS])
+    [received] = smtp_server.received
+    head = received.raw.partition(b"\r\n\r\n")[0]
+    subject = head[head.index(b"Subject:") : head.index(b"\r\nFrom:")]
+    words = ENCODED_WORD.findall(subject)
+    assert len(words) >= 4 and all(len(word) <= 75 for word in words)
+    assert all(len(line) <= 78 for line in subject.split(b"\r\n"))
+    assert received.message["Subject"] == rendered.subject
 
 
 def test_one_connection_carries_several_messages(smtp_server: SmtpTestServer) -> None:

@@ -16,7 +16,6 @@ pool, proxies, CA bundle) is poller.cekura.transport's job.
 from __future__ import annotations
 
 import functools
-import ipaddress
 import json
 import math
 import queue
@@ -58,7 +57,7 @@ from poller.cekura.transport import (
     TransportTimeout,
     TransportTlsError,
 )
-from poller.config.settings import ConfigError, Secret, Settings
+from poller.config.settings import ConfigError, Secret, Settings, is_loopback
 from poller.engine.cancellation import on_cancel
 from poller.engine.model import Billing, Organization, OrgError, OrgSnapshot
 from poller.engine.ports import SourceError
@@ -953,7 +952,7 @@ def _checked_origin(api_url: str, allow_insecure_http: bool) -> tuple[str, str, 
         raise ConfigError("api_url: must be an http(s) URL with a host")
     if parts.username is not None or parts.password is not None:
         raise ConfigError("api_url: must not contain a user name or password")
-    if parts.scheme == "http" and not allow_insecure_http and not _is_loopback(parts.hostname):
+    if parts.scheme == "http" and not allow_insecure_http and not is_loopback(parts.hostname):
         raise ConfigError(
             f"api_url: refusing to send the API credential over plain http to {parts.hostname}; "
             "use https, or set allow_insecure_http"
@@ -990,15 +989,6 @@ def _describe_origin(url: str) -> str:
     except ValueError:
         return "an invalid URL"
     return f"{scheme}://{host}:{port}"
-
-
-def _is_loopback(host: str) -> bool:
-    if host.lower().rstrip(".") == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def _retry_after_seconds(value: str | None, now: datetime) -> float | None:

@@ -1,0 +1,1 @@
+"""The `poller` command line: commands, their presentation, logs, metrics."""

@@ -1,22 +1,8 @@
 """Prometheus metrics and `/healthz` for the daemon (`poller run --metrics-port PORT`).
 
-One registry per daemon, served with its health verdict by a small HTTP server on a thread:
-
-* ``poller_cycle_duration_seconds`` (histogram) and ``poller_cycles_total{outcome}``
-* ``poller_last_cycle_duration_seconds``, ``poller_interval_seconds`` and
-  ``poller_cycle_overruns_total``: cycles (any outcome) that took longer than the interval;
-  alert on ``poller_last_cycle_duration_seconds > poller_interval_seconds``
-* ``poller_last_success_timestamp_seconds``: when this process last finished a successful cycle
-* ``poller_api_requests_total{endpoint,status}`` and ``poller_api_errors_total{endpoint,status}``
-  (every HTTP attempt, retries included; status is the HTTP code, ``timeout`` or
-  ``connection_error``; organization ids in paths are replaced by ``{id}``)
-* ``poller_organizations{state,enabled}``, ``poller_notifications{status}`` and
-  ``poller_outbox_pending``: read from the database after each cycle with two GROUP BY
-  queries, so a scrape never touches the database.
-
-``/healthz`` answers 200 while this process's last successful cycle is younger than twice the
-interval and took at most twice the interval (see ``poller.engine.health``; an overrun below that is
-named in the 200 answer), 503 with the reason otherwise.
+One registry per daemon, served with its health verdict by a small HTTP server on a thread.
+Counts from the database are read once after each cycle, so a scrape never touches the
+database. The metrics and the /healthz rules are listed in docs/operations.md (Monitor).
 """
 
 from __future__ import annotations
@@ -25,7 +11,7 @@ import re
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import structlog
@@ -38,6 +24,7 @@ from sqlalchemy import func, select
 from poller.config.settings import ConfigError
 from poller.engine.cycle import CycleReport
 from poller.engine.health import Verdict, is_successful, judge
+from poller.engine.model import utc_now
 from poller.store import DatabaseError, Store
 from poller.store.schema import notification, org_state
 
@@ -46,10 +33,6 @@ log = structlog.get_logger(__name__)
 # From a handful of organizations (well under a second) to 100,000 (minutes).
 CYCLE_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
 _ORG_ID_IN_PATH = re.compile(r"/\d+(?=/|$)")
-
-
-def utc_now() -> datetime:
-    return datetime.now(UTC)
 
 
 def endpoint_label(endpoint: str) -> str:

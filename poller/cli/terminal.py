@@ -14,8 +14,8 @@ from typing import Any
 
 import click
 
-# Bidirectional embeddings, overrides, isolates and marks (a spoofing trick in names).
-BIDI_CONTROLS = frozenset([*range(0x202A, 0x202F), *range(0x2066, 0x206A), 0x200E, 0x200F, 0x061C])
+from poller.engine.model import BIDI_CONTROLS
+
 _KEPT = frozenset("\n\t")  # the CLI's own line breaks and the email text's
 
 

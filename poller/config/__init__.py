@@ -1,0 +1,1 @@
+"""Settings: flags, environment, a TOML file and an environment file, checked once."""

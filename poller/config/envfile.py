@@ -1,19 +1,7 @@
-"""The environment file read by `poller --env-file` and by systemd's EnvironmentFile=: one file
-for cron and systemd, read the same way by both (unlike `sh`, which expands `$` and chokes on
-`<`).
-
-What is accepted follows systemd's rules (systemd.exec(5), "EnvironmentFile="); what systemd
-would read differently or silently drop is refused with file:line instead:
-
-- `NAME=VALUE` lines; blank lines and lines starting with `#` or `;` are ignored (a `#` later
-  in a line is part of the value). Whitespace around the name and `=` is ignored.
-- An unquoted value loses its leading and trailing whitespace; a backslash keeps the next
-  character as it is (`\\$` is `$`, `\\\\` is `\\`). No `$` expansion.
-- `'...'`: everything inside, verbatim. `"..."`: a backslash before `"`, `\\`, `` ` `` or `$`
-  keeps that character; before anything else both stay.
-- Refused: `export NAME=...`, a line without `=`, a name that is not [A-Za-z_][A-Za-z0-9_]*,
-  text after a closing quote, and values spanning lines (an open quote or a trailing
-  backslash), which settings never need.
+"""The environment file of `poller --env-file` (and POLLER_ENV_FILE), read by the rules of
+systemd's EnvironmentFile= so one file serves cron and systemd alike: no `$` expansion, and
+whatever systemd would read differently or drop is refused with file:line. The accepted
+format is in the README (Configuration).
 """
 
 from __future__ import annotations

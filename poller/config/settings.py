@@ -112,6 +112,16 @@ class Settings:
         if not self.mail_from:
             raise ConfigError("POLLER_MAIL_FROM is required to send email")
 
+    def secret_values(self) -> list[str]:
+        """Every credential in clear, for the log redaction: keys, token, SMTP password and a
+        password inside the database URL (validated by load_settings already)."""
+        values = [key.reveal() for key in self.api_keys]
+        values += [s.reveal() for s in (self.api_token, self.smtp_password) if s]
+        database_password = make_url(self.database_url).password
+        if database_password:
+            values.append(str(database_password))
+        return values
+
     def __repr__(self) -> str:
         # The generated repr would print a PostgreSQL password embedded in database_url.
         shown = (
@@ -551,7 +561,7 @@ def _parse(spec: _Spec, raw: object, label: str) -> Any:
 
 def _refuse_credentials_over_plain_http(settings: Settings, api_url_label: str) -> None:
     parts = urlsplit(settings.api_url)
-    if parts.scheme == "https" or settings.allow_insecure_http or _is_loopback(parts.hostname):
+    if parts.scheme == "https" or settings.allow_insecure_http or is_loopback(parts.hostname):
         return
     raise ConfigError(
         f"{api_url_label}: refusing to send the API credential over plain http to "
@@ -560,10 +570,11 @@ def _refuse_credentials_over_plain_http(settings: Settings, api_url_label: str) 
     )
 
 
-def _is_loopback(host: str | None) -> bool:
+def is_loopback(host: str | None) -> bool:
+    """``localhost`` or a loopback IP: where plain http cannot leave the machine."""
     if host is None:
         return False
-    if host.lower() == "localhost":
+    if host.lower().rstrip(".") == "localhost":
         return True
     try:
         return ipaddress.ip_address(host).is_loopback

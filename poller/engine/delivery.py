@@ -1,14 +1,8 @@
-"""Delivery of recorded notifications: claim → render → SMTP → mark sent / retry / failed.
+"""Delivery of recorded notifications: claim due rows → render → send → record each outcome.
 
-At least once, made effectively once: a row is claimed with a conditional update (so two
-pollers never send the same row), marked sent only after the SMTP server accepted the message,
-and every attempt for the same breach carries the same Message-ID. A send starts only with
-enough of the lease left (``renewal_margin``: half the lease, at least four SMTP timeouts);
-when less is left, the lease of the rest of the batch is renewed first, in one statement, so
-a long batch never outlives its claim. The one duplicate window is a process dying (or one
-send outlasting what was left of its lease) after the server has the message and before the
-row is marked sent, open on each of its ``smtp_connections`` at once; the lease then expires
-and another poller sends it again, with the same Message-ID.
+At least once, made effectively once: rows are claimed with a lease (two pollers never send
+the same row), marked sent only after the SMTP server accepted the message, and every attempt
+carries the same Message-ID. The one duplicate window is described in docs/guarantees.md.
 """
 
 from __future__ import annotations
@@ -39,16 +33,18 @@ from poller.engine.outcomes import (
     row_status,
     still_to_send,
 )
-from poller.mail.message import (
+from poller.mail import (
     NO_SMTPUTF8,
     AlertContent,
     DeliveryError,
+    OutgoingMessage,
     SmtpTransport,
     build_message,
     is_permanent,
     message_id_for,
     render_email,
     reply_text,
+    smtp_transport,
 )
 from poller.store import ClaimedNotification, DatabaseError, Store
 
@@ -66,7 +62,7 @@ MARK_SENT_RETRY_DELAYS = (0.1, 0.5, 1.0)
 def retry_delay(attempts: int, rng: random.Random | None = None) -> float:
     """Exponential backoff with jitter: ~1 min, 2, 4, ... capped at an hour."""
     rng = rng or random.Random()
-    base = min(RETRY_CAP_SECONDS, RETRY_BASE_SECONDS * 2 ** max(0, attempts - 1))
+    base = min(RETRY_CAP_SECONDS, RETRY_BASE_SECONDS * 2.0 ** max(0, attempts - 1))
     return base * rng.uniform(0.8, 1.2)
 
 
@@ -243,7 +239,7 @@ class Deliverer:
             outcomes.record_answers(envelope, refused)
         self._finish(row, outcomes, report)
 
-    def _message(self, row: ClaimedNotification, recipients: list[str]):
+    def _message(self, row: ClaimedNotification, recipients: list[str]) -> OutgoingMessage:
         mail_from = self._settings.mail_from
         assert mail_from, "callers check Settings.require_mail_from() before delivering"
         content = AlertContent(
@@ -538,14 +534,3 @@ class _BatchLease:
             self._lost.update(set(rest) - held)
             self._expires_at = until
         return self._rows[index].id not in self._lost
-
-
-def smtp_transport(settings: Settings) -> SmtpTransport:
-    return SmtpTransport(
-        host=settings.smtp_host,
-        port=settings.smtp_port,
-        security=settings.smtp_security,
-        username=settings.smtp_username,
-        password=settings.smtp_password,
-        timeout=settings.smtp_timeout,
-    )

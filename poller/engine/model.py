@@ -18,6 +18,9 @@ from poller.engine.addresses import InvalidAddress, checked_address
 log = structlog.get_logger(__name__)
 
 DEFAULT_THRESHOLD = Decimal("1000")
+# Bidirectional embeddings, overrides, isolates and marks: a spoofing trick in names from the
+# API, escaped by the CLI and dropped from emails.
+BIDI_CONTROLS = frozenset([*range(0x202A, 0x202F), *range(0x2066, 0x206A), 0x200E, 0x200F, 0x061C])
 
 
 @dataclass(frozen=True, slots=True)

@@ -37,7 +37,7 @@ from poller.engine.model import (
     NotificationStatus,
     OrgSnapshot,
 )
-from poller.mail.message import AlertContent, render_subject
+from poller.mail import AlertContent, render_subject
 
 
 def addressees(snapshot: OrgSnapshot, baseline: bool) -> tuple[tuple[str, ...], NotificationStatus]:

@@ -14,7 +14,7 @@ from decimal import Decimal
 from poller.config.settings import Settings
 from poller.engine.decide import with_current
 from poller.engine.forecast import WEEK, Forecast, Point, forecast, needs_advice, suggest_threshold
-from poller.store import Store
+from poller.engine.ports import AlertStore
 
 # `poller status` over more orgs than this reads the whole recent history in one query
 # instead of in batches of org ids.
@@ -46,7 +46,7 @@ class Outlook:
 
 
 def outlooks(
-    store: Store, settings: Settings, orgs: Sequence[tuple[int, Decimal, Decimal, datetime]]
+    store: AlertStore, settings: Settings, orgs: Sequence[tuple[int, Decimal, Decimal, datetime]]
 ) -> dict[int, Outlook]:
     """(org id, balance, threshold, as of) → each org's outlook from its stored history.
 

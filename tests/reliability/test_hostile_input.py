@@ -19,7 +19,7 @@ from poller.cekura.client import CekuraClient
 from poller.config.settings import load_settings
 from poller.devtools.simulator import SimulatedApi, SimulatorServer
 from poller.engine.model import Member, Organization
-from poller.mail.message import AlertContent, build_message, render_email
+from poller.mail import AlertContent, build_message, render_email
 
 HOSTILE_NAMES = st.one_of(
     st.text(min_size=1, max_size=300),
@@ -81,7 +81,7 @@ def test_any_org_name_renders_safely_in_text_html_and_subject(name: str) -> None
         message_id="<a.7.1@x.example>",
         date=content.detected_at,
     )
-    wire = message.data
+    wire = message.data(eight_bit=False)
     parsed = email.message_from_bytes(wire, policy=email.policy.default)
 
     assert list(parsed.keys()) == EXPECTED_HEADERS  # nothing injected, nothing lost

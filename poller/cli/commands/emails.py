@@ -1,27 +1,20 @@
-"""Commands an operator uses around the poller: `preview`, `send-test` and `health`.
-
-They are registered on the main group in poller.cli.main; settings arrive as the click context
-object, and problems end the command with one line and an exit status (1 failed, 2 usage).
-"""
+"""Commands that show or send the alert email: `preview` and `send-test` (sample data)."""
 
 from __future__ import annotations
 
-import sys
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
-from typing import NoReturn
 
 import click
 
 from poller.cekura.client import CekuraClient
+from poller.cli.common import EXIT_INCOMPLETE, EXIT_USAGE, fail
 from poller.cli.terminal import echo
 from poller.config.settings import Settings
-from poller.engine.delivery import smtp_transport
-from poller.engine.health import judge
-from poller.engine.model import Member, Organization, OrgSnapshot
+from poller.engine.model import Member, NotificationKind, Organization, OrgSnapshot
 from poller.engine.notices import content_for
-from poller.mail.message import (
+from poller.mail import (
     AlertContent,
     DeliveryError,
     RenderedEmail,
@@ -29,8 +22,8 @@ from poller.mail.message import (
     format_credits,
     message_id_for,
     render_email,
+    smtp_transport,
 )
-from poller.store import open_database
 
 # Sample data for previews and test emails: plausible, and obviously not a real customer.
 SAMPLE_ORG = Organization(
@@ -51,18 +44,19 @@ SAMPLE_ORG = Organization(
         ),
     ),
 )
+
+
 SAMPLE_BALANCE = Decimal("412.50")
+
+
 TEST_SUBJECT_PREFIX = "[poller test] "
-
-
-def _fail(message: str, status: int = 1) -> NoReturn:
-    echo(f"poller: error: {message}", err=True)
-    sys.exit(status)
 
 
 def sample_content(billing_url: str, now: datetime) -> AlertContent:
     snapshot = OrgSnapshot(org=SAMPLE_ORG, balance=SAMPLE_BALANCE)
-    return content_for(snapshot, kind="low_credits", number=1, billing_url=billing_url, now=now)
+    return content_for(
+        snapshot, kind=NotificationKind.LOW_CREDITS, number=1, billing_url=billing_url, now=now
+    )
 
 
 @click.command()
@@ -96,7 +90,11 @@ def preview(settings: Settings, org_id: int | None, sample: bool, html_file: str
         snapshot = _live_snapshot(settings, org_id)
     rendered = render_email(
         content_for(
-            snapshot, kind="low_credits", number=1, billing_url=settings.billing_url, now=now
+            snapshot,
+            kind=NotificationKind.LOW_CREDITS,
+            number=1,
+            billing_url=settings.billing_url,
+            now=now,
         )
     )
     recipients = [r.email for r in snapshot.org.alert_recipients()]
@@ -116,7 +114,7 @@ def _live_snapshot(settings: Settings, org_id: int) -> OrgSnapshot:
         fetched = client.fetch_snapshots(only_org=org_id)
     if not fetched.snapshots:
         reason = "; ".join(error.message for error in fetched.errors) or "not found"
-        _fail(f"organization {org_id} could not be read: {reason}")
+        fail(f"organization {org_id} could not be read: {reason}", EXIT_INCOMPLETE)
     return fetched.snapshots[0]
 
 
@@ -138,7 +136,7 @@ def _write_html(rendered: RenderedEmail, path: Path) -> None:
     try:
         path.write_text(rendered.html, encoding="utf-8")
     except OSError as exc:
-        _fail(f"cannot write {path}: {exc.strerror or exc}", 2)
+        fail(f"cannot write {path}: {exc.strerror or exc}", EXIT_USAGE)
     echo(f"wrote the HTML version to {path}", err=True)
 
 
@@ -182,49 +180,5 @@ def send_test(settings: Settings, address: str) -> None:
         with smtp_transport(settings) as transport:
             transport.send(message, [address])
     except DeliveryError as exc:
-        _fail(f"the test email to {address} was not sent through {server}: {exc}")
+        fail(f"the test email to {address} was not sent through {server}: {exc}", EXIT_INCOMPLETE)
     echo(f"sent: {server} accepted the test email to {address}")
-
-
-@click.command()
-@click.option(
-    "--max-age",
-    type=click.FloatRange(min=0, min_open=True),
-    metavar="SECONDS",
-    help="Healthy while the last successful cycle is younger than this "
-    "[default: twice POLLER_INTERVAL].",
-)
-@click.pass_obj
-def health(settings: Settings, max_age: float | None) -> None:
-    """Say whether a successful cycle finished recently, from the database's cycle history.
-
-    Exit status 0 healthy, 1 unhealthy (with the reason). A successful cycle read the
-    organization list and at least one balance. Emails held back by a problem that is not
-    about their recipients (SMTP server down, login or sender refused) make it unhealthy
-    too. A last successful cycle longer than POLLER_INTERVAL is an overrun: healthy with
-    "overrun" in the reason, unhealthy beyond twice the interval (with cron, set
-    POLLER_INTERVAL to the schedule's period). Works for cron setups, where no daemon serves
-    /healthz; with several pollers on one database it covers all of them.
-
-    \b
-    Example (cron mails the reason when it is unhealthy):
-      */5 * * * * poller health --max-age 900 >/dev/null
-    """
-    limit = max_age if max_age is not None else 2 * settings.interval
-    store = open_database(settings.database_url)
-    try:
-        last = store.last_successful_run()
-        held = store.held_back()
-    finally:
-        store.close()
-    verdict = judge(
-        last[0] if last else None,
-        now=datetime.now(UTC),
-        max_age=limit,
-        held=held,
-        cycle_seconds=last[1] if last else None,
-        interval=settings.interval,
-    )
-    # Unhealthy goes to stderr, so cron (which mails any output) stays quiet with >/dev/null.
-    echo(verdict.status_line, err=not verdict.healthy)
-    sys.exit(0 if verdict.healthy else 1)
