@@ -719,7 +719,7 @@ def test_faults_can_be_added_and_cleared_over_http(simulator: SimulatorServer) -
     ],
 )
 def test_a_bad_fault_is_a_400_naming_the_problem(
-    simulator: SimulatorServer, fault: object, message: str
+    simulator: SimulatorServer, fault: Any, message: str
 ) -> None:
     response = requests.post(f"{simulator.url}/_sim/faults", json=fault)
     assert response.status_code == 400

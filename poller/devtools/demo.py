@@ -15,8 +15,13 @@ import sys
 import tempfile
 from pathlib import Path
 
-from poller.devtools.simulator import SimulatedApi, SimulatorServer
-from poller.devtools.smtp_capture import SmtpCapture
+try:
+    from poller.devtools.simulator import SimulatedApi, SimulatorServer
+    from poller.devtools.smtp_capture import SmtpCapture
+except ModuleNotFoundError as exc:  # aiohttp or aiosmtpd: not in a plain install
+    if (exc.name or "").startswith("poller"):
+        raise
+    sys.exit("poller demo: needs the devtools extra: pip install 'poller[devtools]'")
 
 TOKEN = "demo-token"
 

@@ -1,7 +1,5 @@
-"""A local SMTP server that keeps every message it receives, for `make demo` and the tests.
-
-Only the demo and the tests import this module: it needs aiosmtpd, a test dependency.
-"""
+"""A local SMTP server (aiosmtpd, from the devtools extra) that keeps every message it
+receives, for `make demo`, the benchmark and the tests."""
 
 from __future__ import annotations
 

@@ -95,8 +95,12 @@ def simulate(
       poller simulate --orgs 50 --port 8765 --token sim-token &
       POLLER_API_URL=http://127.0.0.1:8765 POLLER_API_TOKEN=sim-token poller check --org 1 --dry-run
     """
-    from poller.devtools.simulator import SimulatorError, run_simulator
-
+    try:
+        from poller.devtools.simulator import SimulatorError, run_simulator
+    except ModuleNotFoundError as exc:  # aiohttp: not in a plain install
+        if (exc.name or "").startswith("poller"):
+            raise
+        fail("the simulator needs the devtools extra: pip install 'poller[devtools]'", EXIT_USAGE)
     try:
         run_simulator(
             orgs=orgs, port=port, token=token, seed=seed, keys_file=keys_file, seed_file=seed_file
