@@ -871,7 +871,7 @@ class CekuraClient:
         if retry_after is not None:
             return min(self._max_wait, retry_after)
         # Full jitter: spreads the retries of many workers instead of synchronising them.
-        return self._jitter() * min(self._max_wait, self._backoff_base * 2 ** (attempt - 1))
+        return self._jitter() * min(self._max_wait, self._backoff_base * 2.0 ** (attempt - 1))
 
     def _detail(self, content: bytes) -> str:
         return self._redact(_error_detail(content))

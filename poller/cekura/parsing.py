@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import re
 from decimal import Decimal, InvalidOperation
-from typing import Annotated
+from typing import Annotated, Any
 
 import msgspec
 
@@ -156,7 +156,7 @@ def loads_json(content: bytes) -> object:
         return json.loads(without_deep_nesting(content), parse_int=_bounded_int)
 
 
-def _loads(decoder: msgspec.json.Decoder, content: bytes) -> object:
+def _loads(decoder: msgspec.json.Decoder[Any], content: bytes) -> object:
     try:
         return decoder.decode(content)
     # DecodeError is also ValidationError (the body does not fit the struct); RecursionError

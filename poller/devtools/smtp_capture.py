@@ -72,7 +72,8 @@ class _CountingController(Controller):
     def factory(self) -> SMTP:
         # aiosmtpd builds one SMTP protocol object per client connection.
         self.connections += 1
-        return super().factory()
+        protocol: SMTP = super().factory()  # type: ignore[no-untyped-call]
+        return protocol
 
 
 class SmtpCapture:

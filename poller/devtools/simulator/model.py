@@ -356,7 +356,8 @@ class SimulatedApi:
 
     def billing(self, org_id: int) -> dict[str, Any]:
         """The BillingInfo JSON the API serves for this id (a fresh copy)."""
-        return json.loads(self.billing_body(org_id))
+        billing: dict[str, Any] = json.loads(self.billing_body(org_id))
+        return billing
 
     def balance_history(self) -> list[tuple[datetime, int, Decimal]]:
         """(when, org id, credits_remaining) for every balance each org has had, oldest first."""
