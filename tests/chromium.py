@@ -1,6 +1,6 @@
 """Render the alert email in headless Chromium (Debian's package): DOM, layout and a screenshot.
 
-Used by tests/test_email_render.py, and by `make email-png` to regenerate docs/email.png:
+Used by tests/mail/test_email_render.py, and by `make email-png` to regenerate docs/email.png:
 
     python -m tests.chromium docs/email.png
 

@@ -271,7 +271,7 @@ def test_python_dash_m_poller_and_version_work():
 
 def test_templates_are_found_from_an_installed_wheel(tmp_path: Path):
     """`pip install .` elsewhere: the templates must travel inside the wheel."""
-    repo = Path(__file__).resolve().parents[1]
+    repo = Path(__file__).resolve().parents[2]
     wheel_dir = tmp_path / "wheel"
     build = subprocess.run(
         [

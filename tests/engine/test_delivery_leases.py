@@ -19,7 +19,7 @@ from poller.config.settings import Settings, load_settings
 from poller.engine.delivery import Deliverer
 from poller.mail import OutgoingMessage, SmtpTransport, smtp_transport
 from poller.store import Store
-from tests.test_store import NOW, count_writes, seed_pending
+from tests.store.test_store import NOW, count_writes, seed_pending
 
 _ORG_IN_MESSAGE_ID = re.compile(r"<low-credits\.(\d+)\.")
 

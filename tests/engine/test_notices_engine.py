@@ -32,7 +32,7 @@ from tests.engine_world import (
     open_world,
     run_poller,
 )
-from tests.test_store import count_writes
+from tests.store.test_store import count_writes
 
 T0 = datetime(2024, 5, 1, tzinfo=UTC)
 

@@ -369,7 +369,7 @@ def test_a_missing_template_variable_is_an_error_not_a_blank() -> None:
 
 
 def test_the_templates_are_loaded_from_the_package() -> None:
-    package = Path(__file__).resolve().parent.parent / "poller" / "mail" / "templates"
+    package = Path(__file__).resolve().parents[2] / "poller" / "mail" / "templates"
     for names in TEMPLATE_SETS.values():
         for name in names:
             template = template_environment().get_template(name)

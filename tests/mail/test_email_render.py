@@ -96,5 +96,5 @@ def test_the_add_credits_button_is_visible_above_the_fold_and_blue(rendered) -> 
 
 
 def test_the_screenshot_in_the_docs_exists_and_is_a_png() -> None:
-    image = read_png(Path(__file__).resolve().parent.parent / "docs" / "email.png")
+    image = read_png(Path(__file__).resolve().parents[2] / "docs" / "email.png")
     assert image.width >= 600 and image.height >= 400

@@ -11,7 +11,7 @@ import pytest
 
 from poller.config.settings import ConfigError, Secret, Settings, load_settings
 
-EXAMPLE_FILE = Path(__file__).resolve().parent.parent / "config" / "poller.example.toml"
+EXAMPLE_FILE = Path(__file__).resolve().parents[2] / "config" / "poller.example.toml"
 # Recognisable so that any leak into a message or repr is easy to spot.
 SECRET = "sk-live-DO-NOT-LEAK-7f3a9c"
 

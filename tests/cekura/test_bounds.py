@@ -16,8 +16,8 @@ import poller.cekura.client as cekura
 from poller.cekura.client import ApiUnavailable, CekuraClient
 from poller.config.settings import Secret, Settings
 from poller.devtools.simulator import Fault, SimulatedApi, SimulatorServer
-from tests.test_cekura import Reply, org_json, scripted_server
-from tests.test_transport import keep_alive, raw_server
+from tests.cekura.test_cekura import Reply, org_json, scripted_server
+from tests.cekura.test_transport import keep_alive, raw_server
 
 TOKEN = "tok-bounds-secret-42"
 LISTING = "/user/v2/organizations/"

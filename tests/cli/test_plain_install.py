@@ -20,7 +20,7 @@ from poller.devtools.simulator import SimulatedApi, SimulatorServer
 from tests.engine_world import ACME, ACME_ADMINS, TOKEN, poller_env, seed_organizations
 from tests.fixtures.smtp import SmtpTestServer
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 # Imports every module of the installed package but the development tools and the scripts
 # that run when imported (__main__; the migrations, which Alembic runs), then says where poller

@@ -39,7 +39,7 @@ from poller.devtools.simulator import (
 )
 from tests.fixtures.api import SIM_TOKEN
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 # The shared copy is authoritative (CI checks it out beside the repo); ours is for elsewhere.
 SPEC_PATHS = (
     REPO / ".." / "shared" / "cekura-openapi-subset.json",
