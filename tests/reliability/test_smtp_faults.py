@@ -40,8 +40,10 @@ def test_temporary_smtp_faults_keep_each_email_pending_until_the_server_is_back(
         # retry may be a duplicate, which is said (the harness counts these).
         ambiguous = fault in ("connection dropped mid-DATA", "server slower than the timeout")
         assert run.events().count("email.maybe_delivered") == ambiguous, fault
-        # Bounded: one refused connection or one timed-out wait, never a hang.
-        assert run.seconds < SMTP_TIMEOUT + 3, fault
+        # Bounded: one refused connection or one timed-out wait, never a hang. Measured on the
+        # delivery phase itself: process start-up varies with the machine's load.
+        [finished] = [event for event in run.log() if event["event"] == "cycle.finished"]
+        assert finished["deliver_seconds"] < SMTP_TIMEOUT + 1.5, fault
         row = next(r for r in world.notifications() if r.org_id == org_id)
         assert row.status == "pending" and row.last_error and row.sent_at is None, fault
         assert smtp_server.received == [], fault

@@ -10,6 +10,7 @@ import subprocess
 import sys
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any
 
 from sqlalchemy import select, update
 
@@ -59,11 +60,11 @@ class Run:
         return [line for line in self.stderr.splitlines() if line.startswith("poller: error:")]
 
     def events(self) -> list[str]:
-        names = []
-        for line in self.stderr.splitlines():
-            if line.startswith("{"):
-                names.append(json.loads(line)["event"])
-        return names
+        return [event["event"] for event in self.log()]
+
+    def log(self) -> list[dict[str, Any]]:
+        """The JSON log events, in order."""
+        return [json.loads(line) for line in self.stderr.splitlines() if line.startswith("{")]
 
 
 @dataclass
