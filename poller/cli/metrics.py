@@ -24,7 +24,7 @@ from sqlalchemy import func, select
 from poller.config.settings import ConfigError
 from poller.engine.cycle import CycleReport
 from poller.engine.health import Verdict, is_successful, judge
-from poller.engine.model import utc_now
+from poller.engine.model import NotificationStatus, utc_now
 from poller.store import DatabaseError, Store
 from poller.store.schema import notification, org_state
 
@@ -87,7 +87,7 @@ class _StoreCollector(Collector):
         pending = GaugeMetricFamily(
             "poller_outbox_pending",
             "Emails recorded and not delivered yet (due or retrying)",
-            value=counts.notifications.get("pending", 0),
+            value=counts.notifications.get(NotificationStatus.PENDING, 0),
         )
         yield from (orgs, notes, pending)
 

@@ -24,7 +24,7 @@ import structlog
 from poller.config.settings import Settings
 from poller.engine.addresses import InvalidAddress, checked_address, needs_smtputf8
 from poller.engine.cancellation import on_cancel
-from poller.engine.model import DeliveryReport
+from poller.engine.model import DeliveryReport, NotificationKind, NotificationStatus
 from poller.engine.outcomes import (
     FAILED,
     RETRYING,
@@ -251,7 +251,7 @@ class Deliverer:
             detected_at=row.detected_at,
             billing_url=self._settings.billing_url,
             auto_refill=row.auto_refill,
-            kind=row.kind,
+            kind=NotificationKind(row.kind),
             burn_per_day=row.burn_per_day,
             runs_out_at=row.runs_out_at,
         )
@@ -290,7 +290,7 @@ class Deliverer:
         status = row_status(row.recipients, deliveries)
         message_id = self._message_id(row)
         now = self._now()
-        if status == "sent":
+        if status == NotificationStatus.SENT:
             held = self._record(
                 row,
                 outcomes,
@@ -311,7 +311,7 @@ class Deliverer:
                 message_id=message_id,
                 outcome=delivery_summary(status, row.recipients, deliveries),
             )
-        elif status == "failed":
+        elif status == NotificationStatus.FAILED:
             error = "; ".join(
                 f"{address}: {deliveries[address]['answer']}" for address in row.recipients
             )

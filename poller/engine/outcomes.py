@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from poller.engine.model import Deliveries
+from poller.engine.model import Deliveries, NotificationStatus
 
 # Per-recipient outcomes (the ``deliveries`` of an outbox row).
 SENT, FAILED, RETRYING = "sent", "failed", "retrying"
@@ -27,7 +27,7 @@ def row_status(recipients: Sequence[str], deliveries: Deliveries) -> str:
     if it refused every one permanently.
     """
     if still_to_send(recipients, deliveries):
-        return "pending"
+        return NotificationStatus.PENDING
     outcomes = [deliveries[address]["outcome"] for address in recipients]
     return SENT if SENT in outcomes else FAILED
 
@@ -37,7 +37,11 @@ def delivery_summary(status: str, recipients: Sequence[str], deliveries: Deliver
 
     A row from before per-recipient outcomes (or one not for sending) is its status alone.
     """
-    if not deliveries or status not in ("pending", "sent", "failed"):
+    if not deliveries or status not in (
+        NotificationStatus.PENDING,
+        NotificationStatus.SENT,
+        NotificationStatus.FAILED,
+    ):
         return status
     counts = {outcome: 0 for outcome in (SENT, FAILED, RETRYING)}
     for address in recipients:
@@ -46,7 +50,11 @@ def delivery_summary(status: str, recipients: Sequence[str], deliveries: Deliver
             counts[outcome] += 1
     total = len(recipients)
     untried = total - sum(counts.values())
-    head = f"{counts[SENT]}/{total} sent" if status == "pending" else f"{counts[SENT]}/{total}"
+    head = (
+        f"{counts[SENT]}/{total} sent"
+        if status == NotificationStatus.PENDING
+        else f"{counts[SENT]}/{total}"
+    )
     parts = [f"{status} {head}"]
     parts += [f"{counts[outcome]} {outcome}" for outcome in (FAILED, RETRYING) if counts[outcome]]
     if untried:

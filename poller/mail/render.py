@@ -16,7 +16,7 @@ import jinja2
 
 from poller.engine.addresses import checked_billing_url
 from poller.engine.forecast import BEYOND_HORIZON, HORIZON_DAYS
-from poller.engine.model import BIDI_CONTROLS
+from poller.engine.model import BIDI_CONTROLS, NotificationKind
 
 SUBJECT_TEMPLATE = "low_credits_subject.txt.j2"
 TEXT_TEMPLATE = "low_credits.txt.j2"
@@ -24,10 +24,10 @@ HTML_TEMPLATE = "low_credits.html.j2"
 # Notification kind -> (subject, text, html) templates; a reminder is the low-credits email
 # marked as a reminder.
 TEMPLATE_SETS = {
-    "low_credits": (SUBJECT_TEMPLATE, TEXT_TEMPLATE, HTML_TEMPLATE),
-    "reminder": (SUBJECT_TEMPLATE, TEXT_TEMPLATE, HTML_TEMPLATE),
-    "runway": ("runway_subject.txt.j2", "runway.txt.j2", "runway.html.j2"),
-    "recovery": ("recovery_subject.txt.j2", "recovery.txt.j2", "recovery.html.j2"),
+    NotificationKind.LOW_CREDITS: (SUBJECT_TEMPLATE, TEXT_TEMPLATE, HTML_TEMPLATE),
+    NotificationKind.REMINDER: (SUBJECT_TEMPLATE, TEXT_TEMPLATE, HTML_TEMPLATE),
+    NotificationKind.RUNWAY: ("runway_subject.txt.j2", "runway.txt.j2", "runway.html.j2"),
+    NotificationKind.RECOVERY: ("recovery_subject.txt.j2", "recovery.txt.j2", "recovery.html.j2"),
 }
 
 # Long names must not push the balance and threshold out of the visible part of a subject line.
@@ -54,14 +54,14 @@ class AlertContent:
     detected_at: datetime  # timezone-aware
     billing_url: str
     auto_refill: bool
-    kind: str = "low_credits"  # a key of TEMPLATE_SETS
+    kind: NotificationKind = NotificationKind.LOW_CREDITS
     # The forecast when the notice was detected; both None when there is no meaningful one.
     burn_per_day: Decimal | None = None
     runs_out_at: datetime | None = None  # None with a burn rate: beyond the forecast horizon
 
     @property
     def reminder(self) -> bool:
-        return self.kind == "reminder"
+        return self.kind == NotificationKind.REMINDER
 
 
 @dataclass(frozen=True)

@@ -31,6 +31,7 @@ from sqlalchemy.sql.dml import Update
 from poller.engine.model import (
     AlertState,
     Deliveries,
+    NotificationStatus,
     one_line,
 )
 from poller.store.database import Connected
@@ -41,7 +42,7 @@ log = structlog.get_logger(__name__)
 
 # Delivery statements, built once: they run once per email (or per batch).
 _CLAIMABLE = and_(
-    notification.c.status == "pending",
+    notification.c.status == NotificationStatus.PENDING,
     notification.c.next_attempt_at <= bindparam("b_now", type_=UTCDateTime),
     or_(
         notification.c.claim_expires_at.is_(None),
@@ -71,7 +72,8 @@ _CLAIM = (
     .returning(*notification.c)
 )
 _HELD_BY_WORKER = and_(
-    notification.c.status == "pending", notification.c.claimed_by == bindparam("b_worker")
+    notification.c.status == NotificationStatus.PENDING,
+    notification.c.claimed_by == bindparam("b_worker"),
 )
 _RENEW = (
     update(notification)
@@ -100,7 +102,7 @@ def _finish_claim_statement(**values: Any) -> Update:
 
 _DELIVERIES = bindparam("b_deliveries", type_=JSON(none_as_null=True))
 _MARK_SENT = _finish_claim_statement(
-    status="sent",
+    status=NotificationStatus.SENT,
     message_id=bindparam("b_message_id"),
     sent_at=bindparam("b_now", type_=UTCDateTime),
     last_error=None,
@@ -112,7 +114,7 @@ _MARK_RETRY = _finish_claim_statement(
     deliveries=_DELIVERIES,
 )
 _MARK_FAILED = _finish_claim_statement(
-    status="failed", last_error=bindparam("b_error"), deliveries=_DELIVERIES
+    status=NotificationStatus.FAILED, last_error=bindparam("b_error"), deliveries=_DELIVERIES
 )
 # PostgreSQL: this transaction's commit does not wait for the WAL flush (Store._progress_write).
 _ASYNC_COMMIT = text("SET LOCAL synchronous_commit = off")
@@ -313,7 +315,10 @@ class Outbox(Connected):
         that poller's to deliver (or anyone's once the lease expires), so a `poller once`
         running beside it should not report them as left undone.
         """
-        conditions = [notification.c.status == "pending", notification.c.created_at <= now]
+        conditions = [
+            notification.c.status == NotificationStatus.PENDING,
+            notification.c.created_at <= now,
+        ]
         if exclude_in_flight:
             conditions.append(
                 or_(
@@ -331,7 +336,10 @@ class Outbox(Connected):
     def held_back(self) -> tuple[int, str | None]:
         """Pending notifications whose last attempt failed for a reason that is not about
         their recipients (server, login, sender, settings), and the latest such reason."""
-        held = and_(notification.c.status == "pending", notification.c.last_error.is_not(None))
+        held = and_(
+            notification.c.status == NotificationStatus.PENDING,
+            notification.c.last_error.is_not(None),
+        )
         count = select(func.count()).where(held)
         latest = (
             select(notification.c.last_error)
@@ -355,8 +363,11 @@ class Outbox(Connected):
             notification.c.deliveries,
         ).where(
             or_(
-                notification.c.status == "failed",
-                and_(notification.c.status == "sent", notification.c.deliveries.is_not(None)),
+                notification.c.status == NotificationStatus.FAILED,
+                and_(
+                    notification.c.status == NotificationStatus.SENT,
+                    notification.c.deliveries.is_not(None),
+                ),
             ),
             *([notification.c.org_id == org_id] if org_id is not None else []),
         )
@@ -369,7 +380,7 @@ class Outbox(Connected):
                     for address, entry in deliveries.items()
                     if entry.get("outcome") != "failed"
                 }
-                if row.status == "sent" and kept == deliveries:
+                if row.status == NotificationStatus.SENT and kept == deliveries:
                     continue  # every recipient has it
                 # A failed row from before per-recipient outcomes: all its recipients.
                 again = len(deliveries) - len(kept) if deliveries else len(row.recipients)
@@ -377,7 +388,7 @@ class Outbox(Connected):
                     update(notification)
                     .where(notification.c.id == row.id, notification.c.status == row.status)
                     .values(
-                        status="pending",
+                        status=NotificationStatus.PENDING,
                         next_attempt_at=now,
                         attempts=0,
                         last_error=None,

@@ -42,6 +42,7 @@ from poller.engine.model import (
     CycleWrites,
     NewNotification,
     NoticeState,
+    NotificationStatus,
     ObservedOrg,
     StateChange,
     StoredRow,
@@ -213,7 +214,7 @@ def _new_state_row(change: StateChange) -> tuple[Any, ...]:
 def _alert_time(change: StateChange) -> datetime | None:
     """When a real alert (not a first-sight baseline) was raised by this change, if one was."""
     new = change.notification
-    return None if new is None or new.status == "baseline" else new.detected_at
+    return None if new is None or new.status == NotificationStatus.BASELINE else new.detected_at
 
 
 class StateWrites(Connected):
