@@ -58,7 +58,7 @@ from poller.cekura.transport import (
 )
 from poller.config.settings import ConfigError, Secret, Settings, is_loopback
 from poller.engine.cancellation import on_cancel
-from poller.engine.model import Billing, Organization, OrgError, OrgSnapshot
+from poller.engine.model import Billing, Organization, OrgError, OrgSnapshot, utc_now
 from poller.engine.ports import SourceError
 
 log = structlog.get_logger(__name__)
@@ -226,7 +226,7 @@ class CekuraClient:
         settings: Settings,
         *,
         sleep: Callable[[float], None] | None = None,
-        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        clock: Callable[[], datetime] = utc_now,
         jitter: Callable[[], float] = random.random,
         backoff_base: float = DEFAULT_BACKOFF_BASE,
         max_wait: float = DEFAULT_MAX_WAIT,

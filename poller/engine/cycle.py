@@ -210,7 +210,9 @@ def _diff_and_persist(
     with _phase(report, "diff"):
         known = _load_known(store, policy)
         report.plans = _decide_all(snapshots, known, store, policy, failed)
-        report.forecasts = {p.snapshot.id: p.forecast for p in report.plans if p.forecast}
+        report.forecasts = {
+            p.snapshot.id: p.forecast for p in report.plans if p.forecast is not None
+        }
     if dry_run:
         return
     with _phase(report, "persist"):

@@ -151,6 +151,7 @@ def decide(
     if history is not None:
         prediction = forecast(with_current(history, Point(policy.now, snapshot.balance)))
 
+    notice = _notice_change(snapshot, known, decision, prediction, policy)
     alert = None
     if decision.breached:
         alert = _notification(
@@ -162,14 +163,7 @@ def decide(
         and not row.differs_from(snapshot, row.stored)
     ):
         # Most organizations on most cycles: no state to write (maybe a reminder is due).
-        return OrgPlan(
-            snapshot,
-            before,
-            decision,
-            None,
-            _notice_change(snapshot, known, decision, prediction, policy),
-            prediction,
-        )
+        return OrgPlan(snapshot, before, decision, None, notice, prediction)
     also_notify: tuple[NewNotification, ...] = ()
     if _recovered(snapshot, row, decision, policy):
         also_notify = (
@@ -179,15 +173,8 @@ def decide(
         snapshot.id, snapshot.name, snapshot.enabled, snapshot.threshold, snapshot.balance
     )
     change = StateChange(observed, before, decision.stored, alert, also_notify)
-    return OrgPlan(
-        snapshot,
-        before,
-        decision,
-        change,
-        _notice_change(snapshot, known, decision, prediction, policy),
-        prediction,
-        record_balance=row is None or row.balance != snapshot.balance,
-    )
+    record_balance = row is None or row.balance != snapshot.balance
+    return OrgPlan(snapshot, before, decision, change, notice, prediction, record_balance)
 
 
 def with_current(points: Sequence[Point], current: Point) -> list[Point]:

@@ -17,14 +17,14 @@ import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 
 import structlog
 
 from poller.config.settings import Settings
 from poller.engine.addresses import InvalidAddress, checked_address, needs_smtputf8
 from poller.engine.cancellation import on_cancel
-from poller.engine.model import DeliveryReport, NotificationKind, NotificationStatus
+from poller.engine.model import DeliveryReport, NotificationKind, NotificationStatus, utc_now
 from poller.engine.outcomes import (
     FAILED,
     RETRYING,
@@ -77,7 +77,7 @@ class Deliverer:
         store: Store,
         settings: Settings,
         transport_factory: Callable[[], SmtpTransport] | None = None,
-        now_fn: Callable[[], datetime] = lambda: datetime.now(UTC),
+        now_fn: Callable[[], datetime] = utc_now,
         worker: str | None = None,
     ) -> None:
         self._store = store

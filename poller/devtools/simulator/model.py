@@ -28,9 +28,9 @@ from poller.devtools.simulator.records import (
     money_value,
     subscription_variants,
     timestamp,
-    utc_now,
     validated_settings,
 )
+from poller.engine.model import utc_now
 
 DEFAULT_TOKEN = "sim-token"
 ENDPOINTS = ("list", "list_v2", "retrieve", "patch", "billing")

@@ -428,10 +428,6 @@ def subscription_variants(now: datetime) -> dict[str, str]:
     }
 
 
-def utc_now() -> datetime:
-    return datetime.now(UTC)
-
-
 def timestamp(moment: datetime) -> str:
     return moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
