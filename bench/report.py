@@ -338,16 +338,25 @@ def write_report(
     when = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     command = " ".join(["python -m bench", *arguments])
     tables = report(rows, wide)
-    section = "\n".join(
-        [START, f"Run {when} on {machine()}.", "", f"Command: `{command}`", "", tables, END]
+    replace_section(
+        output,
+        START,
+        END,
+        "\n".join([f"Run {when} on {machine()}.", "", f"Command: `{command}`", "", tables]),
     )
+    return tables
+
+
+def replace_section(output: Path, start: str, end: str, body: str) -> None:
+    """Put ``body`` between the ``start`` and ``end`` markers of ``output``, keeping the text
+    around them (appended at the end, markers and all, when the file has none yet)."""
+    section = "\n".join([start, body, end])
     text = output.read_text(encoding="utf-8") if output.exists() else ""
-    if START in text and END in text:
-        before, rest = text.split(START, 1)
-        after = rest.split(END, 1)[1]
+    if start in text and end in text:
+        before, rest = text.split(start, 1)
+        after = rest.split(end, 1)[1]
         text = before + section + after
     else:
         text = (text + "\n\n" if text else "# Benchmarks\n\n") + section + "\n"
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(text, encoding="utf-8")
-    return tables

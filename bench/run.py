@@ -27,7 +27,7 @@ import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import requests
@@ -49,6 +49,7 @@ class Simulator:
     url: str
     org_ids: list[int]
     pid: int
+    facts: list[dict] = field(default_factory=list)  # bench.simulator_process.org_facts
 
     def cpu_seconds(self) -> float:
         """User + system CPU the simulator process has used so far (Linux /proc)."""
@@ -57,19 +58,27 @@ class Simulator:
 
 
 @contextmanager
-def simulator_process(orgs: int, workdir: Path) -> Iterator[Simulator]:
+def simulator_process(
+    orgs: int, workdir: Path, *, seed: int = 1, facts: bool = False
+) -> Iterator[Simulator]:
+    """The simulator in its own process; ``facts``: also read each organization's facts."""
     ids_file = workdir / "ids.txt"
+    facts_file = workdir / "orgs.json"
     command = [
         sys.executable,
         "-m",
         "bench.simulator_process",
         "--orgs",
         str(orgs),
+        "--seed",
+        str(seed),
         "--token",
         TOKEN,
         "--ids-file",
         str(ids_file),
     ]
+    if facts:
+        command += ["--orgs-file", str(facts_file)]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
     try:
         assert process.stdout is not None
@@ -77,7 +86,8 @@ def simulator_process(orgs: int, workdir: Path) -> Iterator[Simulator]:
         if line[:1] != ["ready"]:
             raise RuntimeError("the simulator process did not start")
         org_ids = [int(text) for text in ids_file.read_text(encoding="ascii").split()]
-        yield Simulator(url=line[1], org_ids=org_ids, pid=process.pid)
+        known = json.loads(facts_file.read_text(encoding="utf-8")) if facts else []
+        yield Simulator(url=line[1], org_ids=org_ids, pid=process.pid, facts=known)
     finally:
         process.terminate()
         process.wait(timeout=30)
