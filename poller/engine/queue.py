@@ -9,8 +9,6 @@ when their leases end. A batch of reads is decided and written exactly as a cycl
 
 from __future__ import annotations
 
-import os
-import socket
 import threading
 import time
 import uuid
@@ -24,6 +22,7 @@ import structlog
 from poller.config.settings import Settings
 from poller.engine.cycle import CycleReport, decide_and_persist, log_plans
 from poller.engine.decide import OrgPlan
+from poller.engine.delivery import worker_name
 from poller.engine.model import (
     AlertState,
     DeliveryReport,
@@ -88,11 +87,6 @@ class StepReport:
     @property
     def did_work(self) -> bool:
         return self.listing is not None or self.listing_failed is not None or self.batches > 0
-
-
-def worker_name() -> str:
-    """Who holds a claim, for people and for the claim itself: unique per process."""
-    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
 
 
 class QueueWorker:
