@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo bench lint clean email-png chaos lock
+.PHONY: test demo bench bench-detection lint clean email-png chaos lock
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,11 @@ demo: $(STAMP)
 # 1k/10k/100k orgs on SQLite and PostgreSQL (POLLER_TEST_DATABASE_URL); see docs/benchmarks.md.
 bench: $(STAMP)
 	$(PY) -m bench
+
+# Detection delay and API requests, fixed against adaptive schedule (docs/benchmarks.md; ~16 min).
+DETECTION_ARGS ?=
+bench-detection: $(STAMP)
+	$(PY) -m bench.detection $(DETECTION_ARGS)
 
 lint: $(STAMP)
 	$(PY) -m ruff check poller tests bench
