@@ -19,7 +19,7 @@ def test_the_detection_benchmark_runs_both_schedules_and_writes_its_section(
     tmp_path: Path,
 ) -> None:
     output = tmp_path / "benchmarks.md"
-    output.write_text(f"# Benchmarks\n\nKept.\n\n{START}\nold\n{END}\nAlso kept.\n")
+    output.write_text(f"# Benchmarks\n\nKept.\n\n{START}\nformer run\n{END}\nAlso kept.\n")
     env = {k: v for k, v in os.environ.items() if not k.startswith("POLLER_")}
     command = [sys.executable, "-m", "bench.detection", "--orgs", "100", "--duration", "20"]
     command += ["--warmup", "3", "--fixed-interval", "2", "--min-read-interval", "1"]
@@ -31,7 +31,7 @@ def test_the_detection_benchmark_runs_both_schedules_and_writes_its_section(
     assert result.returncode == 0, result.stderr[-3000:]
     text = output.read_text()
     assert text.startswith("# Benchmarks\n\nKept.\n") and text.endswith(f"{END}\nAlso kept.\n")
-    assert "old" not in text and "cores" in text and "100 organizations" in text
+    assert "former run" not in text and "cores" in text and "100 organizations" in text
     runs, verdicts = tables(text)
     assert [row["schedule"] for row in runs] == ["fixed 2 s", "adaptive 1-5 s"]
     for row in runs:
