@@ -27,7 +27,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import requests
@@ -36,6 +36,7 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 from bench.detection import Crossing, Run, Schedule, TimedCapture, count, emails_of
 from poller.devtools.simulator import SimulatedApi, SimulatorServer
 from poller.devtools.smtp_capture import SmtpCapture
+from poller.store import open_database
 from tests.engine_world import TOKEN, poller_env
 from tests.reliability.harness import ACK_DELAY_SECONDS, SMTP_CONNECTIONS, _unattributed
 from tests.reliability.world import THRESHOLD
@@ -44,8 +45,10 @@ ORGS = 60
 USAGE_SEED, USAGE_SCALE = 3, 20_000  # a model day in 4.3 s: about a dozen breaches a run
 MIN_READ, MAX_READ, LEASE, LISTING = 1, 8, 5, 4  # seconds
 DELIVERY_LEASE = 3  # seconds: the killed replica's claimed emails go out within the run
-KILL_AFTER = 6  # seconds after the usage model starts
+KILL_AFTER = 5  # seconds after the usage model starts, then as soon as it holds claims
+CLAIM_WAIT = 5  # seconds: the longest that wait may take
 RUN_SECONDS = 28  # from the usage model's start to SIGTERM
+BILLING_LATENCY = 0.1  # seconds per balance read: a batch of 8 holds its claims ~0.4 s
 SLACK = 2  # seconds: a batch's reads and writes on a loaded 2-core machine
 GAP = MAX_READ + LEASE + 1 + SLACK
 REPLICAS = 3
@@ -102,6 +105,33 @@ def _wait_until(condition: Callable[[], bool], seconds: float) -> None:
         time.sleep(0.1)
 
 
+def _sleep_until(moment: datetime) -> None:
+    time.sleep(max(0.0, (moment - datetime.now(UTC)).total_seconds()))
+
+
+def _worker(log: Path) -> str:
+    """The worker name a replica claims under, from its ``daemon.started`` event."""
+    for event in _events(log):
+        if event.get("event") == "daemon.started":
+            return str(event["worker"])
+    raise AssertionError(f"no daemon.started in {log.name}")
+
+
+def _wait_for_claims(url: str, worker: str, seconds: float) -> int:
+    """Wait until ``worker`` holds a claim on some reads; how many (0: it held none in time)."""
+    store = open_database(url)
+    try:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            held = sum(1 for read in store.scheduled_reads().values() if read.claimed_by == worker)
+            if held:
+                return held
+            time.sleep(0.02)
+        return 0
+    finally:
+        store.close()
+
+
 def _events(log: Path) -> list[dict]:
     events = []
     for line in log.read_text(errors="replace").splitlines():
@@ -148,6 +178,11 @@ def test_three_replicas_share_the_reads_and_one_killed_loses_nothing(
                             stderr=subprocess.STDOUT,
                         )
                     )
+            requests.post(
+                sim.url + "/_sim/faults",
+                json={"kind": "latency", "endpoint": "billing", "seconds": BILLING_LATENCY},
+                timeout=5,
+            ).raise_for_status()
             # Burn only once every organization has been read: no crossing before first sight.
             _wait_until(lambda: len({org for _at, org in list(api.reads)}) == ORGS, 20)
             requests.post(
@@ -155,9 +190,11 @@ def test_three_replicas_share_the_reads_and_one_killed_loses_nothing(
             ).raise_for_status()
             started = datetime.now(UTC)
             time.sleep(KILL_AFTER)
+            # Killed while it holds claims, so that others must take them over.
+            held = _wait_for_claims(postgres_url, _worker(logs[0]), CLAIM_WAIT)
             processes[0].kill()
             killed = datetime.now(UTC)
-            time.sleep(RUN_SECONDS - KILL_AFTER)
+            _sleep_until(started + timedelta(seconds=RUN_SECONDS))
             ended = datetime.now(UTC)
             for process in processes[1:]:
                 process.send_signal(signal.SIGTERM)
@@ -171,6 +208,7 @@ def test_three_replicas_share_the_reads_and_one_killed_loses_nothing(
         reads = list(api.reads)
 
     outputs = [log.read_text(errors="replace") for log in logs]
+    assert held > 0, "the killed replica held no claim: nothing was taken over"
     assert statuses[1:] == [0, 0], outputs[1][-2000:] + outputs[2][-2000:]
     assert not any("Traceback" in output for output in outputs)
 
@@ -231,7 +269,8 @@ def test_three_replicas_share_the_reads_and_one_killed_loses_nothing(
             )
         )
     print(
-        f"replicas: longest gap after the kill {max(gaps):.1f} s (bound {GAP} s); "
+        f"replicas: killed holding {held} claims; "
+        f"longest gap after the kill {max(gaps):.1f} s (bound {GAP} s); "
         f"breaches {figures.breaches.count}, delays up to {max(figures.breaches.detected):.1f} s; "
         f"duplicates {figures.duplicates}; reads after the kill by survivor {after}"
     )
