@@ -136,6 +136,7 @@ class FetchResult:
 class ListingResult:
     organizations: list[Organization]  # by id; those in ``snapshots`` too
     snapshots: list[OrgSnapshot]  # orgs read whole through their API key
+    # An org named here exists but could not be listed this time: it is not unlisted.
     errors: list[OrgError]
     complete: bool  # False when an entry or a key could not be tied to an org id
     requests: int
