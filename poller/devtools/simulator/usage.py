@@ -21,8 +21,8 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
-UNITS_PER_CENT = 10**16
-UNITS_PER_CREDIT = 100 * UNITS_PER_CENT
+_UNITS_PER_CENT = 10**16
+_UNITS_PER_CREDIT = 100 * _UNITS_PER_CENT
 MAX_SCALE = 100_000
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MICROSECOND = timedelta(microseconds=1)
@@ -42,7 +42,7 @@ _BURST_MEAN = 20 * 60.0  # exponential, 20 min on average,
 _BURST_FACTOR = (5.0, 20.0)  # at 5 to 20 times the base rate
 _IDLE_CHANCE = 0.05  # or idle days (rate 0),
 _IDLE_DAYS = (1.0, 3.0)  # lasting 1 to 3 days
-_FIRST_IDLE = 0.2  # about the share of time idle in the long run
+_FIRST_IDLE = 0.28  # the share of time idle in the long run, for the first segment
 _MIN_SEGMENT = 60.0  # active periods and bursts last a minute to two days
 _MAX_SEGMENT = 2 * _DAY
 
@@ -182,7 +182,7 @@ class UsageModel:
         balance is then the first microsecond at which a client can read a balance below the
         threshold; rounding to nearest would show it below up to half a cent earlier.
         """
-        return self._units(self._burns[org_id], at) // UNITS_PER_CENT
+        return self._units(self._burns[org_id], at) // _UNITS_PER_CENT
 
     def crossings(self, until: int) -> list[Crossing]:
         """Every crossing at or before ``until`` (µs), oldest first."""
@@ -238,7 +238,7 @@ class UsageModel:
         while burn.horizon <= until:
             seconds, per_day = self._draw(burn)
             length = max(1, round(seconds * 1e6 / self.scale))
-            rate = round(per_day * self.scale * UNITS_PER_CREDIT / (_DAY * 1e6))
+            rate = round(per_day * self.scale * _UNITS_PER_CREDIT / (_DAY * 1e6))
             if burn.drawn:
                 burn.starts.append(burn.horizon)
                 burn.cums.append(burn.horizon_cum)
@@ -277,7 +277,7 @@ class UsageModel:
 
 
 def _units_of(amount: Decimal) -> int:
-    return int(amount * 100) * UNITS_PER_CENT
+    return int(amount * 100) * _UNITS_PER_CENT
 
 
 def _usage_crossing(burn: _Burn, at: int) -> Crossing:
