@@ -4,6 +4,7 @@ HTTP endpoints are tested with the others in test_simulator.py."""
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from decimal import Decimal
 
@@ -232,3 +233,24 @@ def test_bad_usage_settings_are_refused_with_one_line(
     with pytest.raises(ValueError, match=message):
         api.enable_usage(**options)  # type: ignore[arg-type]
     assert api.usage() is None
+
+
+def test_reads_and_changes_from_many_threads_keep_every_balance_consistent() -> None:
+    api = SimulatedApi.generate(50, seed=3)  # the real clock
+    api.enable_usage(seed=1, scale=MAX_SCALE)
+    org_ids = api.org_ids()
+
+    def work(worker: int) -> None:
+        for step in range(300):
+            org_id = org_ids[(worker * 7 + step) % len(org_ids)]
+            if step % 50 == 0:
+                api.set_balance(org_id, "1500.00")
+            billing = api.billing(org_id)
+            assert Decimal(billing["credits_remaining"]) >= 0
+            if step % 100 == 0:
+                api.crossings()
+
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(work, range(4)))
+    crossings = api.crossings()
+    assert [crossing.at for crossing in crossings] == sorted(crossing.at for crossing in crossings)

@@ -154,6 +154,7 @@ class UsageModel:
             was_below = True  # a new organization has crossed nothing
             units = 0
         else:
+            at = max(at, burn.anchor_at)  # a clock set back must not undo what was burnt
             self._settle(burn, at)
             units = self._units(burn, at)
             was_below = units < burn.threshold_units
