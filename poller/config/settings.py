@@ -83,6 +83,14 @@ class Settings:
     billing_url: str = "https://dashboard.cekura.ai/settings/org/billing"
     interval: float = 300.0
     jitter: float = 10.0
+    # fixed: every organization every interval. adaptive: each when its risk says so, from a
+    # work queue in the database that any number of replicas share (docs/operations.md).
+    schedule: str = "fixed"
+    min_read_interval: float = 30.0
+    max_read_interval: float = 3600.0
+    burn_safety: float = 3.0
+    # Seconds a replica holds the reads it claimed; after that another replica takes them.
+    read_lease: float = 120.0
     # Seconds a cycle's fetch may take: a listing still going after this fails (nothing written).
     cycle_timeout: float = 3600.0
     rearm_margin: Decimal = Decimal("0")
@@ -462,6 +470,11 @@ _SPECS: dict[str, _Spec] = {
         _Spec("billing_url", _required_text, _billing_url),
         _Spec("interval", _number, _between(0.1, _WEEK, " seconds")),
         _Spec("jitter", _number, _between(0, _DAY, " seconds")),
+        _Spec("schedule", _choice("fixed", "adaptive")),
+        _Spec("min_read_interval", _number, _between(1, _DAY, " seconds")),
+        _Spec("max_read_interval", _number, _between(1, _WEEK, " seconds")),
+        _Spec("burn_safety", _number, _between(1, 1000)),
+        _Spec("read_lease", _number, _between(5, _DAY, " seconds")),
         _Spec("cycle_timeout", _number, _between(1, _DAY, " seconds")),
         _Spec("rearm_margin", _decimal, _between(0, _MAX_AMOUNT)),
         _Spec("delivery_lease", _number, _between(1, _DAY, " seconds")),
@@ -532,7 +545,18 @@ def load_settings(
     settings = Settings(**values, config_path=config_path, warnings=warnings)
     _refuse_credentials_over_plain_http(settings, labels.get("api_url", "api_url"))
     _require_both_smtp_credentials(settings, labels)
+    _require_ordered_read_intervals(settings, labels)
     return settings
+
+
+def _require_ordered_read_intervals(settings: Settings, labels: Mapping[str, str]) -> None:
+    if settings.min_read_interval <= settings.max_read_interval:
+        return
+    raise ConfigError(
+        f"{labels.get('min_read_interval', 'min_read_interval')}: "
+        f"{settings.min_read_interval:g} seconds is more than max_read_interval "
+        f"({settings.max_read_interval:g}); the soonest read cannot come after the latest"
+    )
 
 
 def _require_both_smtp_credentials(settings: Settings, labels: Mapping[str, str]) -> None:

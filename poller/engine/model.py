@@ -348,3 +348,68 @@ class DeliveryReport:
         self.sent += other.sent
         self.retried += other.retried
         self.failed += other.failed
+
+
+# --- the adaptive schedule's work queue (poller.engine.schedule, .queue; poller.store) ----------
+
+
+@dataclass(frozen=True, slots=True)
+class BurnRecord:
+    """What the schedule remembers of an org's reads: the last one and the fastest burn."""
+
+    read_at: datetime | None
+    balance: Decimal | None
+    peak: float  # credits per second, the fastest fall seen between two consecutive reads
+    samples: int  # how many read-to-read intervals ``peak`` was taken over
+
+
+NO_READS = BurnRecord(None, None, 0.0, 0)
+
+
+@dataclass(frozen=True, slots=True)
+class DueRead:
+    """A balance read this process claimed: the org as last listed, and its burn record."""
+
+    organization: Organization
+    record: BurnRecord
+
+
+@dataclass(frozen=True, slots=True)
+class Reschedule:
+    """When an org is due next and why, with its burn record after the read (if any)."""
+
+    org_id: int
+    due_at: datetime
+    reason: str
+    record: BurnRecord
+
+
+@dataclass(frozen=True, slots=True)
+class ScheduledRead:
+    """One org's place in the queue, for `poller status`."""
+
+    org_id: int
+    due_at: datetime
+    reason: str
+    last_read_at: datetime | None
+    claimed_by: str | None  # a replica reading it now (its claim not yet expired)
+
+
+@dataclass(frozen=True, slots=True)
+class ListingSync:
+    """What one listing changed in the queue."""
+
+    added: int  # new orgs, due at once
+    changed: int  # settings changed (alerts turned on, threshold moved): due at once
+    removed: int  # no longer listed: dropped from the queue
+
+
+@dataclass(frozen=True, slots=True)
+class QueueStats:
+    """The queue's health at one moment (metrics, /healthz, `poller health`)."""
+
+    organizations: int
+    overdue: int  # due before now and not being read
+    oldest_overdue_seconds: float  # 0 when none is overdue
+    # Seconds since the last read, at the 95th percentile of orgs read at least once.
+    p95_staleness_seconds: float | None

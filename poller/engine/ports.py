@@ -9,7 +9,7 @@ and passes them in; nothing in the engine imports an adapter to do its work.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from datetime import datetime, timedelta
 from typing import Protocol
 
@@ -18,9 +18,15 @@ from poller.engine.model import (
     ApplyResult,
     CycleWrites,
     DeliveryReport,
+    DueRead,
+    ListingSync,
     NoticeState,
+    Organization,
     OrgError,
     OrgSnapshot,
+    QueueStats,
+    Reschedule,
+    ScheduledRead,
     StoredRow,
     WordedError,
 )
@@ -40,6 +46,24 @@ class Fetched(Protocol):
     def errors(self) -> Sequence[OrgError]: ...
 
 
+class Listing(Protocol):
+    """The organization list alone (the adaptive schedule reads balances when due)."""
+
+    @property
+    def organizations(self) -> list[Organization]: ...
+
+    # Orgs whose balance came with the listing (an org-scoped API key is read whole).
+    @property
+    def snapshots(self) -> list[OrgSnapshot]: ...
+
+    @property
+    def errors(self) -> Sequence[OrgError]: ...
+
+    # False when an entry could not be identified: then no org may be dropped as unlisted.
+    @property
+    def complete(self) -> bool: ...
+
+
 class Source(Protocol):
     def fetch_snapshots(
         self, only_org: int | None = None, *, cancel: threading.Event | None = None
@@ -47,13 +71,28 @@ class Source(Protocol):
         """Every organization with its balance; raises SourceError when none can be listed."""
         ...
 
+    def list_organizations(self, *, cancel: threading.Event | None = None) -> Listing:
+        """Every organization with its settings, no balances; SourceError when none can be
+        listed."""
+        ...
+
+    def read_balances(
+        self, organizations: Sequence[Organization], *, cancel: threading.Event | None = None
+    ) -> Fetched:
+        """The balance of each org given, as listed earlier; an org that cannot be read is an
+        error of its own. Never raises for API trouble."""
+        ...
+
 
 class AlertStore(Protocol):
-    def load_states(self) -> dict[int, StoredRow]: ...
+    # org_ids None: every org (a full cycle); else just those (a batch of due reads).
+    def load_states(self, org_ids: Collection[int] | None = None) -> dict[int, StoredRow]: ...
 
-    def load_notice_states(self) -> dict[int, NoticeState]: ...
+    def load_notice_states(
+        self, org_ids: Collection[int] | None = None
+    ) -> dict[int, NoticeState]: ...
 
-    def last_alerts(self) -> dict[int, datetime]: ...
+    def last_alerts(self, org_ids: Collection[int] | None = None) -> dict[int, datetime]: ...
 
     def balance_series(
         self, org_ids: Iterable[int] | None, *, since: datetime
@@ -70,6 +109,46 @@ class AlertStore(Protocol):
     def finish_cycle(
         self, cycle_id: int, now: datetime, orgs_read: int, orgs_failed: int, outcome: str
     ) -> None: ...
+
+
+class WorkQueue(Protocol):
+    """The adaptive schedule's queue: one row per listed org with its due time, and named
+    jobs (the listing). Claims carry a lease; an expired claim is anyone's to take."""
+
+    def claim_job(self, name: str, worker: str, now: datetime, lease: timedelta) -> bool:
+        """Take job ``name`` if it is due and nobody holds a live claim on it."""
+        ...
+
+    def finish_job(self, name: str, worker: str, due_at: datetime) -> None:
+        """Release the job, due again at ``due_at`` (only if ``worker`` still holds it)."""
+        ...
+
+    def sync_listing(
+        self, organizations: Sequence[Organization], now: datetime, *, complete: bool
+    ) -> ListingSync: ...
+
+    def claim_due_reads(
+        self, worker: str, now: datetime, limit: int, lease: timedelta
+    ) -> list[DueRead]: ...
+
+    def reschedule(self, worker: str, updates: Sequence[Reschedule]) -> int:
+        """Write each org's next due time and release its claim, only where ``worker`` still
+        holds it; the number written."""
+        ...
+
+    def scheduled_reads(
+        self, org_ids: Collection[int] | None = None
+    ) -> dict[int, ScheduledRead]: ...
+
+    def queue_stats(self, now: datetime) -> QueueStats: ...
+
+    def next_due(self) -> datetime | None:
+        """The earliest due time of any org or job, claimed or not (how long to sleep)."""
+        ...
+
+    def fleet_burn(self, min_samples: int) -> float | None:
+        """The 90th percentile of peak burns over orgs with ``min_samples`` or more."""
+        ...
 
 
 class Dispatcher(Protocol):
