@@ -30,7 +30,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -407,6 +407,8 @@ class CekuraClient:
 
         counter.expect(len(organizations))
         with on_cancel(cancel, self._http.abort):
+            if self._token is None:
+                self._learn_keys(organizations, counter)
             results = self._map(read, organizations)
         errors = [r for r in results if isinstance(r, OrgError)]
         _log_errors(errors)
@@ -724,10 +726,25 @@ class CekuraClient:
                 self._org_of_key[credential] = billing.organization_id
         return billing
 
+    def _learn_keys(self, organizations: Sequence[Organization], counter: _RequestCounter) -> None:
+        """Which org each API key not known yet belongs to, one read per key on the workers,
+        when an org given has no known key (a process that has not listed yet). Else every
+        worker would try the unknown keys one by one for its own org, many times over."""
+        with self._lock:
+            if all(org.id in self._key_for_org for org in organizations):
+                return
+            unknown = [key for key in self._keys if key not in self._org_of_key]
+
+        def learn(key: _Credential) -> None:
+            with suppress(ApiError, ParseError):  # the read of that org will say what failed
+                self._billing(key, counter)
+
+        self._map(learn, unknown)
+
     def _key_belonging_to(self, org_id: int, counter: _RequestCounter) -> _Credential | None:
         with self._lock:
             known = self._key_for_org.get(org_id)
-            mapped = set(self._key_for_org.values())
+            mapped = set(self._org_of_key)
         if known is not None:
             return known
         for key in self._keys:

@@ -189,12 +189,18 @@ def test_with_keys_alone_a_fresh_client_finds_the_key_of_each_org(
     api: SimulatedApi, api_url: str
 ) -> None:
     with make_client(api_url, token=TOKEN) as client:
-        organizations = client.list_organizations().organizations[10:14]
-    with make_client(api_url, keys=tuple(api.keys().values())[8:16]) as client:
+        organizations = client.list_organizations().organizations[-10:]
+    keys = api.keys()
+    with make_client(api_url, keys=tuple(keys[org_id] for org_id in api.org_ids())) as client:
         result = client.read_balances(organizations)
+        again = client.read_balances(organizations)
     assert result.errors == []
     assert [s.id for s in result.snapshots] == [org.id for org in organizations]
     assert [s.balance for s in result.snapshots] == [api.balance(o.id) for o in organizations]
+    # Each key is asked once which org it belongs to (not once per worker looking for its
+    # own org), then each org is read: once per process.
+    assert result.requests == ORG_COUNT + len(organizations)
+    assert again.requests == len(organizations)
 
 
 def test_an_org_without_a_key_is_an_error_of_its_own(api: SimulatedApi, api_url: str) -> None:
