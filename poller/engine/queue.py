@@ -161,8 +161,11 @@ class QueueWorker:
             listed, failed = len(listing.organizations), len(listing.errors)
             for error in listing.errors:
                 log.warning("org.read_failed", org_id=error.org_id, error=error.message)
+            # An org named only in an error is listed all the same: while any entry failed,
+            # none is dropped as unlisted (the next clean listing drops the gone ones).
+            complete = listing.complete and not listing.errors
             report.listing = self.store.sync_listing(
-                listing.organizations, now, complete=listing.complete
+                listing.organizations, now, complete=complete
             )
             if listing.snapshots:
                 # Org-scoped API keys are read whole: their balances came with the listing.
