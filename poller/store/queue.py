@@ -18,7 +18,6 @@ from datetime import datetime, timedelta
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
-import structlog
 from sqlalchemy import (
     JSON,
     BigInteger,
@@ -27,6 +26,7 @@ from sqlalchemy import (
     Engine,
     Executable,
     Integer,
+    Table,
     Text,
     and_,
     bindparam,
@@ -58,8 +58,6 @@ from poller.store.database import DatabaseError, DialectInsert
 from poller.store.jsonrows import ORG_IDS, JsonRows, among_orgs, batches, column_types
 from poller.store.schema import UTCDateTime, read_schedule, scheduled_job
 from poller.store.states import BATCH_SIZE, StateWrites
-
-log = structlog.get_logger(__name__)
 
 NEW_ORGANIZATION = "new organization: read at once"
 SETTINGS_CHANGED = "settings changed in the listing: read at once"
@@ -141,7 +139,7 @@ def _encoded(org: Organization) -> str:
 # --- statements -------------------------------------------------------------------------------
 
 
-def _unclaimed(table: Any) -> ColumnElement[bool]:
+def _unclaimed(table: Table) -> ColumnElement[bool]:
     """No live claim on the row at ``now``: never claimed, released, or its lease ran out."""
     return or_(table.c.claimed_by.is_(None), table.c.claim_expires_at <= _NOW)
 

@@ -49,7 +49,7 @@ def org(
             Member(10 * org_id, 20 * org_id, "Ann", f"ann{org_id}@x.example", "admin", None),
         ),
     }
-    return Organization(**(values | fields))  # type: ignore[arg-type]
+    return Organization(**(values | fields))
 
 
 def listed(store: Store, *org_ids: int, now: datetime = NOW) -> ListingSync:
@@ -368,8 +368,8 @@ def test_queue_stats(store: Store) -> None:
     set_due(store, 39, NOW - timedelta(minutes=10))
     later_now = NOW + timedelta(minutes=30)
     stats = store.queue_stats(later_now)
-    # Overdue at NOW+30: orgs 31..38 (due 60-n < 30 min) and 40; 39 is claimed (lease 5 min
-    # from NOW ran out, so it is overdue too).
+    # Overdue at NOW+30: orgs 31..38 (due 60-n < 30 min), 40, and 39 (its claim's lease ran
+    # out at NOW+5).
     assert stats.organizations == 40
     assert stats.overdue == 8 + 2
     assert stats.oldest_overdue_seconds == 40 * 60  # 39, due NOW-10min
