@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from typing import TypeVar
 
 import pytest
 from hypothesis import given
@@ -33,6 +35,7 @@ from poller.store.schema import read_schedule
 
 NOW = datetime(2026, 12, 3, 12, 0, tzinfo=UTC)
 LEASE = timedelta(minutes=5)
+Result = TypeVar("Result")
 
 
 def org(
@@ -144,35 +147,44 @@ def test_a_claimed_row_is_no_one_elses_until_its_lease_runs_out(store: Store) ->
     assert store.reschedule("b", [later(1)]) == 1
 
 
-def test_concurrent_claimers_never_get_the_same_row(store: Store, database_url: str) -> None:
-    org_ids = list(range(1, 201))
-    store.sync_listing([org(org_id) for org_id in org_ids], NOW, complete=True)
-    claimed: dict[str, list[int]] = {}
+def replicas(database_url: str, count: int, work: Callable[[Store, str], Result]) -> list[Result]:
+    """``work(store, worker)`` in ``count`` threads at once, each with a store (and so database
+    connections) of its own, like replicas; their results, once all ended without error."""
+    results: list[Result] = []
     errors: list[Exception] = []
-    start = threading.Barrier(6)
+    start = threading.Barrier(count)
 
-    def claimer(worker: str) -> None:
-        own = open_database(database_url)  # a connection of its own, like a replica
-        mine: list[int] = []
+    def replica(worker: str) -> None:
+        own = open_database(database_url)
         try:
             start.wait(timeout=30)
-            while batch := own.claim_due_reads(worker, NOW, 7, LEASE):
-                mine += [due.organization.id for due in batch]
+            results.append(work(own, worker))
         except Exception as error:  # reported by the assertion below, not lost in the thread
             errors.append(error)
         finally:
             own.close()
-            claimed[worker] = mine
 
-    threads = [threading.Thread(target=claimer, args=(f"w{n}",)) for n in range(6)]
+    threads = [threading.Thread(target=replica, args=(f"w{n}",)) for n in range(count)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join(timeout=120)
-
     assert errors == []
-    everything = [org_id for mine in claimed.values() for org_id in mine]
-    assert sorted(everything) == org_ids  # all of them, none twice
+    return results
+
+
+def test_concurrent_claimers_never_get_the_same_row(store: Store, database_url: str) -> None:
+    org_ids = list(range(1, 201))
+    store.sync_listing([org(org_id) for org_id in org_ids], NOW, complete=True)
+
+    def claim_all(own: Store, worker: str) -> list[int]:
+        mine: list[int] = []
+        while batch := own.claim_due_reads(worker, NOW, 7, LEASE):
+            mine += [due.organization.id for due in batch]
+        return mine
+
+    claimed = replicas(database_url, 6, claim_all)
+    assert sorted(org_id for mine in claimed for org_id in mine) == org_ids  # all, none twice
 
 
 def test_a_claim_passes_over_rows_another_replica_is_claiming(store: Store) -> None:
@@ -318,26 +330,9 @@ def test_of_processes_racing_to_create_a_job_exactly_one_wins(
     store: Store, database_url: str
 ) -> None:
     store.claim_job("other", "x", NOW, LEASE)  # the table exists and is not empty
-    results: list[bool] = []
-    errors: list[Exception] = []
-    start = threading.Barrier(5)
-
-    def racer(worker: str) -> None:
-        own = open_database(database_url)
-        try:
-            start.wait(timeout=30)
-            results.append(own.claim_job("listing", worker, NOW, LEASE))
-        except Exception as error:
-            errors.append(error)
-        finally:
-            own.close()
-
-    threads = [threading.Thread(target=racer, args=(f"w{n}",)) for n in range(5)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=60)
-    assert errors == []
+    results = replicas(
+        database_url, 5, lambda own, worker: own.claim_job("listing", worker, NOW, LEASE)
+    )
     assert sorted(results) == [False] * 4 + [True]
 
 
