@@ -318,7 +318,9 @@ class ReadQueue(StateWrites):
                 parameters = _RESCHEDULED.bind(connection.dialect, rows) | {"worker": worker}
                 return connection.execute(self._queue.reschedule, parameters).rowcount
 
-        return sum(self.write_batches(updates, write))
+        # In org id order, as the listing writes: concurrent writers that lock rows in one
+        # order do not deadlock (PostgreSQL's join order mostly follows the rows given).
+        return sum(self.write_batches(sorted(updates, key=lambda change: change.org_id), write))
 
     def scheduled_reads(self, org_ids: Collection[int] | None = None) -> dict[int, ScheduledRead]:
         """Each org's place in the queue (every org's, or those of ``org_ids``). ``claimed_by``

@@ -29,7 +29,13 @@ from poller.engine.model import (
     StateChange,
     StoredState,
 )
-from poller.store import NEW_ORGANIZATION, SETTINGS_CHANGED, Store, open_database
+from poller.store import (
+    NEW_ORGANIZATION,
+    SETTINGS_CHANGED,
+    DatabaseError,
+    Store,
+    open_database,
+)
 from poller.store.queue import organization_from_dict, organization_to_dict
 from poller.store.schema import read_schedule
 
@@ -122,6 +128,19 @@ def test_a_claimed_read_hands_back_the_organization_as_listed(store: Store) -> N
     assert due.organization == odd
     assert str(due.organization.low_credits_threshold) == "1.50E+3"
     assert due.record == NO_READS
+
+
+def test_an_unreadable_stored_organization_is_a_one_line_error_and_claims_nothing(
+    store: Store,
+) -> None:
+    listed(store, 1)
+    with store.engine.begin() as connection:
+        connection.execute(update(read_schedule).values(organization={"id": 1}))
+    with pytest.raises(
+        DatabaseError, match=r"^org 1 in the read schedule cannot be read: KeyError"
+    ):
+        store.claim_due_reads("a", NOW, 10, LEASE)
+    assert store.scheduled_reads()[1].claimed_by is None
 
 
 # --- claims -------------------------------------------------------------------------------------
