@@ -39,9 +39,26 @@ shard_option = click.option(
     "--shard",
     metavar="K/N",
     callback=_shard_option,
-    help="Handle only this replica's share of the organizations (POLLER_SHARD), e.g. 2/3.",
+    help="Deprecated: use schedule = adaptive, where replicas share the work. Handle only "
+    "this replica's share of the organizations (POLLER_SHARD), e.g. 2/3.",
 )
 
 
 def sharded(settings: Settings, shard: Shard | None) -> Settings:
-    return settings if shard is None else dataclasses.replace(settings, shard=shard)
+    """The settings with ``--shard`` applied; a shard is deprecated on the fixed schedule and
+    meaningless on the adaptive one, whose replicas share one work queue."""
+    settings = settings if shard is None else dataclasses.replace(settings, shard=shard)
+    if settings.shard is None:
+        return settings
+    if settings.schedule == "adaptive":
+        fail(
+            "--shard / POLLER_SHARD does not apply to schedule = adaptive: its replicas share "
+            "the work through the database; remove the shard",
+            EXIT_USAGE,
+        )
+    echo(
+        "poller: warning: --shard / POLLER_SHARD is deprecated and will be removed in the next "
+        "release; use schedule = adaptive, where replicas share the work (README: Upgrading)",
+        err=True,
+    )
+    return settings

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -23,8 +24,9 @@ from sqlalchemy import func, select
 
 from poller.config.settings import ConfigError
 from poller.engine.cycle import CycleReport
-from poller.engine.health import Verdict, is_successful, judge
-from poller.engine.model import NotificationStatus, utc_now
+from poller.engine.health import Verdict, is_successful, judge, judge_reads
+from poller.engine.model import NotificationStatus, QueueStats, utc_now
+from poller.engine.queue import StepReport
 from poller.store import DatabaseError, Store
 from poller.store.schema import notification, org_state
 
@@ -32,6 +34,8 @@ log = structlog.get_logger(__name__)
 
 # From a handful of organizations (well under a second) to 100,000 (minutes).
 CYCLE_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
+# Seconds between the adaptive schedule's reads of the queue's state for metrics and health.
+QUEUE_STATS_SECONDS = 5.0
 _ORG_ID_IN_PATH = re.compile(r"/\d+(?=/|$)")
 
 
@@ -95,10 +99,20 @@ class _StoreCollector(Collector):
 class PollerMetrics:
     """The daemon's metrics and health; fed by the API client's hook and after each cycle."""
 
-    def __init__(self, *, interval: float, clock: Callable[[], datetime] = utc_now) -> None:
+    def __init__(
+        self,
+        *,
+        interval: float,
+        max_read_interval: float | None = None,
+        clock: Callable[[], datetime] = utc_now,
+    ) -> None:
         self.registry = CollectorRegistry()
         self._clock = clock
         self._interval = interval
+        # Set on the adaptive schedule: reads overdue by more than this are unhealthy.
+        self._max_read_interval = max_read_interval
+        self._queue: QueueStats | None = None
+        self._queue_read_at = float("-inf")
         self._max_age = 2 * interval
         self._held: tuple[int, str | None] = (0, None)
         self._started_at = clock()
@@ -148,6 +162,27 @@ class PollerMetrics:
             ["endpoint", "status"],
             registry=self.registry,
         )
+        self._reads = Counter(
+            "poller_reads",
+            "Balance reads of the adaptive schedule, by outcome (ok, failed)",
+            ["outcome"],
+            registry=self.registry,
+        )
+        self._overdue = Gauge(
+            "poller_orgs_overdue",
+            "Organizations whose read is due and not yet claimed (adaptive schedule)",
+            registry=self.registry,
+        )
+        self._oldest_overdue = Gauge(
+            "poller_oldest_overdue_seconds",
+            "How long the most overdue organization has waited past its due time",
+            registry=self.registry,
+        )
+        self._staleness = Gauge(
+            "poller_read_staleness_p95_seconds",
+            "Seconds since the last read, at the 95th percentile of organizations",
+            registry=self.registry,
+        )
         self._store_counts = _StoreCollector()
         self.registry.register(self._store_counts)
 
@@ -177,7 +212,39 @@ class PollerMetrics:
             self._last_success.set(self._last_success_at.timestamp())
         self._cycles.labels(report.outcome).inc()
 
+    def record_step(self, report: StepReport, store: Store) -> None:
+        """After each step of the adaptive schedule; the database is read at most every
+        QUEUE_STATS_SECONDS, so an idle replica polling the queue stays cheap."""
+        self._reads.labels("ok").inc(report.reads - report.read_errors)
+        self._reads.labels("failed").inc(report.read_errors)
+        if report.listing is not None:
+            self._last_success_at = self._clock()
+            self._last_success.set(self._last_success_at.timestamp())
+            self._cycles.labels("ok").inc()
+        elif report.listing_failed is not None:
+            self._cycles.labels("list_failed").inc()
+        if time.monotonic() - self._queue_read_at < QUEUE_STATS_SECONDS:
+            return
+        self._queue_read_at = time.monotonic()
+        try:
+            self._queue = stats = store.queue_stats(self._clock())
+            self._store_counts.counts = read_store_counts(store)
+            self._held = store.held_back()
+        except DatabaseError as exc:
+            log.warning("metrics.store_unreadable", error=str(exc))
+            return
+        self._overdue.set(stats.overdue)
+        self._oldest_overdue.set(stats.oldest_overdue_seconds)
+        if stats.p95_staleness_seconds is not None:
+            self._staleness.set(stats.p95_staleness_seconds)
+
     def health(self) -> Verdict:
+        verdict = self._judge_cycles()
+        if self._max_read_interval is None:
+            return verdict
+        return judge_reads(verdict, self._queue, self._max_read_interval)
+
+    def _judge_cycles(self) -> Verdict:
         return judge(
             self._last_success_at,
             now=self._clock(),

@@ -12,8 +12,10 @@ from poller.cli.terminal import echo, safe_for_terminal
 from poller.engine.cycle import CycleReport
 from poller.engine.decide import OrgPlan
 from poller.engine.forecast import BEYOND_HORIZON, MIN_POINTS, MIN_SPAN, Window
+from poller.engine.model import ScheduledRead
 from poller.engine.outcomes import delivery_summary
 from poller.engine.outlook import Outlook
+from poller.engine.schedule import duration
 from poller.mail import (
     format_amount,
     format_credits,
@@ -185,8 +187,36 @@ def window_text(window: Window) -> str:
     return f"{summary}; {format_rate(window.rate)}/day"
 
 
-def print_status_table(rows: list[StatusRow], outlook: dict[int, Outlook]) -> None:
-    header = (
+def next_read_text(read: ScheduledRead, now: datetime) -> str:
+    """When the adaptive schedule reads the org next: ``in 17 min``, ``due 5 s ago``, or
+    ``reading now`` while a replica holds a live claim on it."""
+    if read.claimed_by is not None:
+        return "reading now"
+    seconds = (read.due_at - now).total_seconds()
+    if seconds >= 1:
+        return f"in {duration(seconds)}"
+    return "due now" if seconds > -1 else f"due {duration(-seconds)} ago"
+
+
+def next_read_json(read: ScheduledRead | None, now: datetime) -> dict[str, Any]:
+    if read is None:
+        return {}
+    return {
+        "next_read_at": read.due_at.isoformat(),
+        "next_read": next_read_text(read, now),
+        "next_read_reason": read.reason,
+        "last_read_at": read.last_read_at.isoformat() if read.last_read_at else None,
+    }
+
+
+def print_status_table(
+    rows: list[StatusRow],
+    outlook: dict[int, Outlook],
+    schedule: dict[int, ScheduledRead] | None = None,
+    now: datetime | None = None,
+) -> None:
+    """``schedule`` (the adaptive schedule's queue) adds each org's next read and why."""
+    header: tuple[str, ...] = (
         "ID",
         "NAME",
         "BALANCE",
@@ -201,6 +231,13 @@ def print_status_table(rows: list[StatusRow], outlook: dict[int, Outlook]) -> No
         "ADVICE",
     )
     table = [header] + [status_cells(row, outlook[row.org_id]) for row in rows]
+    if schedule is not None and now is not None:
+        table[0] += ("NEXT READ", "WHY")
+        for index, row in enumerate(rows, 1):
+            read = schedule.get(row.org_id)
+            table[index] += (
+                (next_read_text(read, now), read.reason) if read else ("not listed yet", "-")
+            )
     widths = [max(len(r[i]) for r in table) for i in range(len(header))]
     for r in table:
         echo("  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip())

@@ -172,8 +172,16 @@ def _fetch_and_persist(
     if cancel.is_set():
         log.warning("cycle.abandoned", reason="stop requested before any write")
         return
+    now = now_fn()
     with _no_garbage_collection():
-        _diff_and_persist(report, fetched.snapshots, settings, store, baseline, dry_run, now_fn())
+        decide_and_persist(report, fetched.snapshots, settings, store, now, baseline, dry_run)
+    if not dry_run:
+        store.maintain_history(now, timedelta(days=settings.history_retention_days))
+    log_plans(report)
+
+
+def log_plans(report: CycleReport) -> None:
+    """The log events of what a cycle (or a batch of due reads) decided and wrote."""
     for plan in report.plans:
         if report.wrote(plan):
             _log_plan(plan)
@@ -187,15 +195,22 @@ def _fetch_and_persist(
                 )
 
 
-def _diff_and_persist(
+def decide_and_persist(
     report: CycleReport,
     snapshots: list[OrgSnapshot],
     settings: Settings,
     store: AlertStore,
-    baseline: bool,
-    dry_run: bool,
     now: datetime,
+    baseline: bool = False,
+    dry_run: bool = False,
+    *,
+    batch: bool = False,
 ) -> None:
+    """Decide every snapshot's plan and write them in one persist step, into ``report``.
+
+    ``batch``: the snapshots are a few of the fleet (the adaptive schedule's due reads), so
+    only their stored state is loaded, not the whole fleet's.
+    """
     # An exception about one org (a value no step expected, a bug it triggers) fails that org
     # only: it is reported like an org that could not be read, and nothing of it is written.
     failed_ids: set[int] = set()
@@ -208,7 +223,7 @@ def _diff_and_persist(
 
     policy = Policy.of(settings, baseline=baseline, now=now)
     with _phase(report, "diff"):
-        known = _load_known(store, policy)
+        known = _load_known(store, policy, [s.id for s in snapshots] if batch else None)
         report.plans = _decide_all(snapshots, known, store, policy, failed)
         report.forecasts = {
             p.snapshot.id: p.forecast for p in report.plans if p.forecast is not None
@@ -231,17 +246,17 @@ def _diff_and_persist(
             failed(org_id, "saving", why)
         if failed_ids:
             report.plans = [plan for plan in report.plans if plan.snapshot.id not in failed_ids]
-        store.maintain_history(now, timedelta(days=settings.history_retention_days))
         store.record_errors([(e.org_id, e.message) for e in report.errors if e.org_id], now)
 
 
-def _load_known(store: AlertStore, policy: Policy) -> dict[int, Known]:
-    """What the store holds of every organization; notice state only where notices are on."""
-    rows = store.load_states()
+def _load_known(store: AlertStore, policy: Policy, org_ids: list[int] | None) -> dict[int, Known]:
+    """What the store holds of the organizations (None: all of them); notice state only where
+    notices are on."""
+    rows = store.load_states(org_ids)
     if not policy.notices:
         return {org_id: Known(row) for org_id, row in rows.items()}
-    notices = store.load_notice_states()
-    last_alerts = store.last_alerts() if policy.remind_every is not None else {}
+    notices = store.load_notice_states(org_ids)
+    last_alerts = store.last_alerts(org_ids) if policy.remind_every is not None else {}
     return {
         org_id: Known(row, notices.get(org_id), last_alerts.get(org_id))
         for org_id, row in rows.items()

@@ -1,4 +1,5 @@
-"""The long-running worker: a cycle at start and every interval (with jitter), never two at once.
+"""The long-running worker: on the fixed schedule a cycle at start and every interval (with
+jitter), never two at once; on the adaptive schedule a loop of work-queue steps.
 
 Stopping: the first SIGTERM/SIGINT stops scheduling and asks the running cycle to stop at its
 next safe point (a fetch breaks off its requests in flight and its waits at once; persisting
@@ -68,6 +69,49 @@ def run_daemon(
     finally:
         cancel.set()
         scheduler.shutdown(wait=True)
+        log.info("daemon.stopped")
+
+
+# After a step that crashed (the database unreachable, say): wait before trying again, so
+# the log shows one line every few seconds, not a loop as fast as the failure.
+CRASH_PAUSE_SECONDS = 5.0
+
+
+def run_worker_loop(
+    step: Callable[[threading.Event], float],
+    *,
+    name: str,
+    stop: threading.Event | None = None,
+    install_signal_handlers: bool = True,
+) -> None:
+    """Call ``step(cancel)`` until ``stop`` is set; it returns how many seconds to wait before
+    the next call (0: there is more work). The adaptive schedule's daemon: its work comes due
+    organization by organization, not on an interval, so a loop replaces the scheduler. The
+    steps run in a thread while the main thread stays free for signal handlers."""
+    stop = stop or threading.Event()
+    cancel = threading.Event()
+
+    def loop() -> None:
+        while not stop.is_set():
+            try:
+                pause = step(cancel)
+            except Exception as exc:  # noqa: BLE001 - a daemon must outlive one bad step
+                log.exception("step.crashed", error=str(exc))
+                pause = CRASH_PAUSE_SECONDS
+            if pause > 0:
+                stop.wait(pause)
+
+    if install_signal_handlers:
+        stop_on_signals(stop, cancel)
+    log.info("daemon.started", schedule="adaptive", worker=name, pid=os.getpid())
+    worker = threading.Thread(target=loop, name="queue-worker")
+    worker.start()
+    try:
+        wait_responsive_to_signals(stop.wait)
+    finally:
+        cancel.set()
+        stop.set()
+        worker.join()
         log.info("daemon.stopped")
 
 

@@ -11,12 +11,17 @@ Overrun (the last successful cycle took longer than the interval): a breach then
 that cycle's duration, not the interval, to be seen. Still healthy, with "overrun" in the
 reason, while it took at most twice the interval; unhealthy beyond that, as a staleness limit
 of twice the interval would soon say anyway. See "Sizing" in docs/operations.md.
+
+On the adaptive schedule the "cycle" is the listing, and reads overdue by more than
+``max_read_interval`` make it unhealthy too (``judge_reads``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
+
+from poller.engine.model import QueueStats
 
 
 @dataclass(frozen=True)
@@ -91,6 +96,23 @@ def judge(
             "see the cycle.list_failed and api.error log events",
         )
     return Verdict(False, "no successful cycle recorded in the database yet")
+
+
+def judge_reads(verdict: Verdict, stats: QueueStats | None, max_read_interval: float) -> Verdict:
+    """The adaptive schedule's extra rule: unhealthy while an org's read is overdue by more
+    than ``max_read_interval`` (the replicas cannot keep up, or none is running). ``verdict``
+    is ``judge``'s, whose "cycle" is then the listing."""
+    if not verdict.healthy or stats is None:
+        return verdict
+    lag = stats.oldest_overdue_seconds
+    if lag > max_read_interval:
+        return Verdict(
+            False,
+            f"reads behind: {stats.overdue} organization(s) overdue, the oldest by "
+            f"{_seconds(lag)}, more than max_read_interval ({_seconds(max_read_interval)}); "
+            "add replicas or raise max_requests_per_second (Sizing in docs/operations.md)",
+        )
+    return Verdict(True, f"{verdict.reason}; reads on time ({stats.overdue} overdue)")
 
 
 def _seconds(value: float) -> str:

@@ -5,9 +5,12 @@ An armed organization that can alert is read again after
     clamp(headroom / (burn_safety × peak_burn), min_read_interval, max_read_interval)
 
 seconds: the time its fastest burn so far would take to use up a ``burn_safety``-th of the
-credits left above its threshold. So one 50 credits above its threshold that burns 100 an
-hour is read every 30 s, and one 48,000 above that burns 200 a day once an hour. The other
-cases follow rules of their own (``next_read``); docs/operations.md explains them all.
+credits left above its threshold. Burning no faster than that, it is still above its threshold
+at the next read, with two thirds of the headroom left (at the default safety of 3): the reads
+come closer as it nears the threshold, down to ``min_read_interval``, which then bounds the
+delay of the alert. One 50 credits above its threshold that burns 100 an hour is next read in
+10 min; one 48,000 above that burns 200 a day, in an hour. The other cases follow rules of
+their own (``next_read``); docs/operations.md explains them all.
 """
 
 from __future__ import annotations

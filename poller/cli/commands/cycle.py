@@ -6,7 +6,8 @@ import contextlib
 import dataclasses
 import sys
 import threading
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 
@@ -31,6 +32,10 @@ from poller.engine.notices import content_for
 from poller.engine.outlook import outlooks
 from poller.engine.sharding import Shard
 from poller.mail import render_email
+from poller.store import Store
+
+if TYPE_CHECKING:
+    from poller.cli.metrics import PollerMetrics
 
 
 def _run(
@@ -74,6 +79,8 @@ def once(settings: Settings, baseline: bool, shard: Shard | None) -> None:
     # carries on. A second signal exits at once.
     cancel = threading.Event()
     stop_on_signals(cancel, cancel, forced_status=EXIT_INCOMPLETE)
+    if settings.schedule == "adaptive" and not baseline:
+        _once_adaptive(settings, cancel)
     report = in_worker_thread(
         lambda: _run(
             settings, deliver=not baseline, show_progress=True, baseline=baseline, cancel=cancel
@@ -89,6 +96,39 @@ def once(settings: Settings, baseline: bool, shard: Shard | None) -> None:
         # Cron mails stderr: say in one line why nothing happened, not only in the JSON log.
         fail(f"{report.fatal} (nothing was changed)", EXIT_INCOMPLETE)
     sys.exit(EXIT_OK if report.ok else EXIT_INCOMPLETE)
+
+
+def _once_adaptive(settings: Settings, cancel: threading.Event) -> NoReturn:
+    """The adaptive schedule's `poller once`: the listing if due, then every read due now."""
+    from poller.engine.daemon import in_worker_thread
+    from poller.engine.queue import QueueWorker, StepReport
+
+    store = open_store(settings)
+    total = StepReport()
+    with CekuraClient(settings) as client:
+        worker = QueueWorker(
+            settings=settings,
+            client=client,
+            store=store,
+            deliverer=Deliverer(store=store, settings=settings),
+        )
+
+        def drain() -> None:
+            # Steps until one finds nothing due: each is bounded, and reads that come due
+            # meanwhile are the next run's.
+            while not cancel.is_set():
+                step = worker.step(cancel)
+                total.add(step)
+                if not step.did_work:
+                    return
+
+        in_worker_thread(drain)
+    if cancel.is_set():
+        fail("stopped by a signal (nothing was left half-written)", EXIT_INCOMPLETE)
+    if total.listing_failed:
+        fail(f"{total.listing_failed} (the due reads were still made)", EXIT_INCOMPLETE)
+    complete = not total.read_errors and total.delivery.undelivered == 0
+    sys.exit(EXIT_OK if complete and total.delivery.failed == 0 else EXIT_INCOMPLETE)
 
 
 @click.command()
@@ -124,7 +164,15 @@ def run(settings: Settings, baseline: bool, metrics_port: int | None, shard: Sha
     deliverer = Deliverer(store=store, settings=settings)
     first = {"baseline": baseline}
     port = metrics_port or settings.metrics_port
-    metrics = PollerMetrics(interval=settings.interval) if port else None
+    adaptive = settings.schedule == "adaptive"
+    metrics = (
+        PollerMetrics(
+            interval=settings.interval,
+            max_read_interval=settings.max_read_interval if adaptive else None,
+        )
+        if port
+        else None
+    )
     serving = (
         MetricsServer(metrics, settings.metrics_host, port)
         if metrics is not None and port
@@ -152,7 +200,38 @@ def run(settings: Settings, baseline: bool, metrics_port: int | None, shard: Sha
                 metrics.record_cycle(report, store, overran=overran)
             return report
 
-        run_daemon(cycle, interval=settings.interval, jitter=settings.jitter)
+        if adaptive:
+            # --baseline: one full cycle records every org's state, then the queue's work.
+            _run_adaptive(settings, client, store, deliverer, metrics, cycle if baseline else None)
+        else:
+            run_daemon(cycle, interval=settings.interval, jitter=settings.jitter)
+
+
+def _run_adaptive(
+    settings: Settings,
+    client: CekuraClient,
+    store: Store,
+    deliverer: Deliverer,
+    metrics: PollerMetrics | None,
+    baseline_cycle: Callable[[threading.Event], object] | None,
+) -> None:
+    from poller.engine.daemon import run_worker_loop
+    from poller.engine.queue import QueueWorker
+
+    worker = QueueWorker(settings=settings, client=client, store=store, deliverer=deliverer)
+    first = [baseline_cycle]
+
+    def step(cancel: threading.Event) -> float:
+        baseline, first[0] = first[0], None
+        if baseline is not None:
+            baseline(cancel)
+            return 0.0
+        report = worker.step(cancel)
+        if metrics is not None:
+            metrics.record_step(report, store)
+        return 0.0 if report.did_work else worker.idle_wait()
+
+    run_worker_loop(step, name=worker.name)
 
 
 @click.command()

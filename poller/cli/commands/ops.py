@@ -10,7 +10,7 @@ import click
 from poller.cli.common import EXIT_USAGE, fail, open_store
 from poller.cli.terminal import echo
 from poller.config.settings import Settings
-from poller.engine.health import judge
+from poller.engine.health import judge, judge_reads
 from poller.store import upgrade_database
 
 
@@ -85,8 +85,21 @@ def upgrade(settings: Settings) -> None:
 @click.option(
     "--seed-file", metavar="JSON", help="Serve these organizations instead of generated ones."
 )
+@click.option(
+    "--usage-scale",
+    type=click.FloatRange(min=0, min_open=True),
+    metavar="X",
+    help="Burn credits in real time, X times faster than real usage (the usage model, with "
+    "--seed; docs/simulator.md) [default: balances change only when set].",
+)
 def simulate(
-    orgs: int, port: int, token: str | None, keys_file: str | None, seed: int, seed_file: str | None
+    orgs: int,
+    port: int,
+    token: str | None,
+    keys_file: str | None,
+    seed: int,
+    seed_file: str | None,
+    usage_scale: float | None,
 ) -> None:
     """Serve a stand-in of the Cekura API on 127.0.0.1 (no account needed).
 
@@ -103,7 +116,13 @@ def simulate(
         fail("the simulator needs the devtools extra: pip install 'poller[devtools]'", EXIT_USAGE)
     try:
         run_simulator(
-            orgs=orgs, port=port, token=token, seed=seed, keys_file=keys_file, seed_file=seed_file
+            orgs=orgs,
+            port=port,
+            token=token,
+            seed=seed,
+            keys_file=keys_file,
+            seed_file=seed_file,
+            usage_scale=usage_scale,
         )
     except SimulatorError as exc:
         fail(str(exc), EXIT_USAGE)
@@ -126,8 +145,10 @@ def health(settings: Settings, max_age: float | None) -> None:
     about their recipients (SMTP server down, login or sender refused) make it unhealthy
     too. A last successful cycle longer than POLLER_INTERVAL is an overrun: healthy with
     "overrun" in the reason, unhealthy beyond twice the interval (with cron, set
-    POLLER_INTERVAL to the schedule's period). Works for cron setups, where no daemon serves
-    /healthz; with several pollers on one database it covers all of them.
+    POLLER_INTERVAL to the schedule's period). On the adaptive schedule the cycle is the
+    listing, and reads overdue by more than max_read_interval are unhealthy too. Works for
+    cron setups, where no daemon serves /healthz; with several pollers on one database it
+    covers all of them.
 
     \b
     Example (cron mails the reason when it is unhealthy):
@@ -135,9 +156,11 @@ def health(settings: Settings, max_age: float | None) -> None:
     """
     limit = max_age if max_age is not None else 2 * settings.interval
     store = open_store(settings)
+    adaptive = settings.schedule == "adaptive"
     try:
         last = store.last_successful_run()
         held = store.held_back()
+        queue = store.queue_stats(datetime.now(UTC)) if adaptive else None
     finally:
         store.close()
     verdict = judge(
@@ -148,6 +171,8 @@ def health(settings: Settings, max_age: float | None) -> None:
         cycle_seconds=last[1] if last else None,
         interval=settings.interval,
     )
+    if adaptive:
+        verdict = judge_reads(verdict, queue, settings.max_read_interval)
     # Unhealthy goes to stderr, so cron (which mails any output) stays quiet with >/dev/null.
     echo(verdict.status_line, err=not verdict.healthy)
     sys.exit(0 if verdict.healthy else 1)

@@ -12,6 +12,7 @@ import click
 from poller.cekura.client import CekuraClient
 from poller.cli.common import EXIT_INCOMPLETE, fail, open_store
 from poller.cli.present import (
+    next_read_json,
     no_estimate_reason,
     outlook_json,
     print_forecast,
@@ -20,6 +21,7 @@ from poller.cli.present import (
 )
 from poller.cli.terminal import echo, echo_json
 from poller.config.settings import Settings
+from poller.engine.model import utc_now
 from poller.engine.outlook import Outlook, outlooks
 from poller.mail import format_credits
 from poller.store import StatusRow
@@ -32,7 +34,8 @@ THRESHOLD_PATTERN = re.compile(r"^\d{1,8}(\.\d{1,2})?$")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.pass_obj
 def status(settings: Settings, as_json: bool) -> None:
-    """Show every organization poller knows: balance, threshold, state, last alert.
+    """Show every organization poller knows: balance, threshold, state, last alert; on the
+    adaptive schedule also when each is read next, and why.
 
     \b
     Example:
@@ -41,13 +44,22 @@ def status(settings: Settings, as_json: bool) -> None:
     store = open_store(settings)
     rows = store.status_rows()
     outlook = outlooks(store, settings, [outlook_key(row) for row in rows])
+    now = utc_now()
+    schedule = store.scheduled_reads() if settings.schedule == "adaptive" else None
     if as_json:
-        echo_json([status_json(row) | outlook_json(outlook[row.org_id]) for row in rows])
+        echo_json(
+            [
+                status_json(row)
+                | outlook_json(outlook[row.org_id])
+                | next_read_json((schedule or {}).get(row.org_id), now)
+                for row in rows
+            ]
+        )
         return
     if not rows:
         echo("no organizations recorded yet: run `poller once` first")
         return
-    print_status_table(rows, outlook)
+    print_status_table(rows, outlook, schedule, now)
 
 
 @click.command("forecast")
