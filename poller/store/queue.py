@@ -318,8 +318,8 @@ class ReadQueue(StateWrites):
                 parameters = _RESCHEDULED.bind(connection.dialect, rows) | {"worker": worker}
                 return connection.execute(self._queue.reschedule, parameters).rowcount
 
-        # In org id order, as the listing writes: concurrent writers that lock rows in one
-        # order do not deadlock (PostgreSQL's join order mostly follows the rows given).
+        # In org id order, as the listing writes: writers that lock rows in one order cannot
+        # deadlock each other, as far as PostgreSQL's join takes the rows in the order given.
         return sum(self.write_batches(sorted(updates, key=lambda change: change.org_id), write))
 
     def scheduled_reads(self, org_ids: Collection[int] | None = None) -> dict[int, ScheduledRead]:
@@ -440,7 +440,8 @@ class ReadQueue(StateWrites):
             return connection.execute(self._queue.claim_job, parameters).first() is not None
 
     def finish_job(self, name: str, worker: str, due_at: datetime) -> None:
-        """Release the job, due again at ``due_at``, if ``worker`` still holds it."""
+        """Release the job, due again at ``due_at``, if ``worker`` still holds it
+        (``finished_at``: this process's clock)."""
         statement = (
             update(scheduled_job)
             .where(scheduled_job.c.name == name, scheduled_job.c.claimed_by == worker)
