@@ -164,9 +164,7 @@ class QueueWorker:
             # An org named only in an error is listed all the same: while any entry failed,
             # none is dropped as unlisted (the next clean listing drops the gone ones).
             complete = listing.complete and not listing.errors
-            report.listing = self.store.sync_listing(
-                listing.organizations, now, complete=complete
-            )
+            report.listing = self.store.sync_listing(listing.organizations, now, complete=complete)
             if listing.snapshots:
                 # Org-scoped API keys are read whole: their balances came with the listing.
                 batch = CycleReport(cycle_id=uuid.uuid4().hex[:12], started_at=now)

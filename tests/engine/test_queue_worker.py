@@ -108,18 +108,19 @@ def test_a_falling_balance_is_read_sooner_as_it_nears_its_threshold(world, worke
     step(worker)
     balance = Decimal(5000)
     due_in = []
-    for _ in range(4):  # 10 credits a second, read when due
+    for _ in range(4):  # half a credit a second, read when due
         wait = (world.store.scheduled_reads()[ACME].due_at - clock.now).total_seconds()
         clock.advance(wait)
-        balance -= Decimal(10) * Decimal(wait).quantize(Decimal(1))
+        balance -= (Decimal(wait) / 2).quantize(Decimal("0.01"))
         world.set_balance(ACME, str(balance))
         step(worker)
         due_in.append((world.store.scheduled_reads()[ACME].due_at - clock.now).total_seconds())
-    # After the first interval the peak is known (3 samples trust it alone): each next read
-    # fits a third of the headroom at that burn, so they come closer.
+    # From the first interval on the burn is known: each next read fits a third of the
+    # headroom left at that burn, so they come closer (3,200 - 1,000 left: 2,200 / 1.5 s).
     assert due_in == sorted(due_in, reverse=True)
-    assert due_in[-1] < 3600
-    assert "peak burn 36,000/h" in reasons(world)[ACME]
+    assert due_in[0] == pytest.approx(2200 / 1.5, abs=1)
+    assert world.state(ACME) == ("armed", 0)
+    assert "at peak burn 1,800/h ×3" in reasons(world)[ACME]
 
 
 def test_a_settings_change_in_the_listing_makes_the_org_due_at_once(world, worker_for, clock):
