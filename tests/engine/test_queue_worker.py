@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from decimal import Decimal
 
 import pytest
@@ -15,6 +15,7 @@ from poller.devtools.simulator import Fault
 from poller.engine.delivery import Deliverer
 from poller.engine.queue import QueueWorker, StepReport
 from tests.engine_world import ACME, ACME_ADMINS, GLOBEX, INITECH, World, run_poller
+from tests.fixtures.api import FixedClock
 
 ADAPTIVE = {
     "POLLER_SCHEDULE": "adaptive",
@@ -25,24 +26,13 @@ ADAPTIVE = {
 }
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = datetime.now(UTC)
-
-    def __call__(self) -> datetime:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += timedelta(seconds=seconds)
+@pytest.fixture
+def clock() -> FixedClock:
+    return FixedClock()
 
 
 @pytest.fixture
-def clock() -> Clock:
-    return Clock()
-
-
-@pytest.fixture
-def worker_for(world: World, clock: Clock) -> Callable[..., QueueWorker]:
+def worker_for(world: World, clock: FixedClock) -> Callable[..., QueueWorker]:
     clients: list[CekuraClient] = []
 
     def make(name: str = "worker-a", **extra: str) -> QueueWorker:
