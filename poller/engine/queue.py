@@ -214,8 +214,10 @@ class QueueWorker:
         log_plans(batch)
         plans = {plan.snapshot.id: plan for plan in batch.plans}
         fleet_burn = self._fleet_burn_now()
+        stopped = cancel.is_set()
         updates = [
-            self._next(due, plans.get(due.organization.id), now, fleet_burn) for due in claimed
+            self._next(due, plans.get(due.organization.id), now, fleet_burn, stopped)
+            for due in claimed
         ]
         self.store.reschedule(self.name, updates)
         report.batches += 1
@@ -232,9 +234,16 @@ class QueueWorker:
         )
 
     def _next(
-        self, due: DueRead, plan: OrgPlan | None, now: datetime, fleet_burn: float | None
+        self,
+        due: DueRead,
+        plan: OrgPlan | None,
+        now: datetime,
+        fleet_burn: float | None,
+        stopped: bool,
     ) -> Reschedule:
         org_id = due.organization.id
+        if plan is None and stopped:  # broken off by a stop: any process may read it now
+            return Reschedule(org_id, now, "stopped before it was read: due at once", due.record)
         if plan is None:  # not read, or its decision or write failed: it is an error above
             retry = read_failed(self.timing)
             return Reschedule(

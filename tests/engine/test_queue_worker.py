@@ -170,3 +170,25 @@ def test_a_shard_is_refused_on_the_adaptive_schedule_and_deprecated_on_the_fixed
     fixed = run_poller(world.env, "once", "--shard", "1/1")
     assert fixed.returncode == 0, fixed.stderr
     assert "deprecated" in fixed.stderr
+
+
+def test_reads_broken_off_by_a_stop_are_due_again_at_once(world, worker_for, clock):
+    worker = worker_for()
+    step(worker)
+    clock.advance(3600)
+    stop = threading.Event()
+    read_balances = worker.client.read_balances
+
+    def stopped_while_reading(organizations, *, cancel=None):
+        stop.set()  # SIGTERM arrives as the batch's reads start
+        return read_balances(organizations, cancel=cancel)
+
+    worker.client.read_balances = stopped_while_reading
+    report = worker.step(stop)
+    assert report.reads == 3 and report.breaches == 0
+    scheduled = world.store.scheduled_reads()
+    assert {read.due_at for read in scheduled.values()} == {clock.now}
+    assert {read.reason for read in scheduled.values()} == {
+        "stopped before it was read: due at once"
+    }
+    assert {read.claimed_by for read in scheduled.values()} == {None}
