@@ -207,14 +207,15 @@ class QueueWorker:
         fetched = self.client.read_balances([due.organization for due in claimed], cancel=cancel)
         now = self.now_fn()
         batch = CycleReport(cycle_id=uuid.uuid4().hex[:12], started_at=now)
-        batch.errors = list(fetched.errors)
+        stopped = cancel.is_set()
+        # Reads a stop broke off are no errors of their orgs (they are due again at once).
+        batch.errors = [] if stopped else list(fetched.errors)
         for error in batch.errors:
             log.warning("org.read_failed", org_id=error.org_id, error=error.message)
         decide_and_persist(batch, fetched.snapshots, self.settings, self.store, now, batch=True)
         log_plans(batch)
         plans = {plan.snapshot.id: plan for plan in batch.plans}
         fleet_burn = self._fleet_burn_now()
-        stopped = cancel.is_set()
         updates = [
             self._next(due, plans.get(due.organization.id), now, fleet_burn, stopped)
             for due in claimed
