@@ -5,6 +5,13 @@ org) and returns typed snapshots, with one ``OrgError`` per organization that co
 read, so one bad org never aborts the others. Only a failure to learn *which* orgs exist
 (the listing, or every API key) raises, because then nothing this cycle can be trusted.
 
+The adaptive schedule splits that read in two. ``list_organizations`` reads only the list:
+with the bearer token that is the listing's pages and nothing else (N organizations cost
+N / page_size requests); an org-scoped API key still costs its billing and organization read,
+so those orgs come back whole. ``read_balances`` reads one billing answer per organization
+given (exactly one request each with the token; with keys, the key belonging to the org,
+learned once per process), each failure an error of its own.
+
 Credentials are never part of a message, a log line or a URL: a key is named by its
 position in POLLER_API_KEYS. As defence in depth (config.py already checks api_url) the
 client refuses to send a credential over plain http to a non-loopback host, never follows
@@ -23,11 +30,12 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
 from email.utils import parsedate_to_datetime
+from functools import partial
 from operator import itemgetter
 from typing import TypeVar
 from urllib.parse import urljoin
@@ -122,6 +130,16 @@ class FetchResult:
     snapshots: list[OrgSnapshot]
     errors: list[OrgError]
     requests: int  # HTTP requests made, retries included (for metrics)
+
+
+@dataclass
+class ListingResult:
+    organizations: list[Organization]  # by id; those in ``snapshots`` too
+    snapshots: list[OrgSnapshot]  # orgs read whole through their API key
+    # An org named here exists but could not be listed this time: it is not unlisted.
+    errors: list[OrgError]
+    complete: bool  # False when an entry or a key could not be tied to an org id
+    requests: int
 
 
 @dataclass(frozen=True)
@@ -321,7 +339,9 @@ class CekuraClient:
                 else:
                     errors.append(item)
         if self._keys and (only_org is None or only_org not in snapshots):
-            key_snapshots, key_errors = self._fetch_with_keys(only_org, set(snapshots), counter)
+            key_snapshots, key_errors = self._fetch_with_keys(
+                only_org, set(snapshots), counter, partial(self._owns, only_org=None)
+            )
             for snapshot in key_snapshots:
                 snapshots.setdefault(snapshot.id, snapshot)
             errors.extend(key_errors)
@@ -331,10 +351,69 @@ class CekuraClient:
             for e in errors
             if e.org_id is None or (e.org_id not in snapshots and self._owns(e.org_id, only_org))
         ]
-        for error in errors:
-            log.warning("api.error", org_id=error.org_id, error=error.message)
+        _log_errors(errors)
         return FetchResult(
             snapshots=sorted(snapshots.values(), key=lambda s: s.id),
+            errors=errors,
+            requests=counter.value,
+        )
+
+    def list_organizations(self, *, cancel: threading.Event | None = None) -> ListingResult:
+        """Every visible organization (every shard) with its settings, no balance read with
+        the token; orgs reached only through an API key come with their balance. Raises as
+        ``fetch_snapshots`` does when the organizations cannot be listed."""
+        counter = _RequestCounter(self._on_progress, cancel=cancel, timeout=self._cycle_timeout)
+        with on_cancel(cancel, self._http.abort):
+            return self._listing(counter)
+
+    def _listing(self, counter: _RequestCounter) -> ListingResult:
+        organizations: dict[int, Organization] = {}
+        errors: list[OrgError] = []
+        if self._token is not None:
+            raw_orgs = self._list_organizations(self._token, counter)
+            with counter.listing():
+                for org in _listed(raw_orgs, _everyone, counter, errors.append):
+                    organizations[org.id] = counter.finished(org, failed=False)
+        snapshots: list[OrgSnapshot] = []
+        if self._keys:
+            snapshots, key_errors = self._fetch_with_keys(
+                None, set(organizations), counter, _everyone
+            )
+            organizations.update((s.id, s.org) for s in snapshots)
+            errors.extend(key_errors)
+        errors = [e for e in errors if e.org_id is None or e.org_id not in organizations]
+        _log_errors(errors)
+        return ListingResult(
+            organizations=sorted(organizations.values(), key=lambda o: o.id),
+            snapshots=sorted(snapshots, key=lambda s: s.id),
+            errors=errors,
+            complete=all(e.org_id is not None for e in errors),
+            requests=counter.value,
+        )
+
+    def read_balances(
+        self, organizations: Sequence[Organization], *, cancel: threading.Event | None = None
+    ) -> FetchResult:
+        """The balance of each org given, as given (its settings are not read again): one
+        billing read each, with the token or else the org's own API key. Never raises for
+        the API: an org that cannot be read, or is not read before ``cancel`` or
+        cycle_timeout, is an error of its own."""
+        counter = _RequestCounter(self._on_progress, cancel=cancel, timeout=self._cycle_timeout)
+
+        def read(org: Organization) -> OrgSnapshot | OrgError:
+            billing = partial(self._billing, org_id=org.id)
+            snapshot = _snapshot(org, partial(self._with_org_credential, org.id, billing, counter))
+            return counter.finished(snapshot, failed=isinstance(snapshot, OrgError))
+
+        counter.expect(len(organizations))
+        with on_cancel(cancel, self._http.abort):
+            if self._token is None:
+                self._learn_keys(organizations, counter)
+            results = self._map(read, organizations)
+        errors = [r for r in results if isinstance(r, OrgError)]
+        _log_errors(errors)
+        return FetchResult(
+            snapshots=[r for r in results if isinstance(r, OrgSnapshot)],
             errors=errors,
             requests=counter.value,
         )
@@ -404,36 +483,21 @@ class CekuraClient:
                 raise ApiUnavailable(str(exc), status=exc.status) from exc
 
         results: list[OrgSnapshot | OrgError] = []
-        listed: set[int] = set()
-
-        def organizations() -> Iterator[Organization]:
-            # Parsed page by page as the listing arrives, so the billing reads of one page
-            # overlap with fetching the next (the listing alone is seconds at 100,000 orgs).
-            # _map runs this in the calling thread, the billing reads in its workers.
-            for index, raw in enumerate(raw_orgs):
-                try:
-                    org = parse_organization(raw)
-                except ParseError as exc:
-                    org_id = _raw_id(raw)
-                    where = (
-                        f"organization {org_id}" if org_id is not None else f"organization #{index}"
-                    )
-                    results.append(OrgError(org_id, f"{where} in the list: {exc}"))
-                    continue
-                # Pages can shift while we read them; the same org may be listed twice.
-                if self._owns(org.id, only_org) and org.id not in listed:
-                    listed.add(org.id)
-                    counter.expect(1)
-                    yield org.for_alerts()
 
         def read(org: Organization) -> OrgSnapshot | OrgError:
-            snapshot = self._snapshot_with_token(token, org, counter)
+            snapshot = _snapshot(org, partial(self._billing, token, counter, org_id=org.id))
             return counter.finished(snapshot, failed=isinstance(snapshot, OrgError))
 
-        # If a later page fails, ApiUnavailable ends the whole fetch: the billing reads already
-        # made are discarded with it, so nothing of a partly listed cycle is ever stored.
+        # Parsed page by page as the listing arrives, so the billing reads of one page overlap
+        # with fetching the next (the listing alone is seconds at 100,000 orgs): _map runs the
+        # listing in the calling thread, the billing reads in its workers. If a later page
+        # fails, ApiUnavailable ends the whole fetch: the billing reads already made are
+        # discarded with it, so nothing of a partly listed cycle is ever stored.
+        organizations = _listed(
+            raw_orgs, partial(self._owns, only_org=only_org), counter, results.append
+        )
         with counter.listing():
-            results.extend(self._map(read, organizations()))
+            results.extend(self._map(read, organizations))
         return results
 
     def _list_organizations(self, token: _Credential, counter: _RequestCounter) -> Iterator[object]:
@@ -538,38 +602,19 @@ class CekuraClient:
             raise ApiUnavailable(f"GET {LIST_V1_PATH}: expected a JSON array of organizations")
         return data
 
-    def _snapshot_with_token(
-        self, token: _Credential, org: Organization, counter: _RequestCounter
-    ) -> OrgSnapshot | OrgError:
-        where = f"organization {org.id}: billing info"
-        try:
-            data = self._request(
-                "GET",
-                self._url(BILLING_PATH),
-                token,
-                counter,
-                endpoint=BILLING_PATH,
-                org_id=org.id,
-                params={"organization_id": org.id},
-                decode=loads_billing,
-                max_body=BILLING_MAX_BYTES,
-            )
-            billing = parse_billing(data)
-        except (ApiError, ParseError) as exc:
-            return OrgError(org.id, f"{where}: {exc}")
-        if billing.organization_id != org.id:
-            return OrgError(org.id, f"{where}: answered for organization {billing.organization_id}")
-        return OrgSnapshot(org=org, balance=billing.credits_remaining)
-
     # --- org-scoped API keys ---------------------------------------------------------------
 
     def _fetch_with_keys(
-        self, only_org: int | None, covered: set[int], counter: _RequestCounter
+        self,
+        only_org: int | None,
+        covered: set[int],
+        counter: _RequestCounter,
+        owns: Callable[[int], bool],
     ) -> tuple[list[OrgSnapshot], list[OrgError]]:
         def wanted(org_id: int) -> bool:
             if only_org is not None:
                 return org_id == only_org and org_id not in covered
-            return org_id not in covered and self._owns(org_id, None)
+            return org_id not in covered and owns(org_id)
 
         def read(key: _Credential) -> _KeyOutcome:
             outcome = self._fetch_with_key(key, wanted, counter)
@@ -615,7 +660,7 @@ class CekuraClient:
             # An org-scoped key belongs to one org for good: no need to ask again (daemon).
             return _KeyOutcome()
         try:
-            billing = self._billing_for_key(key, counter)
+            billing = self._billing(key, counter)
         except AuthError as exc:
             return _KeyOutcome(error=OrgError(None, str(exc)), failure="auth", auth_error=exc)
         except ApiError as exc:
@@ -656,44 +701,71 @@ class CekuraClient:
             snapshot=OrgSnapshot(org=org.for_alerts(), balance=billing.credits_remaining)
         )
 
-    def _billing_for_key(self, key: _Credential, counter: _RequestCounter) -> Billing:
-        # No organization_id: an org-scoped key's organization comes from the key itself.
+    def _billing(
+        self, credential: _Credential, counter: _RequestCounter, org_id: int | None = None
+    ) -> Billing:
+        """The token's billing info of ``org_id``, or an org-scoped key's of its own org (the
+        key says which: no organization_id is sent, ``org_id`` only names it in logs), which
+        is then known as the key's org for good."""
+        is_token = credential is self._token
         data = self._request(
             "GET",
             self._url(BILLING_PATH),
-            key,
+            credential,
             counter,
             endpoint=BILLING_PATH,
+            org_id=org_id,
+            params={"organization_id": org_id} if is_token else None,
             decode=loads_billing,
             max_body=BILLING_MAX_BYTES,
         )
         billing = parse_billing(data)
-        with self._lock:
-            self._key_for_org.setdefault(billing.organization_id, key)
-            self._org_of_key[key] = billing.organization_id
+        if not is_token:
+            with self._lock:
+                self._key_for_org.setdefault(billing.organization_id, credential)
+                self._org_of_key[credential] = billing.organization_id
         return billing
+
+    def _learn_keys(self, organizations: Sequence[Organization], counter: _RequestCounter) -> None:
+        """Which org each API key not known yet belongs to, one read per key on the workers,
+        when an org given has no known key (a process that has not listed yet). Else every
+        worker would try the unknown keys one by one for its own org, many times over."""
+        with self._lock:
+            if all(org.id in self._key_for_org for org in organizations):
+                return
+            unknown = [key for key in self._keys if key not in self._org_of_key]
+
+        def learn(key: _Credential) -> None:
+            with suppress(ApiError, ParseError):  # the read of that org will say what failed
+                self._billing(key, counter)
+
+        self._map(learn, unknown)
 
     def _key_belonging_to(self, org_id: int, counter: _RequestCounter) -> _Credential | None:
         with self._lock:
             known = self._key_for_org.get(org_id)
-            mapped = set(self._key_for_org.values())
+            mapped = set(self._org_of_key)
         if known is not None:
             return known
         for key in self._keys:
             if key in mapped:
                 continue
             try:
-                if self._billing_for_key(key, counter).organization_id == org_id:
+                if self._billing(key, counter).organization_id == org_id:
                     return key
             except (ApiError, ParseError):
                 continue
         return None
 
     def _with_org_credential(
-        self, org_id: int, call: Callable[[_Credential, _RequestCounter], object]
-    ) -> object:
+        self,
+        org_id: int,
+        call: Callable[[_Credential, _RequestCounter], T],
+        counter: _RequestCounter | None = None,
+    ) -> T:
         """Use the token, or if it cannot reach the org, the API key belonging to the org."""
-        counter = _RequestCounter()
+        if counter is None:
+            counter = _RequestCounter()
         if self._token is not None:
             try:
                 return call(self._token, counter)
@@ -1010,6 +1082,53 @@ def _messages(value: object) -> str:
     if isinstance(value, dict):
         return "; ".join(f"{name}: {_messages(item)}" for name, item in value.items())
     return str(value)
+
+
+def _listed(
+    raw_orgs: Iterable[object],
+    owns: Callable[[int], bool],
+    counter: _RequestCounter,
+    failed: Callable[[OrgError], None],
+) -> Iterator[Organization]:
+    """Each organization of a listing that ``owns`` takes, parsed as it arrives, once (pages
+    can shift while they are read: the same org may be listed twice), each counted as known.
+    An entry that cannot be parsed goes to ``failed``, under its id when it has one."""
+    listed: set[int] = set()
+    for index, raw in enumerate(raw_orgs):
+        try:
+            org = parse_organization(raw)
+        except ParseError as exc:
+            org_id = _raw_id(raw)
+            where = f"organization {org_id}" if org_id is not None else f"organization #{index}"
+            failed(OrgError(org_id, f"{where} in the list: {exc}"))
+            continue
+        if owns(org.id) and org.id not in listed:
+            listed.add(org.id)
+            counter.expect(1)
+            yield org.for_alerts()
+
+
+def _everyone(org_id: int) -> bool:
+    """The listing for the adaptive schedule takes every org: its work queue replaces shards."""
+    return True
+
+
+def _snapshot(org: Organization, read: Callable[[], Billing]) -> OrgSnapshot | OrgError:
+    """``org`` with the balance ``read`` gets; an error if the read fails or answers for
+    another org."""
+    where = f"organization {org.id}: billing info"
+    try:
+        billing = read()
+    except (ApiError, ParseError) as exc:
+        return OrgError(org.id, f"{where}: {exc}")
+    if billing.organization_id != org.id:
+        return OrgError(org.id, f"{where}: answered for organization {billing.organization_id}")
+    return OrgSnapshot(org=org, balance=billing.credits_remaining)
+
+
+def _log_errors(errors: Iterable[OrgError]) -> None:
+    for error in errors:
+        log.warning("api.error", org_id=error.org_id, error=error.message)
 
 
 def _organization_from_response(data: object, endpoint: str) -> Organization:

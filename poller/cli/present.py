@@ -238,7 +238,7 @@ def print_status_table(
             table[index] += (
                 (next_read_text(read, now), read.reason) if read else ("not listed yet", "-")
             )
-    widths = [max(len(r[i]) for r in table) for i in range(len(header))]
+    widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
     for r in table:
         echo("  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip())
 

@@ -43,9 +43,10 @@ from poller.engine.schedule import (
 log = structlog.get_logger(__name__)
 
 LISTING_JOB = "listing"
-# Claimed at a time: enough to keep every worker thread busy, few enough that a batch ends
-# (and its alerts are written and sent) within a second or two at the default rate cap.
+# Claimed at a time (batch_size): at least this many per worker thread, ...
 BATCH_PER_WORKER = 4
+# ... and about this many seconds of reads at the rate cap, at most MAX_BATCH.
+BATCH_SECONDS = 2.0
 MAX_BATCH = 256
 # A step hands back control at least this often so its caller can stop, report metrics and
 # refresh the fleet's burn; the work left is due at once and the next step takes it.
@@ -89,6 +90,15 @@ class StepReport:
         return self.listing is not None or self.listing_failed is not None or self.batches > 0
 
 
+def batch_size(settings: Settings) -> int:
+    """Reads claimed at a time: enough to keep every worker busy and to spend about
+    BATCH_SECONDS at the rate cap (the database's work per batch is then small beside the
+    reads), at most MAX_BATCH (a batch's alerts are written when it ends)."""
+    cap = settings.max_requests_per_second
+    at_cap = MAX_BATCH if cap == 0 else int(cap * BATCH_SECONDS)
+    return max(1, min(MAX_BATCH, max(settings.concurrency * BATCH_PER_WORKER, at_cap)))
+
+
 class QueueWorker:
     """One process's share of the adaptive schedule's work."""
 
@@ -110,7 +120,7 @@ class QueueWorker:
         self.name = name or worker_name()
         self.timing = ReadTiming.of(settings)
         self.lease = timedelta(seconds=settings.read_lease)
-        self.batch_size = min(MAX_BATCH, settings.concurrency * BATCH_PER_WORKER)
+        self.batch_size = batch_size(settings)
         self._fleet_burn: float | None = None
         self._fleet_burn_at = float("-inf")
 
@@ -147,23 +157,24 @@ class QueueWorker:
             return
         # Recorded as a cycle: `poller status` and `poller health` read the last listing's.
         run_id = self.store.start_cycle(now, shard=None)
-        outcome, listed, failed = "ok", 0, 0
-        next_due = now + timedelta(seconds=self.settings.interval)
+        # Until the listing has been synced, it failed: it is tried again soon, since until it
+        # works no settings change or new org is seen.
+        outcome, listed, failed = "abandoned", 0, 0
+        next_due = now + timedelta(seconds=self.timing.min_interval)
         try:
             listing = self.client.list_organizations(cancel=cancel)
         except SourceError as exc:
             outcome = "abandoned" if cancel.is_set() else "list_failed"
             report.listing_failed = str(exc)
             log.error("listing.failed", error=str(exc))
-            # Tried again soon: until it works no settings change or new org is seen.
-            next_due = now + timedelta(seconds=self.timing.min_interval)
         else:
             listed, failed = len(listing.organizations), len(listing.errors)
             for error in listing.errors:
                 log.warning("org.read_failed", org_id=error.org_id, error=error.message)
-            report.listing = self.store.sync_listing(
-                listing.organizations, now, complete=listing.complete
-            )
+            # An org named only in an error is listed all the same: while any entry failed,
+            # none is dropped as unlisted (the next clean listing drops the gone ones).
+            complete = listing.complete and not listing.errors
+            report.listing = self.store.sync_listing(listing.organizations, now, complete=complete)
             if listing.snapshots:
                 # Org-scoped API keys are read whole: their balances came with the listing.
                 batch = CycleReport(cycle_id=uuid.uuid4().hex[:12], started_at=now)
@@ -172,8 +183,8 @@ class QueueWorker:
                 )
                 log_plans(batch)
             self.store.maintain_history(now, timedelta(days=self.settings.history_retention_days))
-            if failed:
-                outcome = "partial"
+            outcome = "partial" if failed else "ok"
+            next_due = now + timedelta(seconds=self.settings.interval)
             log.info(
                 "listing.finished",
                 organizations=listed,
@@ -196,7 +207,9 @@ class QueueWorker:
         fetched = self.client.read_balances([due.organization for due in claimed], cancel=cancel)
         now = self.now_fn()
         batch = CycleReport(cycle_id=uuid.uuid4().hex[:12], started_at=now)
-        batch.errors = list(fetched.errors)
+        stopped = cancel.is_set()
+        # Reads a stop broke off are no errors of their orgs (they are due again at once).
+        batch.errors = [] if stopped else list(fetched.errors)
         for error in batch.errors:
             log.warning("org.read_failed", org_id=error.org_id, error=error.message)
         decide_and_persist(batch, fetched.snapshots, self.settings, self.store, now, batch=True)
@@ -204,7 +217,8 @@ class QueueWorker:
         plans = {plan.snapshot.id: plan for plan in batch.plans}
         fleet_burn = self._fleet_burn_now()
         updates = [
-            self._next(due, plans.get(due.organization.id), now, fleet_burn) for due in claimed
+            self._next(due, plans.get(due.organization.id), now, fleet_burn, stopped)
+            for due in claimed
         ]
         self.store.reschedule(self.name, updates)
         report.batches += 1
@@ -221,9 +235,16 @@ class QueueWorker:
         )
 
     def _next(
-        self, due: DueRead, plan: OrgPlan | None, now: datetime, fleet_burn: float | None
+        self,
+        due: DueRead,
+        plan: OrgPlan | None,
+        now: datetime,
+        fleet_burn: float | None,
+        stopped: bool,
     ) -> Reschedule:
         org_id = due.organization.id
+        if plan is None and stopped:  # broken off by a stop: any process may read it now
+            return Reschedule(org_id, now, "stopped before it was read: due at once", due.record)
         if plan is None:  # not read, or its decision or write failed: it is an error above
             retry = read_failed(self.timing)
             return Reschedule(

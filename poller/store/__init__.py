@@ -9,10 +9,13 @@ from poller.store.database import (
     upgrade_database,
 )
 from poller.store.outbox import ClaimedNotification, NotificationRecord, StatusRow
+from poller.store.queue import NEW_ORGANIZATION, SETTINGS_CHANGED
 from poller.store.store import Store, open_database
 
 __all__ = [
     "MIGRATIONS_LOCATION",
+    "NEW_ORGANIZATION",
+    "SETTINGS_CHANGED",
     "ClaimedNotification",
     "DatabaseError",
     "NotificationRecord",

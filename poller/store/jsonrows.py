@@ -7,9 +7,22 @@ import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import datetime
 from decimal import Decimal
-from typing import Any, TypeVar
+from typing import Any, TypeVar, TypeVarTuple
 
-from sqlalchemy import Dialect, Text, bindparam, cast, column, func, select, type_coerce
+from sqlalchemy import (
+    BigInteger,
+    ColumnElement,
+    Dialect,
+    Select,
+    Table,
+    Text,
+    bindparam,
+    cast,
+    column,
+    func,
+    select,
+    type_coerce,
+)
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.sql.selectable import Subquery
 from sqlalchemy.types import TypeEngine
@@ -17,6 +30,12 @@ from sqlalchemy.types import TypeEngine
 from poller.store.schema import plain_decimal
 
 Item = TypeVar("Item")
+Columns = TypeVarTuple("Columns")
+
+
+def column_types(table: Table, *names: str) -> dict[str, TypeEngine[Any]]:
+    """The types of these columns of ``table``, by name: a JsonRows' columns."""
+    return {name: table.c[name].type for name in names}
 
 
 class JsonRows:
@@ -103,6 +122,25 @@ def _json_scalar(value: object) -> str:
     if isinstance(value, datetime):
         return value.isoformat()
     raise TypeError(f"cannot send {type(value).__name__} as a JSON row value")
+
+
+# Org ids as rows, for a statement that picks orgs by id.
+ORG_IDS = JsonRows("org_ids", {"org_id": BigInteger()})
+
+
+def among_orgs(
+    query: Select[*Columns],
+    column_: ColumnElement[int],
+    dialect: Dialect,
+    org_ids: Iterable[int] | None,
+) -> tuple[Select[*Columns], dict[str, str]]:
+    """``query`` as is (``org_ids`` None: every org), or restricted to ``column_ IN`` those
+    ids; with its parameters. Any number of ids goes as one JSON text: an IN over bound
+    values takes a parameter per id, and SQLite caps their number."""
+    if org_ids is None:
+        return query, {}
+    condition = column_.in_(select(ORG_IDS.table(dialect).c.org_id))
+    return query.where(condition), ORG_IDS.bind(dialect, ((org_id,) for org_id in org_ids))
 
 
 def batches(items: Sequence[Item], size: int) -> Iterator[Sequence[Item]]:

@@ -7,7 +7,7 @@ pollers that loaded the same state record one notice.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING
 
@@ -15,6 +15,7 @@ import structlog
 from sqlalchemy import Connection, select, update
 
 from poller.engine.model import AlertState, NoticeChange, NoticeState
+from poller.store.jsonrows import among_orgs
 from poller.store.schema import notice_state, org_state
 
 if TYPE_CHECKING:
@@ -29,8 +30,11 @@ class NoticeStates:
     def __init__(self, store: StateWrites) -> None:
         self._store = store
 
-    def load(self) -> dict[int, NoticeState]:
-        query = select(notice_state)
+    def load(self, org_ids: Collection[int] | None = None) -> dict[int, NoticeState]:
+        """Every org's notice state, or just those of ``org_ids``."""
+        query, parameters = among_orgs(
+            select(notice_state), notice_state.c.org_id, self._store.engine.dialect, org_ids
+        )
         with (
             self._store.database_errors("loading notice states"),
             self._store.reader.connect() as connection,
@@ -42,20 +46,24 @@ class NoticeStates:
                     row.reminders,
                     row.reminded_at,
                 )
-                for row in connection.execute(query)
+                for row in connection.execute(query, parameters)
             }
 
-    def last_alerts(self) -> dict[int, datetime]:
+    def last_alerts(self, org_ids: Collection[int] | None = None) -> dict[int, datetime]:
         """When each alerted org's current breach was alerted (orgs with a real alert only)."""
-        query = select(org_state.c.org_id, org_state.c.last_alert_at).where(
+        alerted = select(org_state.c.org_id, org_state.c.last_alert_at).where(
             org_state.c.state == AlertState.ALERTED.value,
             org_state.c.last_alert_at.is_not(None),
+        )
+        query, parameters = among_orgs(
+            alerted, org_state.c.org_id, self._store.engine.dialect, org_ids
         )
         with (
             self._store.database_errors("loading alert times"),
             self._store.reader.connect() as connection,
         ):
-            return {row.org_id: row.last_alert_at for row in connection.execute(query)}
+            rows = connection.execute(query, parameters)
+            return {row.org_id: row.last_alert_at for row in rows}
 
     def apply(
         self, changes: Sequence[NoticeChange], now: datetime

@@ -10,6 +10,10 @@ Created and evolved only by the Alembic revisions in ``poller/store/migrations``
 - ``notice_state``: the optional notices' state (runway alert, reminders), per organization.
 - ``balance_history``: balances as they changed, for the forecasts.
 - ``cycle_run``: one row per cycle; ``poller status`` takes "last checked" from it.
+- ``read_schedule``: the adaptive schedule's queue, one row per listed organization: when it
+  is next due and why, who holds a claim on it (a lease), the organization as listed with
+  its settings fingerprint, and its burn record (last read, last balance, peak burn).
+- ``scheduled_job``: named jobs on the same queue (the listing), due time and claim.
 
 Money is exact (NUMERIC without precision, TEXT on SQLite) and timestamps are UTC and
 timezone-aware on both databases; docs/architecture.md says why.
@@ -28,6 +32,8 @@ from sqlalchemy import (
     Column,
     DateTime,
     Dialect,
+    Float,
+    Index,
     Integer,
     MetaData,
     Numeric,
@@ -172,4 +178,34 @@ balance_history = Table(
     Column("hour", Integer, nullable=False),
     Column("balance", Money, nullable=False),
     Column("raw", Boolean, nullable=False),
+)
+
+
+read_schedule = Table(
+    "read_schedule",
+    metadata,
+    Column("org_id", BigInteger, primary_key=True, autoincrement=False),
+    Column("due_at", UTCDateTime, nullable=False),
+    Column("reason", Text, nullable=False),
+    Column("claimed_by", Text),
+    Column("claim_expires_at", UTCDateTime),
+    Column("settings", Text, nullable=False),  # poller.engine.schedule.settings_fingerprint
+    Column("organization", JSON, nullable=False),  # as listed (poller.store.queue's codec)
+    Column("listed_at", UTCDateTime, nullable=False),  # when that organization was listed
+    Column("last_read_at", UTCDateTime),
+    Column("last_balance", Money),
+    Column("peak_burn", Float, nullable=False),
+    Column("burn_samples", Integer, nullable=False),
+    Index("ix_read_schedule_due_at", "due_at"),
+    Index("ix_read_schedule_last_read_at", "last_read_at"),
+)
+
+scheduled_job = Table(
+    "scheduled_job",
+    metadata,
+    Column("name", String(32), primary_key=True),
+    Column("due_at", UTCDateTime, nullable=False),
+    Column("claimed_by", Text),
+    Column("claim_expires_at", UTCDateTime),
+    Column("finished_at", UTCDateTime),
 )

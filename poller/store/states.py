@@ -8,7 +8,7 @@ loaded the same state produce one notification (docs/architecture.md, "Exactly o
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
@@ -21,7 +21,6 @@ from sqlalchemy import (
     Dialect,
     Engine,
     Integer,
-    Table,
     Text,
     bindparam,
     func,
@@ -32,7 +31,6 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.sql.dml import Insert, Update
-from sqlalchemy.types import TypeEngine
 
 from poller.engine.forecast import Point
 from poller.engine.model import (
@@ -52,7 +50,7 @@ from poller.engine.model import (
 )
 from poller.store.database import Connected, DatabaseError, DialectInsert, row_specific
 from poller.store.history import History
-from poller.store.jsonrows import JsonRows, batches
+from poller.store.jsonrows import JsonRows, among_orgs, batches, column_types
 from poller.store.notice_states import NoticeStates
 from poller.store.schema import UTCDateTime, notification, org_state
 
@@ -78,14 +76,10 @@ class _BatchResult:
     applied: set[int]
 
 
-def _types(table: Table, *names: str) -> dict[str, TypeEngine[Any]]:
-    return {name: table.c[name].type for name in names}
-
-
 _OBSERVED_COLUMNS = ("org_id", "name", "enabled", "threshold", "balance")
 _NEW_ORGS = JsonRows(
     "new_orgs",
-    _types(org_state, *_OBSERVED_COLUMNS, "state", "breach_count", "last_alert_at"),
+    column_types(org_state, *_OBSERVED_COLUMNS, "state", "breach_count", "last_alert_at"),
 )
 # An org's new row (the columns of _NEW_ORGS), then the state it must still hold (the guard).
 _TRANSITIONS = JsonRows(
@@ -93,11 +87,11 @@ _TRANSITIONS = JsonRows(
     _NEW_ORGS.columns
     | {"expected_state": org_state.c.state.type, "expected_breach_count": Integer()},
 )
-_REFRESHES = JsonRows("refreshes", _types(org_state, *_OBSERVED_COLUMNS))
-_ERRORS = JsonRows("errors", _types(org_state, "org_id", "last_error"))
+_REFRESHES = JsonRows("refreshes", column_types(org_state, *_OBSERVED_COLUMNS))
+_ERRORS = JsonRows("errors", column_types(org_state, "org_id", "last_error"))
 _OUTBOX = JsonRows(
     "notifications",
-    _types(
+    column_types(
         notification,
         "org_id",
         "breach_number",
@@ -224,7 +218,8 @@ class StateWrites(Connected):
         super().__init__(engine)
         self._writes = _Writes.build(engine.dialect, self.dialect_insert)
 
-    def load_states(self) -> dict[int, StoredRow]:
+    def load_states(self, org_ids: Collection[int] | None = None) -> dict[int, StoredRow]:
+        """Every org's stored row (a full cycle), or just those of ``org_ids`` (due reads)."""
         # Money is read as the driver hands it over (text on SQLite, a Decimal from psycopg2)
         # and made a Decimal below: Money's per-value result hook cost more than the conversion.
         query = select(
@@ -237,6 +232,7 @@ class StateWrites(Connected):
             type_coerce(org_state.c.balance, Text),
             org_state.c.last_error,
         )
+        query, parameters = among_orgs(query, org_state.c.org_id, self.engine.dialect, org_ids)
         # At 100,000 orgs every object per row counts: the few distinct states and thresholds
         # are shared (both immutable) instead of held once per org, and rows are unpacked as
         # tuples (attribute access on each row is slower).
@@ -247,7 +243,7 @@ class StateWrites(Connected):
             # Streamed in partitions: PostgreSQL through a server-side cursor (psycopg2 would
             # otherwise hold every row at once), and a partition at a time because
             # SQLAlchemy's row-by-row iteration calls fetchone.
-            streamed = connection.execution_options(yield_per=2000).execute(query)
+            streamed = connection.execution_options(yield_per=2000).execute(query, parameters)
             for rows in streamed.partitions():
                 for org_id, state, breach_count, name, enabled, threshold, balance, error in rows:
                     stored = states.get((state, breach_count))
@@ -337,12 +333,12 @@ class StateWrites(Connected):
             notices=notice_ids,
         )
 
-    def load_notice_states(self) -> dict[int, NoticeState]:
-        return NoticeStates(self).load()
+    def load_notice_states(self, org_ids: Collection[int] | None = None) -> dict[int, NoticeState]:
+        return NoticeStates(self).load(org_ids)
 
-    def last_alerts(self) -> dict[int, datetime]:
+    def last_alerts(self, org_ids: Collection[int] | None = None) -> dict[int, datetime]:
         """When each alerted org's current breach was alerted (orgs with a real alert only)."""
-        return NoticeStates(self).last_alerts()
+        return NoticeStates(self).last_alerts(org_ids)
 
     def balance_series(
         self, org_ids: Iterable[int] | None, *, since: datetime

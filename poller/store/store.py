@@ -1,4 +1,5 @@
-"""The store the engine works with (``poller.engine.ports.AlertStore``), and how to open it."""
+"""The store the engine works with (``poller.engine.ports.AlertStore`` and ``WorkQueue``), and
+how to open it."""
 
 from __future__ import annotations
 
@@ -14,13 +15,13 @@ from sqlalchemy import (
 
 from poller.store.database import prepared_engine
 from poller.store.outbox import Outbox
+from poller.store.queue import ReadQueue
 from poller.store.schema import cycle_run
-from poller.store.states import StateWrites
 
 log = structlog.get_logger(__name__)
 
 
-class Store(StateWrites, Outbox):
+class Store(ReadQueue, Outbox):
     """Every query poller makes; each method is its own transaction(s)."""
 
     def start_cycle(self, now: datetime, shard: str | None) -> int:

@@ -423,3 +423,19 @@ def test_poller_simulate_on_a_port_in_use_exits_2_with_one_line(sim):
     )
     assert result.returncode == 2
     assert "Address already in use" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("scale", "message"),
+    [("0", "Invalid value for '--usage-scale'"), ("1e9", "usage scale must be > 0 and <= 100000")],
+)
+def test_poller_simulate_refuses_a_usage_scale_out_of_range(scale, message):
+    result = subprocess.run(
+        [sys.executable, "-m", "poller", "simulate", "--port", "0", "--usage-scale", scale],
+        env=_clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert message in result.stderr and "Traceback" not in result.stderr

@@ -6,6 +6,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import re
 import signal
 import socket
 import stat
@@ -15,7 +16,7 @@ import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -37,7 +38,7 @@ from poller.devtools.simulator import (
     run_simulator,
     write_keys_file,
 )
-from tests.fixtures.api import SIM_TOKEN
+from tests.fixtures.api import SIM_TOKEN, FixedClock
 
 REPO = Path(__file__).resolve().parents[2]
 # The shared copy is authoritative (CI checks it out beside the repo); ours is for elsewhere.
@@ -190,17 +191,6 @@ def patch(server: SimulatorServer, org_id: int, **kwargs: Any) -> requests.Respo
 
 def key_headers(api: SimulatedApi, org_id: int) -> dict[str, str]:
     return {"X-CEKURA-API-KEY": api.keys()[org_id]}
-
-
-class FixedClock:
-    def __init__(self) -> None:
-        self.now = datetime(2026, 8, 1, 12, 0, tzinfo=UTC)
-
-    def __call__(self) -> datetime:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += timedelta(seconds=seconds)
 
 
 @pytest.fixture
@@ -1097,6 +1087,96 @@ def test_a_port_in_use_is_a_one_line_error(simulator: SimulatorServer) -> None:
     port = int(simulator.url.rsplit(":", 1)[1])
     with pytest.raises(SimulatorError, match=f"cannot listen on 127.0.0.1:{port}"):
         SimulatorServer(SimulatedApi(), port=port).start()
+
+
+# ---- the usage model over HTTP (the model itself: test_simulator_usage.py) ----------------------
+
+PRECISE_TIME = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z$")
+
+
+def test_usage_is_turned_on_read_as_crossings_and_turned_off_over_http(
+    simulator: SimulatorServer,
+) -> None:
+    url = simulator.url
+    assert requests.get(f"{url}/_sim/usage", timeout=5).json() == {"enabled": False}
+    assert requests.get(f"{url}/_sim/crossings", timeout=5).json() == []
+    turned_on = requests.post(f"{url}/_sim/usage", json={"seed": 3, "scale": 100_000}, timeout=5)
+    assert turned_on.status_code == 200
+    config = turned_on.json()
+    assert (config["enabled"], config["seed"], config["scale"]) == (True, 3, 100_000)
+    assert PRECISE_TIME.match(config["start"])
+    added = requests.post(
+        f"{url}/_sim/orgs",
+        json={"name": "At Threshold", "credits_remaining": "500.00", "low_credits_threshold": 500},
+        timeout=5,
+    )
+    org_id = added.json()["id"]
+
+    def crossing() -> dict[str, Any] | None:
+        crossings = requests.get(f"{url}/_sim/crossings", timeout=5).json()
+        return next((c for c in crossings if c["org_id"] == org_id), None)
+
+    deadline = time.monotonic() + 10  # its first active period begins within 3 model days
+    while (found := crossing()) is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert found is not None
+    assert PRECISE_TIME.match(found["at"]) and found["at"] > config["start"]
+    assert (found["threshold"], found["notify_low_credits"], found["cause"]) == (
+        "500.00",
+        True,
+        "usage",
+    )
+    for each in simulator.api.org_ids():
+        billing = check(get(simulator, BILLING, params={"organization_id": each}), BILLING)
+        assert Decimal(billing["credits_remaining"]) >= 0
+    assert Decimal(simulator.api.billing(org_id)["credits_remaining"]) < 500
+
+    turned_off = requests.delete(f"{url}/_sim/usage", timeout=5)
+    assert turned_off.json() == {"enabled": False}
+    frozen = get(simulator, BILLING, params={"organization_id": org_id}).json()
+    time.sleep(0.05)
+    assert get(simulator, BILLING, params={"organization_id": org_id}).json() == frozen
+    assert crossing() == found
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (b"[]", "Send {"),
+        (b'{"seed": 1}', "Send {"),
+        (b'{"seed": 1, "scale": 1, "speed": 2}', "Send {"),
+        (b'{"seed": "1", "scale": 1}', "usage seed must be an integer"),
+        (b'{"seed": 1, "scale": 0}', "usage scale must be > 0 and <= 100000"),
+        (b'{"seed": 1, "scale": 1e9}', "usage scale must be > 0 and <= 100000"),
+        (b'{"seed": 1, "scale": 1, "start": "soon"}', "usage start must be an ISO 8601"),
+        (b'{"seed": 1, "scale": 1, "start": "2026-08-01T12:00:00"}', "usage start must have a"),
+        (b'{"seed": 1, "scale": 1', "JSON parse error"),
+    ],
+)
+def test_a_bad_usage_body_is_a_400_naming_the_problem(
+    simulator: SimulatorServer, body: bytes, message: str
+) -> None:
+    response = requests.post(f"{simulator.url}/_sim/usage", data=body, timeout=5)
+    assert response.status_code == 400
+    detail = response.json()["detail"]
+    assert detail.startswith(message) and "\n" not in detail
+    assert simulator.api.usage() is None
+
+
+def test_run_simulator_turns_the_usage_model_on_with_the_seed(tmp_path: Path) -> None:
+    process = _start_cli_simulator(tmp_path, usage_scale=500.0)
+    try:
+        assert process.stdout is not None
+        line = process.stdout.readline()
+        assert "usage model on (seed 1, scale 500)" in line
+        url = line.split(" at ")[1].split()[0]
+        usage = requests.get(f"{url}/_sim/usage", timeout=5).json()
+        assert (usage["enabled"], usage["seed"], usage["scale"]) == (True, 1, 500.0)
+        process.send_signal(signal.SIGTERM)
+        process.communicate(timeout=10)
+    finally:
+        process.kill() if process.poll() is None else None
+    assert process.returncode == 0
 
 
 # ---- keys file and run_simulator ---------------------------------------------------------------

@@ -200,7 +200,7 @@ def test_db_upgrade_from_0002_keeps_notifications_and_delivers_a_pending_one_to_
                 "recipients": '["a@x.example", "b@x.example"]'})  # fmt: skip
     engine.dispose()
 
-    assert upgrade(database_url) == ("0002", "0003")
+    assert upgrade(database_url) == ("0002", "0004")
 
     store = open_database(database_url)
     try:

@@ -21,8 +21,8 @@ def cycle_losing_the_race(world: World) -> tuple[CycleReport, list[dict]]:
     other = open_database(world.env["POLLER_DATABASE_URL"])
     load_states = other.load_states
 
-    def load_then_let_the_other_poller_win():
-        loaded = load_states()
+    def load_then_let_the_other_poller_win(org_ids=None):
+        loaded = load_states(org_ids)
         with capture_logs():  # poller A's own log lines are not B's
             world.cycle()
         return loaded

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from decimal import Decimal
 
 import pytest
@@ -15,6 +15,7 @@ from poller.devtools.simulator import Fault
 from poller.engine.delivery import Deliverer
 from poller.engine.queue import QueueWorker, StepReport
 from tests.engine_world import ACME, ACME_ADMINS, GLOBEX, INITECH, World, run_poller
+from tests.fixtures.api import FixedClock
 
 ADAPTIVE = {
     "POLLER_SCHEDULE": "adaptive",
@@ -25,24 +26,13 @@ ADAPTIVE = {
 }
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = datetime.now(UTC)
-
-    def __call__(self) -> datetime:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += timedelta(seconds=seconds)
+@pytest.fixture
+def clock() -> FixedClock:
+    return FixedClock()
 
 
 @pytest.fixture
-def clock() -> Clock:
-    return Clock()
-
-
-@pytest.fixture
-def worker_for(world: World, clock: Clock) -> Callable[..., QueueWorker]:
+def worker_for(world: World, clock: FixedClock) -> Callable[..., QueueWorker]:
     clients: list[CekuraClient] = []
 
     def make(name: str = "worker-a", **extra: str) -> QueueWorker:
@@ -108,18 +98,19 @@ def test_a_falling_balance_is_read_sooner_as_it_nears_its_threshold(world, worke
     step(worker)
     balance = Decimal(5000)
     due_in = []
-    for _ in range(4):  # 10 credits a second, read when due
+    for _ in range(4):  # half a credit a second, read when due
         wait = (world.store.scheduled_reads()[ACME].due_at - clock.now).total_seconds()
         clock.advance(wait)
-        balance -= Decimal(10) * Decimal(wait).quantize(Decimal(1))
+        balance -= (Decimal(wait) / 2).quantize(Decimal("0.01"))
         world.set_balance(ACME, str(balance))
         step(worker)
         due_in.append((world.store.scheduled_reads()[ACME].due_at - clock.now).total_seconds())
-    # After the first interval the peak is known (3 samples trust it alone): each next read
-    # fits a third of the headroom at that burn, so they come closer.
+    # From the first interval on the burn is known: each next read fits a third of the
+    # headroom left at that burn, so they come closer (3,200 - 1,000 left: 2,200 / 1.5 s).
     assert due_in == sorted(due_in, reverse=True)
-    assert due_in[-1] < 3600
-    assert "peak burn 36,000/h" in reasons(world)[ACME]
+    assert due_in[0] == pytest.approx(2200 / 1.5, abs=1)
+    assert world.state(ACME) == ("armed", 0)
+    assert "at peak burn 1,800/h ×3" in reasons(world)[ACME]
 
 
 def test_a_settings_change_in_the_listing_makes_the_org_due_at_once(world, worker_for, clock):
@@ -179,3 +170,25 @@ def test_a_shard_is_refused_on_the_adaptive_schedule_and_deprecated_on_the_fixed
     fixed = run_poller(world.env, "once", "--shard", "1/1")
     assert fixed.returncode == 0, fixed.stderr
     assert "deprecated" in fixed.stderr
+
+
+def test_reads_broken_off_by_a_stop_are_due_again_at_once(world, worker_for, clock):
+    worker = worker_for()
+    step(worker)
+    clock.advance(3600)
+    stop = threading.Event()
+    read_balances = worker.client.read_balances
+
+    def stopped_while_reading(organizations, *, cancel=None):
+        stop.set()  # SIGTERM arrives as the batch's reads start
+        return read_balances(organizations, cancel=cancel)
+
+    worker.client.read_balances = stopped_while_reading
+    report = worker.step(stop)
+    assert report.reads == 3 and report.breaches == 0
+    scheduled = world.store.scheduled_reads()
+    assert {read.due_at for read in scheduled.values()} == {clock.now}
+    assert {read.reason for read in scheduled.values()} == {
+        "stopped before it was read: due at once"
+    }
+    assert {read.claimed_by for read in scheduled.values()} == {None}

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -48,6 +49,7 @@ from poller.config.settings import load_settings
 from poller.devtools.simulator import SimulatedApi, SimulatorServer
 from poller.engine.cycle import CycleReport, run_cycle
 from poller.engine.delivery import Deliverer
+from poller.engine.queue import QueueWorker
 from poller.store import Store, open_database
 from poller.store.schema import metadata
 from tests.engine_world import TOKEN, poller_env, run_poller
@@ -560,6 +562,48 @@ def test_one_hostile_organization_costs_no_other_organization_its_alert(
         check_healthy_got_one_email_each(smtp.received)
         check_hostile_mail(smtp.received, hostile)
         assert_states_and_notifications_agree(store)
+
+
+@fuzz(20)
+@given(hostile=hostile_orgs())
+@example(hostile=TOO_BIG_AN_ID)
+@example(hostile=TOO_DEEP_A_NESTING)
+def test_one_hostile_organization_costs_no_other_its_alert_on_the_adaptive_schedule(
+    hostile: Hostile, database_url: str, fuzz_store: Store, smtp_server: SmtpTestServer
+) -> None:
+    """The same through the work queue: the listing stores the hostile entry (or refuses
+    it), and its balance read, decision and rescheduling cost no healthy org anything."""
+    smtp, store = smtp_server, fuzz_store
+    smtp.received.clear()
+    empty_tables(store)
+    note(f"listing entry: {dumps(hostile.entry)[:500]}")
+    note(f"billing: {None if hostile.billing is None else dumps(hostile.billing)[:500]}")
+    with SimulatorServer(hostile_world(hostile)) as sim:
+        env = poller_env(
+            sim.url, database_url, smtp.port, POLLER_API_RETRIES="0", POLLER_SCHEDULE="adaptive"
+        )
+        settings_ = load_settings(env=env)
+        with CekuraClient(settings_, sleep=lambda _s: None) as client:
+            worker = QueueWorker(
+                settings=settings_,
+                client=client,
+                store=store,
+                deliverer=Deliverer(store=store, settings=settings_),
+            )
+            first = worker.step(threading.Event())
+            assert first.listing is not None, first.listing_failed
+            check_healthy_got_one_email_each(smtp.received)
+            check_hostile_mail(smtp.received, hostile)
+            scheduled = store.scheduled_reads()
+            assert set(HEALTHY) <= set(scheduled)
+            # Each healthy org alerted, then read every interval until a top-up.
+            assert all(scheduled[org_id].reason.startswith("alerted") for org_id in HEALTHY)
+            assert_states_and_notifications_agree(store)
+
+            second = worker.step(threading.Event())  # nothing due but a failed read's retry
+            assert second.breaches == 0
+            check_healthy_got_one_email_each(smtp.received)
+            assert_states_and_notifications_agree(store)
 
 
 @fuzz(3, share=1 / 20)

@@ -42,7 +42,7 @@ from poller.store.schema import Money, org_state
 
 NOW = datetime(2024, 11, 24, 12, 0, tzinfo=UTC)
 ARMED = StoredState(AlertState.ARMED, 0)
-HEAD = "0003"
+HEAD = "0004"
 # PostgreSQL's view of its sessions, read to see one waiting for a row lock.
 pg_stat_activity = Table(
     "pg_stat_activity", MetaData(), Column("datname", Text), Column("wait_event_type", Text)

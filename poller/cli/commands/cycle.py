@@ -6,6 +6,7 @@ import contextlib
 import dataclasses
 import sys
 import threading
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -99,9 +100,10 @@ def once(settings: Settings, baseline: bool, shard: Shard | None) -> None:
 
 
 def _once_adaptive(settings: Settings, cancel: threading.Event) -> NoReturn:
-    """The adaptive schedule's `poller once`: the listing if due, then every read due now."""
+    """The adaptive schedule's `poller once`: the listing if due, then the reads that are due,
+    until none is (or POLLER_INTERVAL has passed), and their emails."""
     from poller.engine.daemon import in_worker_thread
-    from poller.engine.queue import QueueWorker, StepReport
+    from poller.engine.queue import STEP_BUDGET_SECONDS, QueueWorker, StepReport
 
     store = open_store(settings)
     total = StepReport()
@@ -113,18 +115,29 @@ def _once_adaptive(settings: Settings, cancel: threading.Event) -> NoReturn:
             deliverer=Deliverer(store=store, settings=settings),
         )
 
-        def drain() -> None:
-            # Steps until one finds nothing due: each is bounded, and reads that come due
-            # meanwhile are the next run's.
+        def drain() -> bool:
+            """Steps until one finds nothing due; False when POLLER_INTERVAL (the cron
+            period) ran out first, so that runs from cron never pile up."""
+            deadline = time.monotonic() + settings.interval
             while not cancel.is_set():
-                step = worker.step(cancel)
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                step = worker.step(cancel, budget=min(left, STEP_BUDGET_SECONDS))
                 total.add(step)
                 if not step.did_work:
-                    return
+                    return True
+            return True
 
-        in_worker_thread(drain)
+        finished = in_worker_thread(drain)
     if cancel.is_set():
         fail("stopped by a signal (nothing was left half-written)", EXIT_INCOMPLETE)
+    if not finished:
+        fail(
+            f"reads still due after POLLER_INTERVAL ({settings.interval:g} s); "
+            "the next run carries on (see Sizing in docs/operations.md)",
+            EXIT_INCOMPLETE,
+        )
     if total.listing_failed:
         fail(f"{total.listing_failed} (the due reads were still made)", EXIT_INCOMPLETE)
     complete = not total.read_errors and total.delivery.undelivered == 0

@@ -85,8 +85,21 @@ def upgrade(settings: Settings) -> None:
 @click.option(
     "--seed-file", metavar="JSON", help="Serve these organizations instead of generated ones."
 )
+@click.option(
+    "--usage-scale",
+    type=click.FloatRange(min=0, min_open=True),
+    metavar="X",
+    help="Burn credits in real time, X times faster than real usage (the usage model, with "
+    "--seed; docs/simulator.md) [default: balances change only when set].",
+)
 def simulate(
-    orgs: int, port: int, token: str | None, keys_file: str | None, seed: int, seed_file: str | None
+    orgs: int,
+    port: int,
+    token: str | None,
+    keys_file: str | None,
+    seed: int,
+    seed_file: str | None,
+    usage_scale: float | None,
 ) -> None:
     """Serve a stand-in of the Cekura API on 127.0.0.1 (no account needed).
 
@@ -103,7 +116,13 @@ def simulate(
         fail("the simulator needs the devtools extra: pip install 'poller[devtools]'", EXIT_USAGE)
     try:
         run_simulator(
-            orgs=orgs, port=port, token=token, seed=seed, keys_file=keys_file, seed_file=seed_file
+            orgs=orgs,
+            port=port,
+            token=token,
+            seed=seed,
+            keys_file=keys_file,
+            seed_file=seed_file,
+            usage_scale=usage_scale,
         )
     except SimulatorError as exc:
         fail(str(exc), EXIT_USAGE)

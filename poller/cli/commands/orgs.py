@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from datetime import datetime
 from decimal import Decimal, InvalidOperation
@@ -21,7 +22,7 @@ from poller.cli.present import (
 )
 from poller.cli.terminal import echo, echo_json
 from poller.config.settings import Settings
-from poller.engine.model import utc_now
+from poller.engine.model import ScheduledRead, utc_now
 from poller.engine.outlook import Outlook, outlooks
 from poller.mail import format_credits
 from poller.store import StatusRow
@@ -43,9 +44,12 @@ def status(settings: Settings, as_json: bool) -> None:
     """
     store = open_store(settings)
     rows = store.status_rows()
-    outlook = outlooks(store, settings, [outlook_key(row) for row in rows])
     now = utc_now()
     schedule = store.scheduled_reads() if settings.schedule == "adaptive" else None
+    if schedule is not None:
+        # Each org's own last read: the last cycle (a listing) read no balance.
+        rows = [_last_read(row, schedule.get(row.org_id)) for row in rows]
+    outlook = outlooks(store, settings, [outlook_key(row) for row in rows])
     if as_json:
         echo_json(
             [
@@ -60,6 +64,12 @@ def status(settings: Settings, as_json: bool) -> None:
         echo("no organizations recorded yet: run `poller once` first")
         return
     print_status_table(rows, outlook, schedule, now)
+
+
+def _last_read(row: StatusRow, read: ScheduledRead | None) -> StatusRow:
+    if read is None or read.last_read_at is None:
+        return row
+    return dataclasses.replace(row, last_checked_at=read.last_read_at)
 
 
 @click.command("forecast")

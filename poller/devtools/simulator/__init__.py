@@ -11,11 +11,14 @@ from poller.devtools.simulator.model import (
 )
 from poller.devtools.simulator.records import FieldValidationError
 from poller.devtools.simulator.server import SimulatorServer, run_simulator, write_keys_file
+from poller.devtools.simulator.usage import MAX_SCALE, Crossing
 
 __all__ = [
     "DEFAULT_PAGE_SIZE",
     "DEFAULT_TOKEN",
     "MAX_PAGE_SIZE",
+    "MAX_SCALE",
+    "Crossing",
     "Fault",
     "FieldValidationError",
     "SimulatedApi",

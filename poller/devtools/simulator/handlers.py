@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable, Mapping
+from contextlib import suppress
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
@@ -22,6 +23,7 @@ from poller.devtools.simulator.model import (
     UnknownOrganizationError,
 )
 from poller.devtools.simulator.records import FieldValidationError, dumps, money_value, timestamp
+from poller.devtools.simulator.usage import precise_timestamp
 
 log = structlog.get_logger(__name__)
 
@@ -71,6 +73,7 @@ _BAD_TOKEN = _detail(401, "Invalid token.", _CHALLENGE)
 DROP = Response(0, b"")  # a marker: close the connection without answering
 _ORG_PATH = re.compile(r"^/user/organizations/([^/]+)/$")
 _SIM_ORG_PATH = re.compile(r"^/_sim/orgs/(-?\d+)$")
+_USAGE_KEYS = frozenset({"seed", "scale", "start"})
 
 
 class _Caller(NamedTuple):
@@ -297,6 +300,10 @@ class ApiHandler:
                 return _json(200, api.request_counts())
             if path == "/_sim/settings" and method == "POST":
                 return self._settings(data)
+            if path == "/_sim/crossings" and method == "GET":
+                return _json(200, [crossing.to_json() for crossing in api.crossings()])
+            if path == "/_sim/usage":
+                return self._usage(method, data)
             if path == "/_sim/orgs" and method == "POST":
                 return self._add_org(data)
             if match := _SIM_ORG_PATH.match(path):
@@ -319,6 +326,35 @@ class ApiHandler:
             return _detail(400, 'Send {"v2_enabled": true|false}.')
         self.api.v2_enabled = data["v2_enabled"]
         return _json(200, {"v2_enabled": self.api.v2_enabled})
+
+    def _usage(self, method: str, data: object) -> Response:
+        api = self.api
+        if method == "POST":
+            if not isinstance(data, dict) or not {"seed", "scale"} <= data.keys() <= _USAGE_KEYS:
+                return _detail(
+                    400,
+                    'Send {"seed": <integer>, "scale": <number>, "start": <ISO 8601, optional>}.',
+                )
+            scale = data["scale"]
+            if isinstance(scale, Decimal):  # a JSON number with a fraction; not money
+                scale = float(scale)
+            api.enable_usage(seed=data["seed"], scale=scale, start=_instant(data.get("start")))
+        elif method == "DELETE":
+            api.disable_usage()
+        elif method != "GET":
+            return _detail(405, f'Method "{method}" not allowed.', ("Allow", "GET, POST, DELETE"))
+        usage = api.usage()
+        if usage is None:
+            return _json(200, {"enabled": False})
+        return _json(
+            200,
+            {
+                "enabled": True,
+                "seed": usage.seed,
+                "scale": usage.scale,
+                "start": precise_timestamp(usage.start),
+            },
+        )
 
     def _add_org(self, data: object) -> Response:
         if not isinstance(data, dict) or not isinstance(data.get("name"), str):
@@ -355,6 +391,15 @@ def _fault_response(fault: Fault) -> Response:
             ("Retry-After", str(fault.retry_after)),
         )
     return _detail(fault.status, f"Simulated {fault.status} {HTTPStatus(fault.status).phrase}.")
+
+
+def _instant(value: object) -> datetime | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        with suppress(ValueError):
+            return datetime.fromisoformat(value)
+    raise ValueError("usage start must be an ISO 8601 date and time, or null")
 
 
 def _history_json(history: list[tuple[datetime, int, Decimal]]) -> list[dict[str, Any]]:

@@ -18,6 +18,7 @@ from typing import Any
 
 from poller.devtools.simulator.generate import SimulatorError, generated_org, read_seed_file
 from poller.devtools.simulator.records import (
+    DEFAULT_THRESHOLD,
     ROLES,
     SUBSCRIPTIONS,
     FieldValidationError,
@@ -30,11 +31,13 @@ from poller.devtools.simulator.records import (
     timestamp,
     validated_settings,
 )
+from poller.devtools.simulator.usage import Crossing, UsageModel, micros
 from poller.engine.model import utc_now
 
 DEFAULT_TOKEN = "sim-token"
 ENDPOINTS = ("list", "list_v2", "retrieve", "patch", "billing")
 FAULT_KINDS = ("latency", "status", "rate_limit", "malformed", "drop")
+_MAX_PAST_MODEL_DAYS = 30
 
 
 class UnknownOrganizationError(LookupError):
@@ -135,6 +138,8 @@ class SimulatedApi:
         self._request_counts: Counter[str] = Counter()
         self._next_member_id = itertools.count(1).__next__
         self._subscriptions = subscription_variants(self._clock())
+        self._usage: UsageModel | None = None
+        self._crossings: list[Crossing] = []  # those of the usage model last turned off
 
     # ---- construction -------------------------------------------------------------------
 
@@ -238,6 +243,8 @@ class SimulatedApi:
                 subscription=self._subscriptions[subscription],
             )
             self._insert(record)
+            if self._usage is not None:
+                self._track(self._usage, record, micros(self._clock()), balance)
         return org_id
 
     def remove_org(self, org_id: int) -> None:
@@ -247,21 +254,28 @@ class SimulatedApi:
             del self._orgs[org_id]
             del self._org_by_key[record.key]
             self._sorted_ids = None
+            if self._usage is not None:
+                self._usage.forget(org_id, micros(self._clock()))
 
     # ---- state changes --------------------------------------------------------------------
 
     def set_balance(self, org_id: int, amount: Decimal | str | int) -> None:
-        """Set credits_remaining; a drop is added to credits_used, as real usage would be."""
+        """Set credits_remaining; a drop is added to credits_used, as real usage would be.
+        With the usage model on, the organization burns from this balance from now on."""
         balance = money_value(amount, "credits_remaining")
-        now = self._clock()
         with self._lock:
+            now = self._clock()  # under the lock: the usage model's changes stay in time order
             record = self._record(org_id)
+            if self._usage is not None:
+                self._follow_usage(self._usage, record, micros(now))
             if balance < record.balance:
                 record.credits_used += record.balance - balance
             record.balance = balance
             record.billing_updated_at = timestamp(now)
             record.billing_json = None
             self._history.append((now, org_id, balance))
+            if self._usage is not None:
+                self._track(self._usage, record, micros(now), balance)
 
     def update_org(self, org_id: int, **fields: Any) -> None:
         """Change Organization fields as the owner would (validated like a PATCH).
@@ -278,6 +292,8 @@ class SimulatedApi:
                 record.members = self._members_from_specs(member_specs, now)
             self._apply(record, settings, now)
             record.omitted = (record.omitted - settings.keys()) | omitted
+            if self._usage is not None:
+                self._track(self._usage, record, micros(self._clock()))
 
     def corrupt_organization(self, org_id: int, field: str, raw_value: Any) -> None:
         """Test-only: serve ``raw_value`` (any JSON value, never validated) as ``field`` of the
@@ -347,7 +363,10 @@ class SimulatedApi:
 
     def balance(self, org_id: int) -> Decimal:
         with self._lock:
-            return self._record(org_id).balance
+            record = self._record(org_id)
+            if self._usage is not None:
+                self._follow_usage(self._usage, record, micros(self._clock()))
+            return record.balance
 
     def organization(self, org_id: int) -> dict[str, Any]:
         """The Organization JSON the API serves for this id (a fresh copy)."""
@@ -372,6 +391,60 @@ class SimulatedApi:
     def faults(self) -> list[Fault]:
         with self._lock:
             return [active.fault for active in self._faults]
+
+    def crossings(self) -> list[Crossing]:
+        """Every balance that fell below its threshold up to now since the usage model was
+        last turned on, oldest first (docs/simulator.md)."""
+        with self._lock:
+            if self._usage is None:
+                return list(self._crossings)
+            return self._usage.crossings(micros(self._clock()))
+
+    def usage(self) -> UsageModel | None:
+        """The usage model in force (read its seed, scale and start only), or None."""
+        return self._usage
+
+    # ---- the usage model ----------------------------------------------------------------------
+
+    def enable_usage(self, *, seed: int, scale: float, start: datetime | None = None) -> None:
+        """Burn credits from now on (docs/simulator.md, "Usage model"): every balance from its
+        current value, along timelines drawn from ``seed`` that begin at ``start`` (None: now;
+        at most 30 model days ago), in model time ``scale`` times as fast as real time.
+        Reconfiguring starts afresh: the crossings recorded so far are dropped."""
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ValueError("usage seed must be an integer")
+        if isinstance(scale, bool) or not isinstance(scale, int | float):
+            raise ValueError("usage scale must be a number")
+        if start is not None and start.tzinfo is None:
+            raise ValueError("usage start must have a time zone")
+        with self._lock:
+            now = self._clock()
+            usage = UsageModel(seed, scale, start or now)
+            # Drawing the timelines up to now is bounded by this.
+            if (now - usage.start).total_seconds() * scale > _MAX_PAST_MODEL_DAYS * 86400:
+                raise ValueError(
+                    f"usage start must be at most {_MAX_PAST_MODEL_DAYS} model days before now"
+                )
+            at = micros(now)
+            if self._usage is not None:
+                for record in self._orgs.values():
+                    self._follow_usage(self._usage, record, at)
+            for record in self._orgs.values():
+                self._track(usage, record, at, record.balance)
+            self._usage = usage
+            self._crossings = []
+
+    def disable_usage(self) -> None:
+        """Stop burning: balances keep the values they have now; the crossings so far stay
+        readable until the model is turned on again."""
+        with self._lock:
+            if (usage := self._usage) is None:
+                return
+            at = micros(self._clock())
+            for record in self._orgs.values():
+                self._follow_usage(usage, record, at)
+            self._crossings = usage.crossings(at)
+            self._usage = None
 
     # ---- used by the HTTP layer --------------------------------------------------------------
 
@@ -441,15 +514,48 @@ class SimulatedApi:
         settings, _ = validated_settings(data, trusted=False)
         with self._lock:
             record = self._record(org_id)
-            self._apply(record, settings, timestamp(self._clock()))
+            now = self._clock()
+            self._apply(record, settings, timestamp(now))
+            if self._usage is not None:
+                self._track(self._usage, record, micros(now))
             return self._payload(record)
 
     def billing_body(self, org_id: int) -> bytes:
-        """The BillingInfo JSON as served (the hot path: built once per change of balance)."""
+        """The BillingInfo JSON as served (the hot path: built once per change of balance,
+        which with the usage model on is once per cent burnt at most)."""
         with self._lock:
-            return self._billing_json(self._record(org_id))
+            record = self._record(org_id)
+            if self._usage is not None:
+                self._follow_usage(self._usage, record, micros(self._clock()))
+            return self._billing_json(record)
 
     # ---- internals (callers hold the lock) ------------------------------------------------------
+
+    @staticmethod
+    def _track(
+        usage: UsageModel, record: OrgRecord, at: int, balance: Decimal | None = None
+    ) -> None:
+        """Tell the model the organization's balance (None: unchanged) and alert settings
+        as the API serves them, from ``at`` on."""
+        if "low_credits_threshold" in record.omitted:
+            threshold = DEFAULT_THRESHOLD  # as a client reads a threshold left out
+        else:
+            threshold = record.settings.get("low_credits_threshold", DEFAULT_THRESHOLD)
+        notify = (
+            None
+            if "notify_low_credits" in record.omitted
+            else record.settings.get("notify_low_credits", True)
+        )
+        usage.track(record.id, at, Decimal(threshold), notify, balance)
+
+    @staticmethod
+    def _follow_usage(usage: UsageModel, record: OrgRecord, at: int) -> None:
+        """Bring the record's balance to the model's at ``at``; credits burnt are used."""
+        balance = Decimal(usage.cents(record.id, at)).scaleb(-2)
+        if balance != record.balance:
+            record.credits_used += record.balance - balance
+            record.balance = balance
+            record.billing_json = None
 
     def _billing_json(self, record: OrgRecord) -> bytes:
         if record.billing_json is None:

@@ -141,10 +141,12 @@ def run_simulator(
     keys_file: str | None,
     seed_file: str | None,
     host: str = "127.0.0.1",
+    usage_scale: float | None = None,
 ) -> None:
     """Serve a simulated Cekura API until SIGINT/SIGTERM (``poller simulate``).
 
-    ``token`` None means the seed file's token, or DEFAULT_TOKEN.
+    ``token`` None means the seed file's token, or DEFAULT_TOKEN. ``usage_scale`` turns the
+    usage model on with ``seed`` (docs/simulator.md).
     Raises SimulatorError (one-line message) for a bad seed file, keys file or port.
     """
     if token is not None and not token:
@@ -155,6 +157,11 @@ def run_simulator(
         raise SimulatorError("--orgs must be 0 or more")
     else:
         api = SimulatedApi.generate(orgs, seed=seed, token=token or DEFAULT_TOKEN)
+    if usage_scale is not None:
+        try:
+            api.enable_usage(seed=seed, scale=usage_scale)
+        except ValueError as exc:
+            raise SimulatorError(str(exc)) from None
     if keys_file:
         try:
             write_keys_file(keys_file, api.keys())
@@ -176,6 +183,8 @@ def run_simulator(
     try:
         with SimulatorServer(api, host=host, port=port) as server:
             where = f"; API keys in {keys_file}" if keys_file else ""
+            if usage_scale is not None:
+                where += f"; usage model on (seed {seed}, scale {usage_scale:g})"
             count = len(api.org_ids())
             print(
                 f"Cekura API simulator at {server.url} with {count} organizations{where}",
