@@ -46,8 +46,8 @@ from pathlib import Path
 import requests
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
-from bench.report import machine, replace_section
-from bench.run import Simulator, database, poller_env, simulator_process
+from bench.report import Target, machine, met_or_not, replace_section, separator
+from bench.run import Simulator, add_output_options, database, poller_env, simulator_process
 from poller.devtools.smtp_capture import CaptureHandler, SmtpCapture
 
 START = (
@@ -424,16 +424,12 @@ TABLE_HEADER = (
 GOALS_HEADER = "| goal | measured | verdict |"
 
 
-def _separator(header: str) -> str:
-    return "|" + "---|" * (header.count("|") - 1)
-
-
 def _max(delays: Delays) -> str:
     return f"{max(delays.detected):.1f}" if delays.detected else "-"
 
 
 def results_table(figures: Sequence[Figures]) -> str:
-    lines = [TABLE_HEADER, _separator(TABLE_HEADER)]
+    lines = [TABLE_HEADER, separator(TABLE_HEADER)]
     for f in figures:
         run, b, d = f.run, f.breaches, f.drops
         seconds = (run.ended - run.started).total_seconds()
@@ -447,16 +443,9 @@ def results_table(figures: Sequence[Figures]) -> str:
     return "\n".join(lines)
 
 
-@dataclass(frozen=True)
-class Goal:
-    text: str
-    measured: str
-    verdict: str
-
-
 def goals(
     fixed: Figures, adaptive: Figures, matched: Figures | None, lean: Figures | None
-) -> list[Goal]:
+) -> list[Target]:
     """Issue 15's goal, judged on these runs (p95 over the usage model's breaches): the same
     requests on adaptive against fixed at its request rate (``matched``); the same p95 on the
     lean adaptive run (or the adaptive one without it) against fixed."""
@@ -473,16 +462,16 @@ def goals(
     ap = p95(adaptive)
     text = f"same requests: adaptive p95 ≤ {SAME_REQUESTS_DELAY_RATIO:.2g} × fixed's"
     if matched is None:
-        result.append(Goal(text, "-", "pending: no matched fixed run (--no-match)"))
+        result.append(Target(text, "-", "pending: no matched fixed run (--no-match)"))
     else:
         mp = p95(matched)
         measured = f"{described(adaptive)}; {described(matched)}"
         if ap is None or mp is None or not mp:
-            result.append(Goal(text, measured, "pending: no breach detected"))
+            result.append(Target(text, measured, "pending: no breach detected"))
         else:
             ratio = ap / mp
             measured += f"; ratio {ratio:.2f}"
-            result.append(Goal(text, measured, _verdict(ratio <= SAME_REQUESTS_DELAY_RATIO)))
+            result.append(Target(text, measured, met_or_not(ratio <= SAME_REQUESTS_DELAY_RATIO)))
     text = (
         f"same p95: adaptive requests ≤ {SAME_DELAY_REQUESTS_RATIO:.2g} × fixed's "
         "(at a p95 no worse)"
@@ -492,33 +481,29 @@ def goals(
     cp = p95(cheap)
     measured = f"{described(cheap)}; {described(fixed)}"
     if cp is None or fp is None:
-        result.append(Goal(text, measured, "pending: no breach detected"))
+        result.append(Target(text, measured, "pending: no breach detected"))
     else:
         ratio = cheap.run.total_requests / fixed.run.total_requests
         measured += f"; requests ratio {ratio:.2f}"
         if cp > fp:
             verdict = "**not met**: adaptive's p95 is the worse"
         else:
-            verdict = _verdict(ratio <= SAME_DELAY_REQUESTS_RATIO)
-        result.append(Goal(text, measured, verdict))
+            verdict = met_or_not(ratio <= SAME_DELAY_REQUESTS_RATIO)
+        result.append(Target(text, measured, verdict))
     runs = [f for f in (fixed, adaptive, matched, lean) if f is not None]
     missed = ", ".join(f"{f.run.schedule.name}: {len(f.breaches.missed)}" for f in runs)
     result.append(
-        Goal(
+        Target(
             "zero missed breaches",
             missed,
-            _verdict(all(not f.breaches.missed for f in runs)),
+            met_or_not(all(not f.breaches.missed for f in runs)),
         )
     )
     return result
 
 
-def _verdict(met: bool) -> str:
-    return "met" if met else "**not met**"
-
-
-def goals_table(items: list[Goal]) -> str:
-    lines = [GOALS_HEADER, _separator(GOALS_HEADER)]
+def goals_table(items: list[Target]) -> str:
+    lines = [GOALS_HEADER, separator(GOALS_HEADER)]
     lines += [f"| {g.text} | {g.measured} | {g.verdict} |" for g in items]
     return "\n".join(lines)
 
@@ -666,17 +651,7 @@ def main(argv: list[str] | None = None) -> None:
         help="skip the fixed run at the interval matching adaptive's requests",
     )
     parser.add_argument("--db", choices=["sqlite", "postgresql"], default="sqlite")
-    parser.add_argument(
-        "--postgres-url",
-        default=os.environ.get("POLLER_TEST_DATABASE_URL"),
-        help="server to create a scratch database on",
-    )
-    parser.add_argument(
-        "--output",
-        type=Path,
-        default=DEFAULT_OUTPUT,
-        help="Markdown file whose detection section is replaced (default docs/benchmarks.md)",
-    )
+    add_output_options(parser, DEFAULT_OUTPUT)
     args = parser.parse_args(argv)
     if args.orgs < 1 or args.drops < 0 or args.usage_scale < 0:
         parser.error("--orgs must be positive, --drops and --usage-scale not negative")

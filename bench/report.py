@@ -187,7 +187,7 @@ def targets(rows: list[Row], wide: list[WideAreaRow]) -> list[Target]:
         )
         if at is not None and row.orgs != at:
             return Target(text, measured, f"pending: measured at {row.orgs:,}, not {at:,}")
-        return Target(text, measured, _verdict(row.of_bound_wall >= least))
+        return Target(text, measured, met_or_not(row.of_bound_wall >= least))
 
     result.append(
         of_bound(
@@ -217,14 +217,14 @@ def targets(rows: list[Row], wide: list[WideAreaRow]) -> list[Target]:
             Target(
                 cpu_text,
                 f"{cpu:,.0f} µs (the most of any cycle)",
-                _verdict(cpu <= MAX_CPU_MICROSECONDS_PER_ORG),
+                met_or_not(cpu <= MAX_CPU_MICROSECONDS_PER_ORG),
             )
         )
         result.append(
             Target(
                 wall_text,
                 f"{wall:.1f} s (the slowest cycle)",
-                _verdict(wall < MAX_LARGE_CYCLE_SECONDS),
+                met_or_not(wall < MAX_LARGE_CYCLE_SECONDS),
             )
         )
     else:
@@ -234,7 +234,7 @@ def targets(rows: list[Row], wide: list[WideAreaRow]) -> list[Target]:
     largest = max([row.orgs for row in rows] + [row.orgs for row in wide], default=0)
     if measured_rss:
         rss = max(measured_rss)
-        verdict = _verdict(rss < MAX_PEAK_RSS_MB)
+        verdict = met_or_not(rss < MAX_PEAK_RSS_MB)
         if largest < LARGE_FLEET:
             verdict += f" up to {largest:,} orgs; {LARGE_FLEET:,} pending"
         result.append(
@@ -247,7 +247,7 @@ def targets(rows: list[Row], wide: list[WideAreaRow]) -> list[Target]:
     return result
 
 
-def _verdict(met: bool) -> str:
+def met_or_not(met: bool) -> str:
     return "met" if met else "**not met**"
 
 
@@ -263,12 +263,12 @@ WIDE_HEADER = (
 TARGETS_HEADER = "| target | measured | verdict |"
 
 
-def _separator(header: str) -> str:
+def separator(header: str) -> str:
     return "|" + "---|" * (header.count("|") - 1)
 
 
 def markdown_table(rows: list[Row]) -> str:
-    lines = [TABLE_HEADER, _separator(TABLE_HEADER)]
+    lines = [TABLE_HEADER, separator(TABLE_HEADER)]
     for r in rows:
         p = r.phases
         lines.append(
@@ -282,7 +282,7 @@ def markdown_table(rows: list[Row]) -> str:
 
 
 def wide_area_table(rows: list[WideAreaRow]) -> str:
-    lines = [WIDE_HEADER, _separator(WIDE_HEADER)]
+    lines = [WIDE_HEADER, separator(WIDE_HEADER)]
     for r in rows:
         api_rps = r.requests / r.fetch if r.fetch else 0.0
         lines.append(
@@ -295,7 +295,7 @@ def wide_area_table(rows: list[WideAreaRow]) -> str:
 
 
 def targets_table(rows: list[Row], wide: list[WideAreaRow]) -> str:
-    lines = [TARGETS_HEADER, _separator(TARGETS_HEADER)]
+    lines = [TARGETS_HEADER, separator(TARGETS_HEADER)]
     lines += [f"| {t.text} | {t.measured} | {t.verdict} |" for t in targets(rows, wide)]
     return "\n".join(lines)
 

@@ -329,6 +329,21 @@ def bench_wide_area(orgs: int, db: str, args: argparse.Namespace) -> list[WideAr
     return rows
 
 
+def add_output_options(parser: argparse.ArgumentParser, output: Path) -> None:
+    """--postgres-url and --output, as every benchmark takes them."""
+    parser.add_argument(
+        "--postgres-url",
+        default=os.environ.get("POLLER_TEST_DATABASE_URL"),
+        help="server to create a scratch database on",
+    )
+    parser.add_argument(
+        "--output",
+        type=Path,
+        default=output,
+        help="Markdown file whose generated section is replaced (default docs/benchmarks.md)",
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
     parser.add_argument(
@@ -367,17 +382,7 @@ def main(argv: list[str] | None = None) -> None:
         default=5_000,
         help="fleet size of the wide-area run (default 5000; 0 skips it)",
     )
-    parser.add_argument(
-        "--postgres-url",
-        default=os.environ.get("POLLER_TEST_DATABASE_URL"),
-        help="server to create a scratch database on",
-    )
-    parser.add_argument(
-        "--output",
-        type=Path,
-        default=DEFAULT_OUTPUT,
-        help="Markdown file whose generated section is replaced (default docs/benchmarks.md)",
-    )
+    add_output_options(parser, DEFAULT_OUTPUT)
     args = parser.parse_args(argv)
     if args.cycles < 1:
         parser.error("--cycles must be at least 1")
