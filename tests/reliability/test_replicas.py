@@ -30,6 +30,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import pytest
 import requests
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
@@ -143,6 +144,7 @@ def _events(log: Path) -> list[dict]:
     return events
 
 
+@pytest.mark.postgres
 def test_three_replicas_share_the_reads_and_one_killed_loses_nothing(
     postgres_url: str, tmp_path: Path
 ) -> None:
