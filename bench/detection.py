@@ -614,10 +614,17 @@ def main(argv: list[str] | None = None) -> None:
         f"(default {DEFAULT_USAGE_SCALE:g}; 0: model off, bursts only)",
     )
     parser.add_argument(
-        "--duration", type=float, default=360, help="seconds per schedule (default 360)"
+        "--window",
+        type=float,
+        default=165,
+        help="seconds of crossings counted (default 165); each run lasts the warm-up, this "
+        "and the allowance",
     )
+    parser.add_argument("--duration", type=float, help="seconds per run, instead of --window")
     parser.add_argument(
-        "--warmup", type=float, default=60, help="seconds before crossings count (default 60)"
+        "--warmup",
+        type=float,
+        help="seconds before crossings count (default twice the longest gap of the schedules)",
     )
     parser.add_argument(
         "--slack",
@@ -675,11 +682,18 @@ def main(argv: list[str] | None = None) -> None:
             args.read_lease,
             f"adaptive {least:g}-{most:g} s, listing {listing:g} s (lean)",
         )
-    window = counted_window(args, allowance(args, list(planned.values())))
+    allowed = allowance(args, list(planned.values()))
+    if args.warmup is None:
+        # Adaptive from an empty queue: every org read at once, then again after its
+        # max_read_interval (no burn seen yet), and only from then on at its risk.
+        args.warmup = 2 * max(schedule.longest_gap for schedule in planned.values())
+    if args.duration is None:
+        args.duration = args.warmup + args.window + allowed
+    window = counted_window(args, allowed)
     if window[1] <= window[0]:
         parser.error(
             f"--duration {args.duration:g} leaves no counted window after the warm-up "
-            f"({args.warmup:g} s) and the allowance ({allowance(args, list(planned.values())):g} s)"
+            f"({args.warmup:g} s) and the allowance ({allowed:g} s)"
         )
     # SIGTERM unwinds like Ctrl-C, so the processes started here are stopped too.
     signal.signal(signal.SIGTERM, lambda _signum, _frame: sys.exit(143))
