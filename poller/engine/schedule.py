@@ -38,9 +38,9 @@ class ReadTiming:
     min_interval: float
     max_interval: float
     safety: float
-    # How often an alerted org is read: as often as the fixed schedule would (``interval``),
-    # so a top-up re-arms it as soon as today; within min..max.
-    alerted_interval: float
+    # The fixed schedule's ``interval`` within min..max: how often an alerted org is read (a
+    # top-up re-arms it as soon as today), and the longest wait of an org with little history.
+    fixed_interval: float
 
     @classmethod
     def of(cls, settings: Settings) -> ReadTiming:
@@ -48,7 +48,7 @@ class ReadTiming:
             min_interval=settings.min_read_interval,
             max_interval=settings.max_read_interval,
             safety=settings.burn_safety,
-            alerted_interval=_clamp(
+            fixed_interval=_clamp(
                 settings.interval, settings.min_read_interval, settings.max_read_interval
             ),
         )
@@ -99,14 +99,16 @@ def next_read(
 ) -> NextRead:
     """When to read an org again after a successful read, and why, for people.
 
-    ``headroom``: balance minus threshold. Alerted: every ``alerted_interval`` for the top-up
+    ``headroom``: balance minus threshold. Alerted: every ``fixed_interval`` for the top-up
     that re-arms it (reminders ride on these reads). Alerts off: ``max_read_interval``; the
-    listing makes it due at once when they are turned on.
+    listing makes it due at once when they are turned on. Fewer than MIN_BURN_SAMPLES
+    intervals seen: at most ``fixed_interval`` (the fixed schedule's), so a cold start is
+    not blind for ``max_read_interval``.
     """
     if alerted:
         return NextRead(
-            timing.alerted_interval,
-            f"alerted: read every {duration(timing.alerted_interval)} to see a top-up",
+            timing.fixed_interval,
+            f"alerted: read every {duration(timing.fixed_interval)} to see a top-up",
         )
     if not enabled:
         return NextRead(
@@ -117,6 +119,14 @@ def next_read(
     delay = risk_delay(float(headroom), burn, timing)
     if headroom <= 0:
         return NextRead(delay, f"at or below threshold: read every {duration(delay)}")
+    if record.samples < MIN_BURN_SAMPLES and delay > timing.fixed_interval:
+        # Too little history to plan with (a cold start has no fleet burn either): read as
+        # often as the fixed schedule until the org has shown how fast it burns.
+        return NextRead(
+            timing.fixed_interval,
+            f"new: read every {duration(timing.fixed_interval)} until its burn is known "
+            f"({record.samples} of {MIN_BURN_SAMPLES} reads apart)",
+        )
     raw = float(headroom) / (timing.safety * burn)
     source = "peak burn" if burn == record.peak else "fleet burn" if burn != LEAST_BURN else "burn"
     why = (

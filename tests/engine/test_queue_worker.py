@@ -68,10 +68,13 @@ def test_the_first_step_lists_and_reads_every_organization_once(world, worker_fo
     assert report.reads == 3 and report.read_errors == 0
     assert world.state(ACME) == ("armed", 0)
     scheduled = world.store.scheduled_reads()
-    # No burn seen yet: far from their thresholds, all wait the longest allowed.
-    assert {read.due_at for read in scheduled.values()} == {clock.now + timedelta(hours=1)}
+    # No burn seen yet: read as the fixed schedule would until it is; alerts off: hourly.
+    assert scheduled[ACME].due_at == clock.now + timedelta(seconds=300)
+    assert scheduled[ACME].reason == (
+        "new: read every 5 min until its burn is known (0 of 3 reads apart)"
+    )
+    assert scheduled[GLOBEX].due_at == clock.now + timedelta(hours=1)
     assert scheduled[GLOBEX].reason.startswith("alerts off")
-    assert "capped at 1 h" in scheduled[ACME].reason
     assert not step(worker).did_work  # nothing due, the listing not either
 
 
@@ -98,17 +101,19 @@ def test_a_falling_balance_is_read_sooner_as_it_nears_its_threshold(world, worke
     step(worker)
     balance = Decimal(5000)
     due_in = []
-    for _ in range(4):  # half a credit a second, read when due
+    for _ in range(5):  # half a credit a second, read when due
         wait = (world.store.scheduled_reads()[ACME].due_at - clock.now).total_seconds()
         clock.advance(wait)
         balance -= (Decimal(wait) / 2).quantize(Decimal("0.01"))
         world.set_balance(ACME, str(balance))
         step(worker)
         due_in.append((world.store.scheduled_reads()[ACME].due_at - clock.now).total_seconds())
-    # From the first interval on the burn is known: each next read fits a third of the
-    # headroom left at that burn, so they come closer (3,200 - 1,000 left: 2,200 / 1.5 s).
-    assert due_in == sorted(due_in, reverse=True)
-    assert due_in[0] == pytest.approx(2200 / 1.5, abs=1)
+    # Every 5 minutes until three intervals have shown the burn; then each next read fits a
+    # third of the headroom left at that burn, so they come closer (4,550 - 1,000 left at
+    # the third: 3,550 / 1.5 s).
+    assert due_in[:2] == [300, 300]
+    assert due_in[2:] == sorted(due_in[2:], reverse=True)
+    assert due_in[2] == pytest.approx(3550 / 1.5, abs=1)
     assert world.state(ACME) == ("armed", 0)
     assert "at peak burn 1,800/h ×3" in reasons(world)[ACME]
 
@@ -117,7 +122,10 @@ def test_a_settings_change_in_the_listing_makes_the_org_due_at_once(world, worke
     worker = worker_for()
     step(worker)
     world.api.update_org(GLOBEX, notify_low_credits=True)
-    clock.advance(300)  # the listing is due again, the reads are not
+    clock.advance(60)
+    # The listing made due now (as if its interval had passed), the other reads not yet.
+    assert world.store.claim_job("listing", "test", clock.now + timedelta(days=1), worker.lease)
+    world.store.finish_job("listing", "test", clock.now)
     report = step(worker)
     assert report.listing is not None and report.listing.changed == 1
     assert report.reads == 1
@@ -153,12 +161,12 @@ def test_poller_once_and_status_on_the_adaptive_schedule(world, smtp_server):
     first = run_poller(env, "once")
     assert first.returncode == 0, first.stderr
     world.set_balance(ACME, "10.00")
-    # A second run right away: Acme is not due yet (an hour), so no email.
+    # A second run right away: Acme is not due yet (5 minutes), so no email.
     assert run_poller(env, "once").returncode == 0
     assert smtp_server.received == []
     status = run_poller(env, "status")
     assert status.returncode == 0, status.stderr
-    assert "NEXT READ" in status.stdout and "capped at 1 h" in status.stdout
+    assert "NEXT READ" in status.stdout and "until its burn is known" in status.stdout
     health = run_poller(env, "health")
     assert health.returncode == 0 and "reads on time" in health.stdout
 

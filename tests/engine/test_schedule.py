@@ -25,16 +25,17 @@ from poller.engine.schedule import (
 )
 
 T0 = datetime(2026, 12, 3, 12, 0, tzinfo=UTC)
-TIMING = ReadTiming(min_interval=30, max_interval=3600, safety=3, alerted_interval=300)
+TIMING = ReadTiming(min_interval=30, max_interval=3600, safety=3, fixed_interval=300)
 
 headrooms = st.floats(min_value=-1e12, max_value=1e12, allow_nan=False)
 burns = st.floats(min_value=LEAST_BURN, max_value=1e9, allow_nan=False)
 timings = st.builds(
-    lambda low, span, safety, alerted: ReadTiming(low, low + span, safety, alerted),
+    # As ReadTiming.of builds it: the fixed interval within min..max.
+    lambda low, span, safety, share: ReadTiming(low, low + span, safety, low + share * span),
     st.floats(min_value=1, max_value=86400),
     st.floats(min_value=0, max_value=7 * 86400),
     st.floats(min_value=1, max_value=1000),
-    st.floats(min_value=1, max_value=86400),
+    st.floats(min_value=0, max_value=1),
 )
 
 
@@ -89,10 +90,9 @@ def test_every_case_of_next_read_stays_within_the_bounds(
         fleet_burn=fleet,
         timing=timing,
     )
-    # The alerted interval is clamped by ReadTiming.of; here it may be anything, so only the
-    # other cases are bounded by min..max.
-    if not alerted:
-        assert timing.min_interval <= when.delay <= timing.max_interval
+    assert timing.min_interval <= when.delay <= timing.max_interval
+    if samples < MIN_BURN_SAMPLES:
+        assert when.delay <= timing.fixed_interval or not enabled
     assert when.reason and "\n" not in when.reason
 
 
@@ -143,13 +143,28 @@ def test_little_history_plans_with_the_fleets_burn() -> None:
     when = next_read(
         alerted=False,
         enabled=True,
-        headroom=Decimal(1000),
+        headroom=Decimal(600),
         record=young,
         fleet_burn=1.0,
         timing=TIMING,
     )
-    assert when.delay == pytest.approx(1000 / 3)
+    assert when.delay == pytest.approx(600 / 3)
     assert "fleet burn 3,600/h" in when.reason
+
+
+def test_little_history_and_no_fleet_burn_reads_as_often_as_the_fixed_schedule() -> None:
+    # A cold start: nobody has a burn yet. Waiting max_read_interval would be blind that long.
+    young = BurnRecord(T0, Decimal(50000), 0.0, 1)
+    when = next_read(
+        alerted=False,
+        enabled=True,
+        headroom=Decimal(49000),
+        record=young,
+        fleet_burn=None,
+        timing=TIMING,
+    )
+    assert when.delay == 300
+    assert when.reason == "new: read every 5 min until its burn is known (1 of 3 reads apart)"
 
 
 def test_alerted_disabled_and_failed_orgs_follow_their_own_rules() -> None:
@@ -161,10 +176,10 @@ def test_alerted_disabled_and_failed_orgs_follow_their_own_rules() -> None:
     assert read_failed(TIMING).delay == 30
 
 
-def test_the_alerted_interval_is_the_fixed_interval_within_the_bounds() -> None:
-    assert ReadTiming.of(Settings(interval=300)).alerted_interval == 300
-    assert ReadTiming.of(Settings(interval=5)).alerted_interval == 30
-    assert ReadTiming.of(Settings(interval=7200)).alerted_interval == 3600
+def test_the_fixed_interval_is_the_fixed_interval_within_the_bounds() -> None:
+    assert ReadTiming.of(Settings(interval=300)).fixed_interval == 300
+    assert ReadTiming.of(Settings(interval=5)).fixed_interval == 30
+    assert ReadTiming.of(Settings(interval=7200)).fixed_interval == 3600
 
 
 def test_the_peak_is_the_fastest_fall_between_two_reads() -> None:
