@@ -684,8 +684,8 @@ def main(argv: list[str] | None = None) -> None:
         )
     allowed = allowance(args, list(planned.values()))
     if args.warmup is None:
-        # Adaptive from an empty queue: every org read at once, then again after its
-        # max_read_interval (no burn seen yet), and only from then on at its risk.
+        # Adaptive from an empty queue plans an org by its own burn only after a few reads:
+        # count breaches once every schedule is in its steady state.
         args.warmup = 2 * max(schedule.longest_gap for schedule in planned.values())
     if args.duration is None:
         args.duration = args.warmup + args.window + allowed
