@@ -33,23 +33,32 @@ def number(text: str) -> float:
     return float(text.replace(",", ""))
 
 
-def test_the_benchmark_runs_both_scenarios_and_writes_the_tables_and_targets(
-    tmp_path: Path,
-) -> None:
+def run_benchmark(
+    tmp_path: Path, module: str, arguments: list[str], markers: tuple[str, str], timeout: float
+) -> str:
+    """Run ``python -m module`` on a document with an old generated section and text around
+    it; the document after, once checked that only that section changed (and says where)."""
+    start, end = markers
     output = tmp_path / "benchmarks.md"
-    # The generated section is replaced; the text around it is kept.
-    output.write_text(f"# Benchmarks\n\nKept.\n\n{START}\nold\n{END}\nAlso kept.\n")
+    output.write_text(f"# Benchmarks\n\nKept.\n\n{start}\nformer run\n{end}\nAlso kept.\n")
     env = {k: v for k, v in os.environ.items() if not k.startswith("POLLER_")}
-    command = [sys.executable, "-m", "bench", "--orgs", "200", "--db", "sqlite"]
-    command += ["--cycles", "2", "--wide-area-orgs", "200", "--output", str(output)]
+    command = [sys.executable, "-m", module, *arguments, "--output", str(output)]
     result = subprocess.run(
-        command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120, check=False
+        command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout, check=False
     )
     assert result.returncode == 0, result.stderr[-3000:]
     text = output.read_text()
-    assert text.startswith("# Benchmarks\n\nKept.\n") and text.endswith(f"{END}\nAlso kept.\n")
-    assert "old" not in text
+    assert text.startswith("# Benchmarks\n\nKept.\n") and text.endswith(f"{end}\nAlso kept.\n")
+    assert "former run" not in text
     assert "cores" in text and "Python 3." in text
+    return text
+
+
+def test_the_benchmark_runs_both_scenarios_and_writes_the_tables_and_targets(
+    tmp_path: Path,
+) -> None:
+    arguments = ["--orgs", "200", "--db", "sqlite", "--cycles", "2", "--wide-area-orgs", "200"]
+    text = run_benchmark(tmp_path, "bench", arguments, (START, END), timeout=120)
     cycles, wide, goals = tables(text)
 
     assert [row["cycle"] for row in cycles] == ["first sight", "changes", "unchanged"]

@@ -3,14 +3,11 @@ and goal verdicts on runs made up here."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from bench.detection import END, START, Crossing, Email, Figures, Run, Schedule, count, goals
-from tests.test_bench import ROOT, number, tables
+from tests.test_bench import number, run_benchmark, tables
 
 T0 = datetime(2026, 12, 3, 12, 0, tzinfo=UTC)
 
@@ -18,20 +15,11 @@ T0 = datetime(2026, 12, 3, 12, 0, tzinfo=UTC)
 def test_the_detection_benchmark_runs_both_schedules_and_writes_its_section(
     tmp_path: Path,
 ) -> None:
-    output = tmp_path / "benchmarks.md"
-    output.write_text(f"# Benchmarks\n\nKept.\n\n{START}\nformer run\n{END}\nAlso kept.\n")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("POLLER_")}
-    command = [sys.executable, "-m", "bench.detection", "--orgs", "100", "--duration", "20"]
-    command += ["--warmup", "3", "--fixed-interval", "2", "--min-read-interval", "1"]
-    command += ["--max-read-interval", "5", "--listing-interval", "2", "--slack", "5"]
-    command += ["--drops", "3", "--no-match", "--no-lean", "--output", str(output)]
-    result = subprocess.run(
-        command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=150, check=False
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    text = output.read_text()
-    assert text.startswith("# Benchmarks\n\nKept.\n") and text.endswith(f"{END}\nAlso kept.\n")
-    assert "former run" not in text and "cores" in text and "100 organizations" in text
+    arguments = ["--orgs", "100", "--duration", "20", "--warmup", "3", "--fixed-interval", "2"]
+    arguments += ["--min-read-interval", "1", "--max-read-interval", "5", "--listing-interval"]
+    arguments += ["2", "--slack", "5", "--drops", "3", "--no-match", "--no-lean"]
+    text = run_benchmark(tmp_path, "bench.detection", arguments, (START, END), timeout=150)
+    assert "100 organizations" in text
     runs, verdicts = tables(text)
     assert [row["schedule"] for row in runs] == ["fixed 2 s", "adaptive 1-5 s"]
     for row in runs:
