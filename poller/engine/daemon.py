@@ -77,18 +77,11 @@ def run_daemon(
 CRASH_PAUSE_SECONDS = 5.0
 
 
-def run_worker_loop(
-    step: Callable[[threading.Event], float],
-    *,
-    name: str,
-    stop: threading.Event | None = None,
-    install_signal_handlers: bool = True,
-) -> None:
-    """Call ``step(cancel)`` until ``stop`` is set; it returns how many seconds to wait before
+def run_worker_loop(step: Callable[[threading.Event], float], *, name: str) -> None:
+    """Call ``step(cancel)`` until SIGTERM/SIGINT; it returns how many seconds to wait before
     the next call (0: there is more work). The adaptive schedule's daemon: its work comes due
-    organization by organization, not on an interval, so a loop replaces the scheduler. The
-    steps run in a thread while the main thread stays free for signal handlers."""
-    stop = stop or threading.Event()
+    organization by organization, not on an interval, so a loop replaces the scheduler."""
+    stop = threading.Event()
     cancel = threading.Event()
 
     def loop() -> None:
@@ -101,18 +94,10 @@ def run_worker_loop(
             if pause > 0:
                 stop.wait(pause)
 
-    if install_signal_handlers:
-        stop_on_signals(stop, cancel)
+    stop_on_signals(stop, cancel)
     log.info("daemon.started", schedule="adaptive", worker=name, pid=os.getpid())
-    worker = threading.Thread(target=loop, name="queue-worker")
-    worker.start()
-    try:
-        wait_responsive_to_signals(stop.wait)
-    finally:
-        cancel.set()
-        stop.set()
-        worker.join()
-        log.info("daemon.stopped")
+    in_worker_thread(loop)
+    log.info("daemon.stopped")
 
 
 # The kernel may hand a signal to any thread, and Python runs its handler only when the main

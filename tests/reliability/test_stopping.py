@@ -80,6 +80,35 @@ def test_sigterm_during_the_fetch_stops_the_daemon_within_seconds(
     world.assert_states_and_notifications_agree()
 
 
+def test_sigterm_during_due_reads_stops_the_adaptive_daemon_and_releases_its_claims(
+    world: ProcessWorld,
+) -> None:
+    add_orgs(world.api, range(1, 6))
+    world.api.add_fault(Fault("latency", endpoint="billing", seconds=120))
+    process = world.start(
+        "run",
+        POLLER_SCHEDULE="adaptive",
+        POLLER_API_READ_TIMEOUT="300",
+        POLLER_API_REQUEST_TIMEOUT="300",
+    )
+    wait_for_requests(world, "billing", process)
+
+    seconds, stderr = stop(process)
+
+    assert seconds < STOP_WITHIN, stderr
+    assert process.returncode == 0, stderr
+    assert "Traceback" not in stderr
+    assert '"daemon.stopped"' in stderr
+    scheduled = world.store.scheduled_reads()
+    assert set(scheduled) == set(range(1, 6))
+    # Broken off, not failed: nobody's claim, due again at once, no error recorded.
+    assert {read.claimed_by for read in scheduled.values()} == {None}
+    assert {read.reason for read in scheduled.values()} == {
+        "stopped before it was read: due at once"
+    }
+    assert world.states() == {}
+
+
 def test_sigterm_during_the_fetch_stops_poller_once_with_one_line(world: ProcessWorld) -> None:
     add_orgs(world.api, range(1, 6))
     world.api.add_fault(Fault("latency", endpoint="billing", seconds=120))
