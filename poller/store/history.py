@@ -40,7 +40,7 @@ from sqlalchemy.sql.dml import Insert
 from sqlalchemy.sql.expression import Executable
 
 from poller.engine.forecast import Point
-from poller.store.jsonrows import JsonRows, batches
+from poller.store.jsonrows import JsonRows, among_orgs
 
 if TYPE_CHECKING:
     from poller.store.states import StateWrites
@@ -51,8 +51,6 @@ log = structlog.get_logger(__name__)
 RAW_PERIOD = timedelta(hours=48)
 MAINTENANCE_BATCH = 5000
 MAINTENANCE_MAX_BATCHES = 20
-# Org ids per history query: keeps IN lists well inside every database's parameter limit.
-READ_BATCH = 500
 
 _POINTS = JsonRows("points", {"org_id": BigInteger(), "balance": Money()})
 
@@ -110,41 +108,48 @@ class History:
         The point before ``since`` is the balance when the window opened, however old it is
         (an org whose balance sat still has no newer one). ``org_ids`` None means every org.
         """
-        groups: list[Sequence[int] | None] = (
-            [None] if org_ids is None else list(batches(sorted(set(org_ids)), READ_BATCH))
-        )
         points: dict[int, list[Point]] = defaultdict(list)
         columns = (
             balance_history.c.org_id,
             balance_history.c.observed_at,
             balance_history.c.balance,
         )
+        dialect = self._store.engine.dialect
+        chosen = None if org_ids is None else sorted(set(org_ids))
+        # Both statements pick the same orgs, so they take the same parameters.
+        before, parameters = among_orgs(
+            select(
+                balance_history.c.org_id,
+                func.max(balance_history.c.observed_at).label("observed_at"),
+            ).where(balance_history.c.observed_at < since),
+            balance_history.c.org_id,
+            dialect,
+            chosen,
+        )
+        last_before = before.group_by(balance_history.c.org_id).subquery()
+        anchors = select(*columns).join(
+            last_before,
+            and_(
+                last_before.c.org_id == balance_history.c.org_id,
+                last_before.c.observed_at == balance_history.c.observed_at,
+            ),
+        )
+        recent, _ = among_orgs(
+            select(*columns).where(balance_history.c.observed_at >= since),
+            balance_history.c.org_id,
+            dialect,
+            chosen,
+        )
         with (
             self._store.database_errors("reading balance history"),
             self._store.reader.connect() as connection,
         ):
-            for batch in groups:
-                chosen = [] if batch is None else [balance_history.c.org_id.in_(batch)]
-                last_before = (
-                    select(
-                        balance_history.c.org_id,
-                        func.max(balance_history.c.observed_at).label("observed_at"),
-                    )
-                    .where(*chosen, balance_history.c.observed_at < since)
-                    .group_by(balance_history.c.org_id)
-                    .subquery()
-                )
-                anchors = select(*columns).join(
-                    last_before,
-                    and_(
-                        last_before.c.org_id == balance_history.c.org_id,
-                        last_before.c.observed_at == balance_history.c.observed_at,
-                    ),
-                )
-                recent = select(*columns).where(*chosen, balance_history.c.observed_at >= since)
-                rows = [*connection.execute(anchors), *connection.execute(recent)]
-                for row in sorted(rows, key=lambda row: (row.org_id, row.observed_at)):
-                    points[row.org_id].append(Point(row.observed_at, row.balance))
+            rows = [
+                *connection.execute(anchors, parameters),
+                *connection.execute(recent, parameters),
+            ]
+        for row in sorted(rows, key=lambda row: (row.org_id, row.observed_at)):
+            points[row.org_id].append(Point(row.observed_at, row.balance))
         return dict(points)
 
     def maintain(self, now: datetime, retention: timedelta) -> None:
